@@ -1,0 +1,42 @@
+"""fastface_pl: fast face-recognition training on one GPU with PyTorch Lightning.
+
+The FastFace and Moving Haar learning-rate schedulers (pure Python detectors, a Lightning callback and a
+plain-PyTorch scheduler), IResNet/MobileFaceNet backbones with ArcFace/CosFace margins, and InsightFace
+data readers that need no MXNet.
+
+Public names are imported lazily, so ``from fastface_pl import FastFaceDetector`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "FastFaceDetector": "fastface_pl.scheduling.detectors",
+    "MovingHaarDetector": "fastface_pl.scheduling.detectors",
+    "build_detector": "fastface_pl.scheduling.detectors",
+    "FastFaceLRCallback": "fastface_pl.scheduling.callback",
+    "FastFaceLR": "fastface_pl.scheduling.torch_adapter",
+    "FaceRecognitionModule": "fastface_pl.models.module",
+    "build_backbone": "fastface_pl.models.backbones",
+    "FaceDataModule": "fastface_pl.data.datamodule",
+    "VerificationMetric": "fastface_pl.evaluation.verification",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastface_pl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
