@@ -1,0 +1,52 @@
+"""Face data without MXNet: RecordIO packs, image folders, synthetic identities, ``.bin`` verification sets.
+
+``FaceDataModule`` is the entry point for training; the readers below are usable on their own.
+"""
+
+from fastface_pl.data import datasets
+from fastface_pl.data.datamodule import FaceDataModule, detect_layout
+from fastface_pl.data.datasets import (
+    FaceTransform,
+    ImageFolderDataset,
+    RecordDataset,
+    SyntheticFaces,
+    SyntheticPairs,
+    decode_image,
+)
+from fastface_pl.data.errors import CorruptImageError, CorruptRecordError, DatasetError, RecordKeyError
+from fastface_pl.data.recordio import (
+    RecordFile,
+    RecordHeader,
+    RecordLayout,
+    RecordWriter,
+    pack_header,
+    parse_layout,
+    unpack_header,
+)
+from fastface_pl.data.verification import VerificationPairs, load_bin, write_bin
+
+__all__ = [
+    "CorruptImageError",
+    "CorruptRecordError",
+    "DatasetError",
+    "FaceDataModule",
+    "FaceTransform",
+    "ImageFolderDataset",
+    "RecordDataset",
+    "RecordFile",
+    "RecordHeader",
+    "RecordKeyError",
+    "RecordLayout",
+    "RecordWriter",
+    "SyntheticFaces",
+    "SyntheticPairs",
+    "VerificationPairs",
+    "datasets",
+    "decode_image",
+    "detect_layout",
+    "load_bin",
+    "pack_header",
+    "parse_layout",
+    "unpack_header",
+    "write_bin",
+]

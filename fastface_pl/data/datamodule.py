@@ -1,0 +1,370 @@
+"""FaceDataModule: one LightningDataModule for record packs, image folders and synthetic identities.
+
+Example::
+
+    dm = FaceDataModule("faces_emore", batch_size=128, val_sets=["lfw", "cfp_fp", "agedb_30"])
+    model = FaceRecognitionModule(num_classes=dm.num_classes)
+    Trainer(...).fit(model, datamodule=dm)
+
+    demo = FaceDataModule("synthetic", batch_size=32,
+                          synthetic={"num_identities": 50, "images_per_identity": 16, "image_size": 32})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from fastface_pl.data.datasets import (
+    IMAGE_EXTENSIONS,
+    FaceTransform,
+    ImageFolderDataset,
+    RecordDataset,
+    SyntheticFaces,
+    SyntheticPairs,
+)
+from fastface_pl.data.errors import DatasetError
+from fastface_pl.data.verification import load_bin
+
+log = logging.getLogger(__name__)
+
+LAYOUT_RECORD = "record"
+LAYOUT_IMAGE_FOLDER = "image_folder"
+LAYOUT_SYNTHETIC = "synthetic"
+
+ACCEPTED_LAYOUTS = (
+    "  - 'synthetic' (generated identities, no files);\n"
+    "  - an InsightFace/MXNet pack: a folder with train.rec + train.idx (and <name>.bin verification sets), "
+    "or the path of a .rec with its .idx beside it;\n"
+    "  - an image folder: <root>/<identity>/<image>.jpg|.jpeg|.png (e.g. WebFace42M)."
+)
+
+SYNTHETIC_DEFAULTS = {
+    "num_identities": 100, "images_per_identity": 20, "image_size": 112, "num_val_pairs": 200, "seed": 0,
+    "unseen_identities": 0,
+}
+
+
+def _describe(path: Path, limit: int = 10) -> str:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as error:
+        return f"(cannot list: {error})"
+    if not names:
+        return "an empty folder"
+    shown = ", ".join(n + ("/" if (path / n).is_dir() else "") for n in names[:limit])
+    return f"{len(names)} entries: {shown}" + (", ..." if len(names) > limit else "")
+
+
+def detect_layout(root: Union[str, os.PathLike]) -> str:
+    """Which reader fits ``root``: ``"synthetic"``, ``"record"`` or ``"image_folder"``.
+
+    Raises:
+        DatasetError: If the path does not exist or matches no accepted layout; the message lists the
+            accepted layouts and what was found.
+    """
+    if str(root) == LAYOUT_SYNTHETIC:
+        return LAYOUT_SYNTHETIC
+    path = Path(root)
+    if not path.exists():
+        raise DatasetError(f"data root {path} does not exist. Accepted layouts:\n{ACCEPTED_LAYOUTS}")
+    if path.is_file():
+        if path.suffix == ".rec":
+            if not path.with_suffix(".idx").is_file():
+                raise DatasetError(f"{path} has no index {path.with_suffix('.idx')} beside it")
+            return LAYOUT_RECORD
+        raise DatasetError(f"data root {path} is a file, not a .rec. Accepted layouts:\n{ACCEPTED_LAYOUTS}")
+    if (path / "train.rec").is_file():
+        if not (path / "train.idx").is_file():
+            raise DatasetError(
+                f"{path} holds train.rec but no train.idx; the reader needs the index ('key<TAB>offset' lines). "
+                f"Accepted layouts:\n{ACCEPTED_LAYOUTS}"
+            )
+        return LAYOUT_RECORD
+    wanted = tuple(IMAGE_EXTENSIONS)
+    with os.scandir(path) as entries:
+        folders = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
+    for folder in folders[:20]:  # a few identity folders are enough to recognise the layout
+        with os.scandir(folder) as entries:
+            if any(e.name.lower().endswith(wanted) and e.is_file() for e in entries):
+                return LAYOUT_IMAGE_FOLDER
+    raise DatasetError(
+        f"no recognised dataset layout at {path}: found {_describe(path)}. Accepted layouts:\n{ACCEPTED_LAYOUTS}"
+    )
+
+
+class SeededRandomSampler(Sampler[int]):
+    """A random permutation fixed by ``(seed, epoch)``: the same order on every run, a new one each epoch.
+
+    Lightning calls :meth:`set_epoch` at the start of each epoch (for any sampler that has it), so a resumed run
+    sees the same order as an uninterrupted one.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class FaceDataModule(pl.LightningDataModule):
+    """Training and verification data for face recognition, picked from what lies at ``root``.
+
+    Args:
+        root: ``"synthetic"``, a folder with ``train.rec`` + ``train.idx`` (or a ``.rec`` path), or an image
+            folder ``<root>/<identity>/<image>.jpg``.
+        batch_size: Images per training batch (per device); also pairs per validation batch.
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin host memory (only applied when CUDA is available).
+        persistent_workers: Keep workers between epochs (only applied when ``num_workers > 0``).
+        drop_last: Drop the last incomplete training batch.
+        seed: Seed of the shuffling order (and of the workers' flip decisions); under DDP the
+            ``DistributedSampler`` uses it too, so every rank agrees on the permutation.
+        flip: Random horizontal flip of training images (the paper's only augmentation).
+        val_sets: Verification sets beside the training data: names (``"lfw"`` -> ``<root>/lfw.bin``) or paths to
+            ``.bin`` files; a missing one raises, an empty list disables validation. Ignored for ``"synthetic"``,
+            which validates on one synthetic pair set named ``"synthetic"``.
+        num_classes: Expected number of identities; checked against the data when given.
+        skip_corrupt: Skip corrupt records/images (counted in :attr:`num_skipped`) instead of raising.
+        synthetic: Options of the synthetic data: ``num_identities``, ``images_per_identity``, ``image_size``,
+            ``num_val_pairs``, ``seed``, ``unseen_identities``.
+        index_cache: Where an image folder's file index is cached (default: in the folder, else
+            ``$XDG_CACHE_HOME/fastface_pl``).
+        image_size: Resize images to this side (None: as stored, 112 for InsightFace data).
+        train_transform: Extra augmentation applied to ``uint8 [3, H, W]`` after the flip, before normalisation.
+        val_batch_size: Pairs per validation batch (default: ``batch_size``).
+
+    Raises:
+        ValueError: On invalid arguments (at construction).
+        DatasetError: On missing or inconsistent data (at :meth:`setup`, or when a property needs the data).
+    """
+
+    def __init__(
+        self,
+        root: str = "synthetic",
+        batch_size: int = 128,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        seed: int = 3407,
+        flip: bool = True,
+        val_sets: Optional[Sequence[str]] = ("lfw", "cfp_fp", "agedb_30"),
+        num_classes: Optional[int] = None,
+        skip_corrupt: bool = False,
+        synthetic: Optional[dict] = None,
+        index_cache: Optional[str] = None,
+        image_size: Optional[int] = None,
+        train_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        val_batch_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(root, (str, os.PathLike)) or not str(root):
+            raise ValueError(f"root must be 'synthetic' or a path, got {root!r}")
+        self.root = str(root)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.val_batch_size = _check_int("val_batch_size", val_batch_size, 1) if val_batch_size is not None else None
+        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.seed = _check_int("seed", seed, 0)
+        if num_classes is not None:
+            _check_int("num_classes", num_classes, 1)
+        if image_size is not None:
+            _check_int("image_size", image_size, 1)
+        if val_sets is None:
+            val_sets = ()
+        if isinstance(val_sets, str) or not all(isinstance(v, (str, os.PathLike)) for v in val_sets):
+            raise ValueError(f"val_sets must be a list of set names or .bin paths, got {val_sets!r}")
+        self.val_sets = [str(v) for v in val_sets]
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.drop_last = bool(drop_last)
+        self.flip = bool(flip)
+        self.expected_num_classes = num_classes
+        self.skip_corrupt = bool(skip_corrupt)
+        self.index_cache = index_cache
+        self.image_size = image_size
+        self.train_transform = train_transform
+        unknown = set(synthetic or {}) - set(SYNTHETIC_DEFAULTS)
+        if unknown:
+            raise ValueError(f"synthetic has unknown keys {sorted(unknown)}; allowed: {sorted(SYNTHETIC_DEFAULTS)}")
+        self.synthetic = {**SYNTHETIC_DEFAULTS, **(synthetic or {})}
+        if image_size is not None and self.root == LAYOUT_SYNTHETIC and synthetic and "image_size" not in synthetic:
+            self.synthetic["image_size"] = image_size
+        self.train_dataset: Optional[Dataset] = None
+        self.val_datasets: list[Dataset] = []
+        self._layout: Optional[str] = None
+        self.save_hyperparameters(ignore=["train_transform"])
+
+    # -- what is at root ----------------------------------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        """``"synthetic"``, ``"record"`` or ``"image_folder"`` (detected on first use)."""
+        if self._layout is None:
+            self._layout = detect_layout(self.root)
+        return self._layout
+
+    def _build_train_dataset(self) -> Dataset:
+        transform = FaceTransform(flip=self.flip, extra=self.train_transform, image_size=self.image_size)
+        if self.layout == LAYOUT_SYNTHETIC:
+            s = self.synthetic
+            return SyntheticFaces(s["num_identities"], s["images_per_identity"], s["image_size"], s["seed"],
+                                  transform=transform)
+        if self.layout == LAYOUT_RECORD:
+            # With a header record the identity count comes from the pack (and a different num_classes raises);
+            # without one, the given num_classes avoids scanning every record's label.
+            dataset: Dataset = RecordDataset(self.root, transform=transform, skip_corrupt=self.skip_corrupt,
+                                             num_classes=self.expected_num_classes)
+        else:
+            dataset = ImageFolderDataset(self.root, transform=transform, skip_corrupt=self.skip_corrupt,
+                                         index_cache=self.index_cache)
+        return dataset
+
+    def _train(self) -> Dataset:
+        if self.train_dataset is None:
+            dataset = self._build_train_dataset()
+            found = dataset.num_classes  # type: ignore[attr-defined]
+            if self.expected_num_classes is not None and found != self.expected_num_classes:
+                raise DatasetError(
+                    f"num_classes={self.expected_num_classes} was given but {self.root} holds {found} identities; "
+                    f"set num_classes: {found} (or null to take it from the data)"
+                )
+            if isinstance(dataset, RecordDataset):
+                dataset.validate()
+            self.train_dataset = dataset
+        return self.train_dataset
+
+    @property
+    def num_classes(self) -> int:
+        """Number of identities in the training data (reads the header/index on first use)."""
+        return int(self._train().num_classes)  # type: ignore[attr-defined]
+
+    @property
+    def num_images(self) -> int:
+        """Number of training images."""
+        return len(self._train())  # type: ignore[arg-type]
+
+    @property
+    def val_set_names(self) -> list[str]:
+        """Names of the validation dataloaders, in order (``"synthetic"`` for synthetic data)."""
+        if self.root == LAYOUT_SYNTHETIC:
+            return [LAYOUT_SYNTHETIC]
+        return [Path(v).stem if v.endswith(".bin") else v for v in self.val_sets]
+
+    def _val_paths(self) -> list[Path]:
+        base = Path(self.root)
+        if base.is_file():
+            base = base.parent
+        paths = [Path(v) if v.endswith(".bin") else base / f"{v}.bin" for v in self.val_sets]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            available = sorted(p.stem for p in base.glob("*.bin")) if base.is_dir() else []
+            raise DatasetError(
+                f"verification set(s) not found: {', '.join(str(p) for p in missing)}. Available .bin files in "
+                f"{base}: {available or 'none'}. Set val_sets to the ones you have, or to [] to train without "
+                "validation."
+            )
+        return paths
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt training samples skipped so far (``skip_corrupt=True``), over all workers."""
+        return int(getattr(self.train_dataset, "num_skipped", 0)) if self.train_dataset is not None else 0
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Check the data once (rank 0): layout, validation files, and the image-folder index (built and cached)."""
+        self._train()
+        if self.layout != LAYOUT_SYNTHETIC:
+            self._val_paths()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Build the datasets; raises :class:`DatasetError` on missing or inconsistent data."""
+        if stage in (None, "fit"):
+            dataset = self._train()
+            rank_zero_info(
+                f"FaceDataModule: {type(dataset).__name__} at {self.root}: {len(dataset)} images, "  # type: ignore
+                f"{dataset.num_classes} identities"  # type: ignore[attr-defined]
+            )
+        if stage in (None, "fit", "validate") and not self.val_datasets:
+            self.val_datasets = self._build_val_datasets()
+
+    def _build_val_datasets(self) -> list[Dataset]:
+        transform = FaceTransform(image_size=self.image_size)
+        if self.layout == LAYOUT_SYNTHETIC:
+            s = self.synthetic
+            return [SyntheticPairs(s["num_val_pairs"], s["num_identities"], s["images_per_identity"], s["image_size"],
+                                   s["seed"], unseen_identities=s["unseen_identities"], transform=transform)]
+        return [load_bin(p, transform=transform) for p in self._val_paths()]
+
+    def _distributed(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            return trainer.world_size, trainer.global_rank
+        return 1, 0
+
+    def _loader_kwargs(self) -> dict:
+        workers = self.num_workers
+        return {
+            "num_workers": workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.persistent_workers and workers > 0,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._train()
+        world_size, rank = self._distributed()
+        if world_size > 1:  # our own DistributedSampler, so that `seed` (not PL_GLOBAL_SEED) fixes the order
+            sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                       seed=self.seed)
+        else:
+            sampler = SeededRandomSampler(len(dataset), self.seed)  # type: ignore[arg-type]
+        if len(dataset) < self.batch_size * world_size and self.drop_last:  # type: ignore[arg-type]
+            raise DatasetError(
+                f"{self.root} holds {len(dataset)} images, fewer than one batch of {self.batch_size} per device "  # type: ignore
+                f"x {world_size} devices with drop_last=True; lower batch_size or set drop_last=False"
+            )
+        generator = torch.Generator().manual_seed(self.seed + 1000003 * rank)  # seeds the workers' flips
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
+                          generator=generator, **self._loader_kwargs())
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if not self.val_datasets:
+            self.val_datasets = self._build_val_datasets()
+        batch = self.val_batch_size or self.batch_size
+        return [DataLoader(d, batch_size=batch, shuffle=False, drop_last=False, **self._loader_kwargs())
+                for d in self.val_datasets]
+
+    def teardown(self, stage: Optional[str] = None) -> None:
+        if self.num_skipped:
+            rank_zero_warn(f"FaceDataModule: skipped {self.num_skipped} corrupt training samples in {self.root}")
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "num_skipped": self.num_skipped}
+
+    def __repr__(self) -> str:
+        return f"FaceDataModule(root={self.root!r}, batch_size={self.batch_size}, val_sets={self.val_set_names})"
+
+
+__all__ = ["ACCEPTED_LAYOUTS", "FaceDataModule", "SeededRandomSampler", "detect_layout"]

@@ -1,0 +1,709 @@
+"""Training datasets: InsightFace record files, image folders and synthetic identities.
+
+Every dataset yields ``(image, label)`` with ``image`` the output of its ``transform`` applied to a
+``uint8`` RGB tensor ``[3, H, W]`` (default: :class:`FaceTransform`, i.e. ``(x / 255 - 0.5) / 0.5`` as float32)
+and ``label`` an ``int`` in ``[0, num_classes)``.
+
+.. note:: Colour order. InsightFace packed its ``.rec`` files with OpenCV: ``cv2.imread`` gives BGR arrays and
+   ``cv2.imencode`` expects BGR, so the JPEGs it wrote are ordinary JPEGs (YCbCr inside) whose colours are
+   right. Any standard decoder, PIL or ``torchvision.io``, therefore returns true RGB, and arcface_torch
+   (``mx.image.imdecode``, RGB by default) trains on RGB too. No channel swap is needed or done here. The one
+   exception is a pack written by a script that handed an RGB array to ``cv2.imencode``: its faces would come
+   out blue-tinted in any viewer, and decoding it would give BGR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from fastface_pl.data.errors import CorruptImageError, CorruptRecordError, DatasetError
+from fastface_pl.data.recordio import (
+    RecordFile,
+    RecordLayout,
+    label_to_int,
+    parse_layout,
+    read_identity_range,
+    unpack_header,
+)
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+INDEX_CACHE_NAME = ".fastface_index.json"
+_INDEX_FORMAT = "fastface_pl.image_folder_index"
+_INDEX_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding and transforms
+# --------------------------------------------------------------------------------------------------------------
+def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: str = "<bytes>") -> torch.Tensor:
+    """Decode a JPEG/PNG (or any format PIL reads) to a ``uint8`` RGB tensor ``[3, H, W]``.
+
+    Uses ``torchvision.io.decode_image`` (libjpeg-turbo), falling back to PIL for formats it does not read.
+    Truncated or broken images raise instead of coming back grey.
+
+    Args:
+        data: The encoded image.
+        source: Where the bytes came from, for the error message (a path, or ``file.rec key K (offset O)``).
+
+    Raises:
+        CorruptImageError: If the bytes are not a decodable image.
+    """
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    raw = bytes(data) if not isinstance(data, (bytes, bytearray)) else data
+    if len(raw) == 0:
+        raise CorruptImageError(f"{source}: empty image data", source=source)
+    try:
+        return tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as tv_error:
+        first_error = str(tv_error).splitlines()[-1]
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(raw)) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    except Exception as pil_error:  # PIL raises OSError, SyntaxError, ValueError ... depending on the damage
+        raise CorruptImageError(
+            f"{source}: cannot decode image ({len(raw)} bytes): {first_error}; PIL: {pil_error}", source=source
+        ) from None
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """``uint8`` image(s) to float32 ``(x / 255 - 0.5) / 0.5``, i.e. values in ``[-1, 1]``."""
+    return image.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+class FaceTransform:
+    """The paper's pipeline: optional random horizontal flip, optional extra steps, then normalisation.
+
+    Args:
+        flip: Flip horizontally with probability 0.5 (the FastFace paper's only augmentation).
+        extra: Any callable (e.g. a ``torchvision.transforms.v2.Compose``) applied to the ``uint8 [3, H, W]``
+            tensor after the flip and before normalisation, for more augmentation.
+        image_size: Resize to ``image_size x image_size`` (bilinear, antialiased) when the input differs;
+            None keeps the decoded size.
+
+    The flip draws from torch's global RNG, which the DataLoader seeds per worker (deterministic when the
+    loader has a seeded ``generator``).
+    """
+
+    def __init__(
+        self, flip: bool = False, extra: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        image_size: Optional[int] = None,
+    ) -> None:
+        if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
+            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        if extra is not None and not callable(extra):
+            raise ValueError(f"extra must be callable (e.g. a torchvision transform) or None, got {extra!r}")
+        self.flip = bool(flip)
+        self.extra = extra
+        self.image_size = int(image_size) if image_size is not None else None
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.flip and bool(torch.rand(()) < 0.5):
+            image = image.flip(-1)
+        if self.extra is not None:
+            image = self.extra(image)
+        if self.image_size is not None and tuple(image.shape[-2:]) != (self.image_size, self.image_size):
+            resized = torch.nn.functional.interpolate(
+                image.unsqueeze(0).to(torch.float32), size=(self.image_size, self.image_size), mode="bilinear",
+                align_corners=False, antialias=True,
+            )[0]
+            return resized.div_(127.5).sub_(1.0) if image.dtype == torch.uint8 else resized
+        return normalize(image) if image.dtype == torch.uint8 else image.to(torch.float32)
+
+    def __repr__(self) -> str:
+        return f"FaceTransform(flip={self.flip}, extra={self.extra!r}, image_size={self.image_size})"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Corrupt-sample handling shared by the file-backed datasets
+# --------------------------------------------------------------------------------------------------------------
+class _SkipCounter:
+    """Counts skipped samples across DataLoader workers (one shared-memory slot per worker, no races)."""
+
+    SLOTS = 257
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self) -> None:
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self.counts[slot] += 1
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+
+class _FileDataset(Dataset):
+    """Base for datasets whose samples can be corrupt: ``skip_corrupt`` replaces them and counts."""
+
+    max_consecutive_corrupt = 32
+
+    def __init__(self, transform: Optional[Callable[[torch.Tensor], Any]], skip_corrupt: bool) -> None:
+        self.transform = transform if transform is not None else FaceTransform()
+        self.skip_corrupt = bool(skip_corrupt)
+        self._skipped = _SkipCounter()
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt samples skipped so far, over all DataLoader workers (``skip_corrupt=True`` only)."""
+        return self._skipped.total
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of {n} images")
+        index %= n
+        for attempt in range(self.max_consecutive_corrupt):
+            try:
+                image, label = self._load((index + attempt) % n)
+                break
+            except (CorruptImageError, CorruptRecordError) as error:
+                if not self.skip_corrupt:
+                    raise
+                self._skipped.add()
+                log.warning("skipping corrupt sample (%d skipped so far in this process): %s",
+                            self._skipped.total, error)
+        else:
+            raise DatasetError(
+                f"{self.max_consecutive_corrupt} consecutive corrupt samples from index {index} on in "
+                f"{self!r}: the data is badly damaged"
+            )
+        return self.transform(image), label
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Record files
+# --------------------------------------------------------------------------------------------------------------
+def _resolve_rec(path: PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train.rec"
+    if path.suffix != ".rec":
+        raise DatasetError(f"{path}: expected a .rec file or a folder holding train.rec and train.idx")
+    return path
+
+
+class RecordDataset(_FileDataset):
+    """Images and labels of an InsightFace ``train.rec``/``train.idx`` pack (or an im2rec pack, no header).
+
+    Args:
+        path: A folder holding ``train.rec`` + ``train.idx``, or a ``.rec`` file (``.idx`` beside it).
+        transform: Applied to each ``uint8 [3, H, W]`` RGB tensor (default: :class:`FaceTransform`, no flip).
+        skip_corrupt: Replace corrupt records/images by the next good sample and count them
+            (:attr:`num_skipped`) instead of raising.
+        num_classes: Number of classes, if known. Needed only for packs without a header record (else the
+            labels are scanned once, reading each record's header: slow for millions of images).
+
+    Raises:
+        DatasetError: On missing files, an inconsistent pack, or (at read time) a label outside
+            ``[0, num_classes)``.
+    """
+
+    def __init__(
+        self, path: PathLike, transform: Optional[Callable[[torch.Tensor], Any]] = None, skip_corrupt: bool = False,
+        num_classes: Optional[int] = None,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        self.record_file = RecordFile(_resolve_rec(path))
+        self.layout: RecordLayout = parse_layout(self.record_file)
+        self._num_classes = self.layout.num_identities if self.layout.has_header_record else num_classes
+        if num_classes is not None and self._num_classes != num_classes:
+            raise DatasetError(
+                f"{self.record_file.rec_path} has {self._num_classes} identity records but num_classes="
+                f"{num_classes} was given; set num_classes to {self._num_classes} (or null to take it from the data)"
+            )
+
+    def __len__(self) -> int:
+        return self.layout.num_images
+
+    @property
+    def num_classes(self) -> int:
+        """Identities: the number of identity records, else ``max label + 1`` over all records (scanned once)."""
+        if self._num_classes is None:
+            log.info("%s has no header record: scanning %d record headers for the number of classes",
+                     self.record_file.rec_path, len(self))
+            self._num_classes = 1 + max(self.record_file.read_label(k) for k in self.layout.image_keys)
+        return int(self._num_classes)
+
+    def _where(self, key: int) -> str:
+        return f"{self.record_file.rec_path} key {key} (byte offset {self.record_file.offset(key)})"
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        key = self.layout.image_keys[index]
+        payload = self.record_file.read(key)
+        try:
+            header, encoded = unpack_header(payload)
+        except ValueError as error:
+            raise CorruptRecordError(f"{self._where(key)}: {error}", path=str(self.record_file.rec_path), key=key,
+                                     offset=self.record_file.offset(key)) from None
+        label = label_to_int(header, self._where(key))
+        if self._num_classes is not None and label >= self._num_classes:
+            raise DatasetError(
+                f"{self._where(key)}: label {label} is outside [0, {self._num_classes}); the pack's identity records "
+                "or the configured num_classes do not match its labels"
+            )
+        return decode_image(encoded, self._where(key)), label
+
+    def validate(self, sample_size: int = 256) -> None:
+        """Cheap consistency checks: identity records and the labels of an evenly spaced sample of images.
+
+        Reads at most ``sample_size`` image headers and ``sample_size`` identity records, never all images.
+
+        Raises:
+            DatasetError: If an identity record's key range or a sampled label is out of range.
+        """
+        layout, rec = self.layout, self.record_file
+        if layout.num_images == 0:
+            raise DatasetError(f"{rec.rec_path} holds no image records")
+        if layout.has_header_record and len(layout.identity_keys):
+            ids = layout.identity_keys
+            picks = sorted({0, len(ids) - 1, *np.linspace(0, len(ids) - 1, min(sample_size, len(ids))).astype(int)})
+            first_image, end_image = layout.image_keys[0], layout.image_keys[-1] + 1
+            for i in picks:
+                start, stop = read_identity_range(rec, ids[i])
+                if not first_image <= start <= stop <= end_image:
+                    raise DatasetError(
+                        f"{rec.rec_path} identity record key {ids[i]} (byte offset {rec.offset(ids[i])}) covers image "
+                        f"keys [{start}, {stop}) outside the image keys [{first_image}, {end_image})"
+                    )
+        num_classes = self.num_classes
+        keys = layout.image_keys
+        picks = sorted({0, len(keys) - 1, *np.linspace(0, len(keys) - 1, min(sample_size, len(keys))).astype(int)})
+        for i in picks:
+            label = rec.read_label(keys[i])
+            if not 0 <= label < num_classes:
+                raise DatasetError(
+                    f"{self._where(keys[i])}: label {label} is outside [0, {num_classes}) "
+                    f"({'identity records' if layout.has_header_record else 'num_classes'} = {num_classes})"
+                )
+
+    def __repr__(self) -> str:
+        return f"RecordDataset({str(self.record_file.rec_path)!r}, {len(self)} images)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------------------------------------------
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastface_pl"
+
+
+def _root_signature(root: Path) -> int:
+    """Number of top-level entries of ``root``, not counting our own cache files."""
+    with os.scandir(root) as entries:
+        return sum(1 for e in entries if not e.name.startswith(INDEX_CACHE_NAME))
+
+
+def scan_image_folder(
+    root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], list[list[str]]]:
+    """Walk ``<root>/<identity>/<image>``: sorted identity folders and, per identity, its sorted image names.
+
+    Hidden entries (names starting with ``.``) are ignored, as are files directly under ``root``.
+    """
+    root = Path(root)
+    wanted = tuple(e.lower() for e in extensions)
+    identities: list[str] = []
+    files: list[list[str]] = []
+    with os.scandir(root) as entries:
+        folders = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    for name in folders:
+        with os.scandir(root / name) as entries:
+            images = sorted(
+                e.name for e in entries
+                if not e.name.startswith(".") and e.name.lower().endswith(wanted) and e.is_file()
+            )
+        identities.append(name)
+        files.append(images)
+    return identities, files
+
+
+class ImageFolderDataset(_FileDataset):
+    """Images stored as ``<root>/<identity>/<image>.jpg|.png`` (WebFace42M and most custom sets).
+
+    Labels are the positions of the identity folders in sorted order. The file index is cached, because walking
+    millions of files takes minutes: by default in ``<root>/.fastface_index.json``, or, when ``root`` is not
+    writable, in ``$XDG_CACHE_HOME/fastface_pl/`` (``~/.cache/fastface_pl/``); a log message says where. The cache
+    is rebuilt when the top level of ``root`` changes (its modification time or its number of entries).
+
+    .. note:: Adding or removing images *inside* an existing identity folder does not change ``root`` itself;
+       delete the cache file (or pass ``rebuild_index=True``) after such edits.
+
+    Args:
+        root: The dataset folder.
+        transform: Applied to each ``uint8 [3, H, W]`` RGB tensor (default: :class:`FaceTransform`, no flip).
+        skip_corrupt: Replace unreadable images by the next good one and count them instead of raising.
+        index_cache: Where to keep the index (a file path); None for the default places.
+        extensions: Image file suffixes to index (case-insensitive).
+        rebuild_index: Ignore an existing cache and walk the folder again.
+
+    Raises:
+        DatasetError: If ``root`` is not a folder or holds no identity folder with images.
+    """
+
+    def __init__(
+        self, root: PathLike, transform: Optional[Callable[[torch.Tensor], Any]] = None, skip_corrupt: bool = False,
+        index_cache: Optional[PathLike] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        rebuild_index: bool = False,
+    ) -> None:
+        super().__init__(transform, skip_corrupt)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"image folder {self.root} does not exist or is not a directory")
+        self.extensions = tuple(sorted(e.lower() for e in extensions))
+        self.index_cache: Optional[Path] = Path(index_cache) if index_cache is not None else None
+        identities, files = self._load_or_build_index(rebuild_index)
+        empty = [name for name, names in zip(identities, files) if not names]
+        if not identities or len(empty) == len(identities):
+            raise DatasetError(
+                f"{self.root} holds no identity folder with images ({', '.join(self.extensions)}); expected "
+                "<root>/<identity>/<image>.jpg"
+            )
+        if empty:
+            log.warning("%s: %d identity folders hold no images (e.g. %s); they keep their labels",
+                        self.root, len(empty), empty[0])
+        self.identities = identities
+        counts = np.array([len(names) for names in files], dtype=np.int64)
+        self._labels = np.repeat(np.arange(len(identities), dtype=np.int32), counts)
+        # One bytes array instead of millions of str objects: compact, and fork-friendly (no refcount writes).
+        self._paths = np.array(
+            [os.fsencode(os.path.join(name, f)) for name, names in zip(identities, files) for f in names],
+            dtype=np.bytes_,
+        )
+
+    # -- index cache --------------------------------------------------------------------------------------------
+    def _fallback_cache(self) -> Path:
+        digest = hashlib.sha1(str(self.root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return _default_cache_dir() / f"index-{digest}.json"
+
+    def _candidate_caches(self) -> list[Path]:
+        if self.index_cache is not None:
+            return [self.index_cache]
+        return [self.root / INDEX_CACHE_NAME, self._fallback_cache()]
+
+    def _read_cache(self, path: Path) -> Optional[tuple[list[str], list[list[str]]]]:
+        try:
+            cache_mtime = path.stat().st_mtime_ns
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        if (
+            not isinstance(data, dict) or data.get("format") != _INDEX_FORMAT or data.get("version") != _INDEX_VERSION
+            or (data.get("root") != str(self.root.resolve()) and path.parent.resolve() != self.root.resolve())
+            or data.get("extensions") != list(self.extensions)
+        ):
+            return None
+        if data.get("root_entries") != _root_signature(self.root) or self.root.stat().st_mtime_ns > cache_mtime:
+            log.info("image-folder index %s is stale (the top level of %s changed): rebuilding", path, self.root)
+            return None
+        return data["identities"], data["files"]
+
+    def _write_cache(self, identities: list[str], files: list[list[str]], entries: int) -> Optional[Path]:
+        data = {
+            "format": _INDEX_FORMAT, "version": _INDEX_VERSION, "root": str(self.root.resolve()),
+            "extensions": list(self.extensions), "root_entries": entries, "identities": identities, "files": files,
+        }
+        targets = [self.index_cache] if self.index_cache is not None else [self.root / INDEX_CACHE_NAME,
+                                                                           self._fallback_cache()]
+        for target in targets:
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "w", encoding="utf-8") as handle:
+                    json.dump(data, handle, separators=(",", ":"))
+                os.replace(tmp, target)
+                os.utime(target)  # newer than the rename's change to the folder's mtime
+                return target
+            except OSError as error:
+                log.info("cannot write the image-folder index to %s (%s)", target, error)
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+        return None
+
+    def _load_or_build_index(self, rebuild: bool) -> tuple[list[str], list[list[str]]]:
+        if not rebuild:
+            for path in self._candidate_caches():
+                cached = self._read_cache(path)
+                if cached is not None:
+                    log.info("image-folder index of %s read from %s", self.root, path)
+                    self.index_path = path
+                    return cached
+        started = time.perf_counter()
+        entries = _root_signature(self.root)
+        identities, files = scan_image_folder(self.root, self.extensions)
+        written = self._write_cache(identities, files, entries)
+        self.index_path = written
+        log.info(
+            "indexed %s: %d identities, %d images in %.1f s; index cached at %s", self.root, len(identities),
+            sum(len(f) for f in files), time.perf_counter() - started, written or "nowhere (no writable place)",
+        )
+        return identities, files
+
+    # -- samples ------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._paths.size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.identities)
+
+    def path(self, index: int) -> Path:
+        """The file of sample ``index``."""
+        return self.root / os.fsdecode(bytes(self._paths[index]))
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.path(index)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise CorruptImageError(f"{path}: cannot read: {error}", source=str(path)) from None
+        return decode_image(data, str(path)), int(self._labels[index])
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {self.num_classes} identities)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic identities
+# --------------------------------------------------------------------------------------------------------------
+def _mix(*values: int) -> int:
+    """A well-spread 63-bit seed from integers (splitmix64 steps), stable across runs and platforms."""
+    state = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for value in values:
+        state = (state ^ (int(value) & mask)) & mask
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+class SyntheticFaceGenerator:
+    """Renders face-like images of synthetic identities, deterministically from ``(seed, identity, sample)``.
+
+    An identity is a smooth random prototype: low-frequency colour patterns (random 4x4 and 8x8 grids upsampled
+    bicubically) plus a per-identity colour. A sample is the prototype shifted by a few pixels, with a random
+    brightness/contrast change and pixel noise, so images of one identity resemble each other far more than
+    images of two identities, yet a network still has to learn invariances.
+
+    Args:
+        image_size: Side of the square images (e.g. 112, or 32 for demos).
+        seed: Seed of the whole population.
+        noise: Standard deviation of the pixel noise, in grey levels.
+    """
+
+    def __init__(self, image_size: int = 112, seed: int = 0, noise: float = 8.0) -> None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        if not noise >= 0:
+            raise ValueError(f"noise must be >= 0, got {noise!r}")
+        self.image_size = image_size
+        self.seed = int(seed)
+        self.noise = float(noise)
+        self.max_shift = max(1, image_size // 16)
+        side = image_size + 2 * self.max_shift
+        self._cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
+        self._cache_size = max(1, self.cache_bytes // (3 * side * side * 4))
+
+    cache_bytes = 64 << 20
+    """Memory for recently used prototypes (per process)."""
+
+    def prototype(self, identity: int) -> torch.Tensor:
+        """The identity's float32 ``[3, S + 2m, S + 2m]`` canvas (grey levels, ``m`` = max shift)."""
+        cached = self._cache.get(identity)
+        if cached is not None:
+            self._cache.move_to_end(identity)
+            return cached
+        generator = torch.Generator().manual_seed(_mix(self.seed, 1, identity))
+        side = self.image_size + 2 * self.max_shift
+        coarse = torch.randn(1, 3, 4, 4, generator=generator)
+        fine = torch.randn(1, 3, 8, 8, generator=generator)
+        colour = 0.6 * torch.randn(1, 3, 1, 1, generator=generator)
+        up = lambda grid: torch.nn.functional.interpolate(grid, size=(side, side), mode="bicubic",  # noqa: E731
+                                                          align_corners=False)
+        pattern = up(coarse) + 0.5 * up(fine) + colour
+        canvas = (127.5 + 45.0 * pattern)[0]
+        self._cache[identity] = canvas
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return canvas
+
+    def render(self, identity: int, sample: int) -> torch.Tensor:
+        """Image ``sample`` of ``identity`` as ``uint8 [3, S, S]`` RGB."""
+        generator = torch.Generator().manual_seed(_mix(self.seed, 2, identity, sample))
+        canvas = self.prototype(identity)
+        shift = torch.randint(0, 2 * self.max_shift + 1, (2,), generator=generator).tolist()
+        size = self.image_size
+        image = canvas[:, shift[0] : shift[0] + size, shift[1] : shift[1] + size]
+        contrast = 1.0 + 0.1 * torch.randn((), generator=generator).clamp(-2, 2)
+        brightness = 12.0 * torch.randn((), generator=generator).clamp(-2, 2)
+        image = (image - 127.5) * contrast + 127.5 + brightness
+        image = image + self.noise * torch.randn(image.shape, generator=generator)
+        return image.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class SyntheticFaces(Dataset):
+    """Seeded synthetic identities generated on the fly (no files): the demo's and the tests' training set.
+
+    Index ``i`` is image ``i % images_per_identity`` of identity ``i // images_per_identity``; the same
+    ``(seed, index)`` always gives the same pixels.
+
+    Args:
+        num_identities: Number of classes.
+        images_per_identity: Training images per identity.
+        image_size: Side of the square images (e.g. 112, or 32 for demos).
+        seed: Seed of the population (identities and their images).
+        transform: Applied to each ``uint8 [3, S, S]`` tensor (default: :class:`FaceTransform`, no flip).
+        noise: Pixel noise in grey levels (see :class:`SyntheticFaceGenerator`).
+
+    Example::
+
+        faces = SyntheticFaces(num_identities=10, images_per_identity=8, image_size=32, seed=0)
+        image, label = faces[17]   # float32 [3, 32, 32] in [-1, 1], label 2
+    """
+
+    def __init__(
+        self, num_identities: int = 100, images_per_identity: int = 20, image_size: int = 112, seed: int = 0,
+        transform: Optional[Callable[[torch.Tensor], Any]] = None, noise: float = 8.0,
+    ) -> None:
+        self.num_identities = _check_positive("num_identities", num_identities)
+        self.images_per_identity = _check_positive("images_per_identity", images_per_identity)
+        self.generator = SyntheticFaceGenerator(image_size, seed, noise)
+        self.transform = transform if transform is not None else FaceTransform()
+
+    @property
+    def num_classes(self) -> int:
+        return self.num_identities
+
+    @property
+    def num_skipped(self) -> int:
+        """Always 0 (nothing to corrupt); present for symmetry with the file datasets."""
+        return 0
+
+    def __len__(self) -> int:
+        return self.num_identities * self.images_per_identity
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for SyntheticFaces of {n} images")
+        identity, sample = divmod(index % n, self.images_per_identity)
+        return self.transform(self.generator.render(identity, sample)), identity
+
+
+class SyntheticPairs(Dataset):
+    """Verification pairs of synthetic faces, half genuine: ``(image_a, image_b, issame)``.
+
+    Pairs alternate genuine / impostor (so every fold of the 10-fold protocol holds both). Images are held out
+    from training: their sample indices start at ``images_per_identity``. Identities come from the training
+    identities ``0 .. num_identities - 1`` and, if ``unseen_identities > 0``, from as many new ones.
+
+    Args:
+        num_pairs: Number of pairs (even numbers give exactly half genuine).
+        num_identities: Training identities of the matching :class:`SyntheticFaces`.
+        images_per_identity: Training images per identity (held-out samples start after them).
+        image_size: Side of the images.
+        seed: Seed of the population: use the training set's seed for pairs of the same identities.
+        unseen_identities: Extra identities never seen in training, mixed into the pairs.
+        transform: Applied to each ``uint8`` image (default: :class:`FaceTransform`, no flip).
+        noise: Pixel noise in grey levels.
+    """
+
+    def __init__(
+        self, num_pairs: int = 200, num_identities: int = 100, images_per_identity: int = 20, image_size: int = 112,
+        seed: int = 0, unseen_identities: int = 0, transform: Optional[Callable[[torch.Tensor], Any]] = None,
+        noise: float = 8.0,
+    ) -> None:
+        self.num_pairs = _check_positive("num_pairs", num_pairs)
+        self.num_identities = _check_positive("num_identities", num_identities)
+        self.images_per_identity = _check_positive("images_per_identity", images_per_identity)
+        if isinstance(unseen_identities, bool) or not isinstance(unseen_identities, int) or unseen_identities < 0:
+            raise ValueError(f"unseen_identities must be an int >= 0, got {unseen_identities!r}")
+        if num_identities + unseen_identities < 2:
+            raise ValueError("impostor pairs need at least 2 identities in num_identities + unseen_identities")
+        self.unseen_identities = unseen_identities
+        self.generator = SyntheticFaceGenerator(image_size, seed, noise)
+        self.transform = transform if transform is not None else FaceTransform()
+        self._seed = int(seed)
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def pair(self, index: int) -> tuple[tuple[int, int], tuple[int, int], bool]:
+        """``((identity_a, sample_a), (identity_b, sample_b), issame)`` of pair ``index``."""
+        generator = torch.Generator().manual_seed(_mix(self._seed, 3, index))
+        population = self.num_identities + self.unseen_identities
+        issame = index % 2 == 0
+        identity_a = int(torch.randint(0, population, (), generator=generator))
+        if issame:
+            identity_b = identity_a
+        else:
+            identity_b = int(torch.randint(0, population - 1, (), generator=generator))
+            identity_b += identity_b >= identity_a
+        held_out = self.images_per_identity
+        sample_a = held_out + 2 * index
+        sample_b = held_out + 2 * index + 1
+        return (identity_a, sample_a), (identity_b, sample_b), issame
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, bool]:
+        if not 0 <= index < self.num_pairs:
+            raise IndexError(f"index {index} out of range for SyntheticPairs of {self.num_pairs} pairs")
+        (ia, sa), (ib, sb), issame = self.pair(index)
+        render = self.generator.render
+        return self.transform(render(ia, sa)), self.transform(render(ib, sb)), issame
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FaceTransform",
+    "ImageFolderDataset",
+    "RecordDataset",
+    "SyntheticFaceGenerator",
+    "SyntheticFaces",
+    "SyntheticPairs",
+    "decode_image",
+    "normalize",
+    "scan_image_folder",
+]

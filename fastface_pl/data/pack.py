@@ -1,0 +1,187 @@
+"""Pack an image folder (``<src>/<identity>/<image>.jpg``) into an InsightFace ``train.rec`` + ``train.idx``.
+
+Usage::
+
+    python -m fastface_pl.data.pack SRC_FOLDER DST_DIR [--quality 95] [--workers 4] [--reencode] [--skip-corrupt]
+    fastface-pack SRC_FOLDER DST_DIR            # the same, as an installed command
+
+The result has the InsightFace layout: key 0 a header record with labels ``(N + 1, N + 1 + C)``, keys ``1..N``
+the images sorted by identity (label = position of the identity folder in sorted order, as in
+:class:`~fastface_pl.data.datasets.ImageFolderDataset`), keys ``N + 1 .. N + C`` one record per identity with
+labels ``(first image key, last + 1)``, plus a ``property`` file ``C,H,W``. JPEG files are stored byte for byte
+(no generation loss) after a decode check; other formats, or all images with ``--reencode``, are encoded as JPEG
+at ``--quality``. Every image is decoded once: a broken one stops the packing with its path, or is skipped and
+counted with ``--skip-corrupt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+from fastface_pl.data.datasets import IMAGE_EXTENSIONS, decode_image, scan_image_folder
+from fastface_pl.data.errors import CorruptImageError, DatasetError
+from fastface_pl.data.recordio import RecordWriter, pack_header
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    """What :func:`pack_folder` wrote."""
+
+    rec_path: Path
+    idx_path: Path
+    num_images: int
+    num_identities: int
+    num_skipped: int
+    image_size: Optional[tuple[int, int]]
+
+
+def _prepare(job: tuple[str, int, bool]) -> tuple[Optional[bytes], Optional[tuple[int, int]], Optional[str]]:
+    """Read one file, check that it decodes, re-encode when needed: (jpeg bytes, (H, W), error)."""
+    path, quality, reencode = job
+    try:
+        data = Path(path).read_bytes()
+        image = decode_image(data, path)
+    except (OSError, CorruptImageError) as error:
+        return None, None, str(error)
+    size = (int(image.shape[1]), int(image.shape[2]))
+    if reencode or not path.lower().endswith((".jpg", ".jpeg")):
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(buffer, format="JPEG", quality=quality)
+        data = buffer.getvalue()
+    return data, size, None
+
+
+def _mapped(jobs: Sequence[tuple[str, int, bool]], workers: int) -> Iterator:
+    if workers <= 0:
+        yield from map(_prepare, jobs)
+        return
+    context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else None)
+    with context.Pool(workers) as pool:
+        yield from pool.imap(_prepare, jobs, chunksize=32)
+
+
+def pack_folder(
+    src: Union[str, os.PathLike], dst: Union[str, os.PathLike], quality: int = 95, workers: int = 0,
+    reencode: bool = False, skip_corrupt: bool = False, progress: bool = True,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+) -> PackSummary:
+    """Pack ``src`` into ``dst/train.rec`` + ``dst/train.idx`` (InsightFace layout; see the module docstring).
+
+    Args:
+        src: Image folder ``<src>/<identity>/<image>``.
+        dst: Output folder (created); existing ``train.rec``/``train.idx`` are replaced once packing succeeds.
+        quality: JPEG quality (1..100) for images that are (re-)encoded.
+        workers: Processes reading and checking images (0: in this process).
+        reencode: Re-encode JPEGs too (default: store them unchanged).
+        skip_corrupt: Skip unreadable images (and count them) instead of stopping.
+        progress: Show a progress bar.
+        extensions: Image suffixes to pack.
+
+    Raises:
+        DatasetError: If ``src`` holds no images, or an image is corrupt and ``skip_corrupt`` is False.
+    """
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DatasetError(f"source folder {src} does not exist or is not a directory")
+    identities, files = scan_image_folder(src, tuple(extensions))
+    total = sum(len(f) for f in files)
+    if total == 0:
+        raise DatasetError(f"{src} holds no images in <identity>/<image> folders ({', '.join(extensions)})")
+    dst.mkdir(parents=True, exist_ok=True)
+    rec_path, idx_path = dst / "train.rec", dst / "train.idx"
+    tmp_rec, tmp_idx = dst / "train.rec.partial", dst / "train.idx.partial"
+    jobs = [(str(src / name / f), quality, reencode) for name, names in zip(identities, files) for f in names]
+    labels = [label for label, names in enumerate(files) for _ in names]
+
+    from tqdm.auto import tqdm
+
+    skipped = 0
+    image_size: Optional[tuple[int, int]] = None
+    ranges: list[list[int]] = [[0, 0] for _ in identities]
+    key = 1
+    with RecordWriter(tmp_rec, tmp_idx) as writer:
+        writer.write(0, pack_header((0.0, 0.0)))  # placeholder: the counts are known at the end
+        bar = tqdm(total=total, unit="img", desc=f"packing {src.name}", disable=not progress)
+        for (path, _, _), label, (data, size, error) in zip(jobs, labels, _mapped(jobs, workers)):
+            bar.update(1)
+            if data is None:
+                if not skip_corrupt:
+                    bar.close()
+                    raise DatasetError(f"corrupt image {path}: {error} (use --skip-corrupt to skip and count)")
+                skipped += 1
+                log.warning("skipping corrupt image %s: %s", path, error)
+                continue
+            image_size = image_size or size
+            if ranges[label][1] == 0:
+                ranges[label][0] = key
+            ranges[label][1] = key + 1
+            writer.write(key, pack_header(float(label), id=key) + data)
+            key += 1
+        bar.close()
+        num_images = key - 1
+        first_identity_key = key
+        for label, (start, stop) in enumerate(ranges):
+            if stop == 0:  # identity with no (good) image: an empty range at the current position
+                start = stop = ranges[label - 1][1] if label else 1
+                ranges[label] = [start, stop]
+            writer.write(key, pack_header((float(start), float(stop)), id=key))
+            key += 1
+        writer.overwrite(0, pack_header((float(first_identity_key), float(key))))
+    if num_images == 0:
+        tmp_rec.unlink()
+        tmp_idx.unlink()
+        raise DatasetError(f"every image in {src} was corrupt; nothing packed")
+    os.replace(tmp_rec, rec_path)
+    os.replace(tmp_idx, idx_path)
+    if image_size is not None:
+        (dst / "property").write_text(f"{len(identities)},{image_size[0]},{image_size[1]}\n")
+    return PackSummary(rec_path, idx_path, num_images, len(identities), skipped, image_size)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (``python -m fastface_pl.data.pack``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fastface_pl.data.pack",
+        description="Pack an image folder <src>/<identity>/<image>.jpg into an InsightFace train.rec + train.idx.",
+    )
+    parser.add_argument("src", help="image folder: one sub-folder per identity")
+    parser.add_argument("dst", help="output folder for train.rec, train.idx and property")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default 95)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that read and check images (default: min(8, CPUs); 0: none)")
+    parser.add_argument("--reencode", action="store_true", help="re-encode JPEGs too (default: copy them as-is)")
+    parser.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of stopping")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        summary = pack_folder(args.src, args.dst, quality=args.quality, workers=args.workers, reencode=args.reencode,
+                              skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+    except (DatasetError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"packed {summary.num_images} images of {summary.num_identities} identities into {summary.rec_path} "
+        f"(+ {summary.idx_path.name}); skipped {summary.num_skipped} corrupt images"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

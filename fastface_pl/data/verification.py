@@ -1,0 +1,178 @@
+"""InsightFace verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin`` ...): read and write.
+
+A ``.bin`` is a Python-2 pickle of ``(bins, issame)``: ``bins`` holds ``2 P`` encoded images (JPEG/PNG, as
+Python-2 ``str``, i.e. bytes, or as uint8 numpy arrays) and pair ``i`` is ``(bins[2i], bins[2i + 1])``;
+``issame`` holds ``P`` booleans. Python 3 reads it with ``pickle.load(f, encoding="bytes")``.
+
+.. note:: Unpickling can run code. :func:`load_bin` uses a restricted unpickler that only rebuilds the types a
+   ``.bin`` contains (lists, tuples, bytes, bools, numpy arrays), so a tampered file fails instead of running.
+
+Example::
+
+    lfw = load_bin("faces_emore/lfw.bin")          # 6,000 pairs
+    image_a, image_b, issame = lfw[0]              # float32 [3, 112, 112] in [-1, 1], and a bool
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fastface_pl.data.datasets import FaceTransform, decode_image
+from fastface_pl.data.errors import DatasetError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+    ("__builtin__", "bytearray"), ("builtins", "bytearray"),
+    ("__builtin__", "set"), ("builtins", "set"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _BinUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"a verification .bin may not reference {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _as_bytes(item: Any, path: Path, position: int) -> bytes:
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+        return item.tobytes()
+    if isinstance(item, str):  # a Python-2 str read with encoding="latin1" would land here
+        return item.encode("latin1")
+    raise DatasetError(
+        f"{path}: bins[{position}] is a {type(item).__name__}, expected encoded image bytes (or a 1-D uint8 array)"
+    )
+
+
+class VerificationPairs(Dataset):
+    """Pairs of a verification set: ``(image_a, image_b, issame)``, decoded lazily.
+
+    Args:
+        encoded: ``2 P`` encoded images.
+        issame: ``P`` booleans.
+        name: Name of the set (e.g. ``"lfw"``), for messages.
+        image_size: Resize to this side when the images differ (None keeps the stored size).
+        transform: Applied to each ``uint8 [3, H, W]`` image (default: normalisation, no flip).
+    """
+
+    def __init__(
+        self, encoded: Sequence[bytes], issame: Sequence[bool], name: str = "pairs", image_size: Optional[int] = None,
+        transform: Optional[Callable[[torch.Tensor], Any]] = None,
+    ) -> None:
+        if len(encoded) != 2 * len(issame):
+            raise DatasetError(f"{name}: {len(encoded)} images for {len(issame)} pairs, expected {2 * len(issame)}")
+        self.encoded = list(encoded)
+        self.issame = [bool(x) for x in issame]
+        self.name = name
+        self.transform = transform if transform is not None else FaceTransform(image_size=image_size)
+
+    def __len__(self) -> int:
+        return len(self.issame)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, bool]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"pair {index} out of range for {self.name} ({len(self)} pairs)")
+        first = decode_image(self.encoded[2 * index], f"{self.name} image {2 * index}")
+        second = decode_image(self.encoded[2 * index + 1], f"{self.name} image {2 * index + 1}")
+        return self.transform(first), self.transform(second), self.issame[index]
+
+    def __repr__(self) -> str:
+        return f"VerificationPairs({self.name!r}, {len(self)} pairs, {sum(self.issame)} genuine)"
+
+
+def load_bin(
+    path: PathLike, image_size: Optional[int] = None, transform: Optional[Callable[[torch.Tensor], Any]] = None
+) -> VerificationPairs:
+    """Read an InsightFace verification ``.bin``.
+
+    Args:
+        path: The ``.bin`` file.
+        image_size: Resize images to this side if they differ (InsightFace's loader does the same).
+        transform: Replaces the default normalisation (receives ``uint8 [3, H, W]``).
+
+    Raises:
+        DatasetError: If the file is missing or is not a ``(bins, issame)`` pickle with ``len(bins) == 2 P``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"verification set {path} does not exist")
+    try:
+        with open(path, "rb") as handle:
+            content = _BinUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
+        raise DatasetError(f"{path} is not an InsightFace verification .bin (a pickle of (bins, issame)): "
+                           f"{error}") from None
+    if not (isinstance(content, (tuple, list)) and len(content) == 2):
+        raise DatasetError(f"{path}: expected a pickled (bins, issame) pair, got {type(content).__name__}")
+    bins, issame = content
+    issame = [bool(x) for x in (issame.tolist() if isinstance(issame, np.ndarray) else issame)]
+    if len(bins) != 2 * len(issame):
+        raise DatasetError(f"{path}: {len(bins)} images for {len(issame)} pairs, expected {2 * len(issame)}")
+    encoded = [_as_bytes(item, path, i) for i, item in enumerate(bins)]
+    return VerificationPairs(encoded, issame, name=path.stem, image_size=image_size, transform=transform)
+
+
+def _encode(image: Any, quality: int, position: int) -> bytes:
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    from PIL import Image
+
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(
+            f"images_or_encoded[{position}] must be encoded bytes or a uint8 RGB image (HxWx3 or 3xHxW), got "
+            f"dtype {array.dtype} and shape {array.shape}"
+        )
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array), "RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_bin(
+    path: PathLike, images_or_encoded: Sequence[Any], issame: Sequence[bool], quality: int = 95
+) -> Path:
+    """Write a verification ``.bin`` that InsightFace's loader (and :func:`load_bin`) reads.
+
+    Args:
+        path: Output file.
+        images_or_encoded: ``2 P`` images: encoded bytes (stored as they are) or ``uint8`` RGB arrays/tensors
+            (``H x W x 3`` or ``3 x H x W``, JPEG-encoded at ``quality``). Pair ``i`` is items ``2i`` and ``2i + 1``.
+        issame: ``P`` booleans.
+        quality: JPEG quality for arrays, 1..100.
+
+    Returns:
+        The path written. The pickle uses protocol 2, which Python 2 and 3 both read.
+    """
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
+    issame = [bool(x) for x in issame]
+    if len(images_or_encoded) != 2 * len(issame):
+        raise ValueError(
+            f"images_or_encoded must hold 2 * len(issame) = {2 * len(issame)} images, got {len(images_or_encoded)}"
+        )
+    bins = [_encode(image, quality, i) for i, image in enumerate(images_or_encoded)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        pickle.dump((bins, issame), handle, protocol=2)
+    return path
+
+
+__all__ = ["VerificationPairs", "load_bin", "write_bin"]

@@ -1,0 +1,254 @@
+"""Classification layers with a margin softmax: the full layer (the paper's) and a sampled one (Partial FC).
+
+Both return the mean cross-entropy loss (fp32, also under autocast) of a batch of embeddings. They share
+:func:`margin_cross_entropy`, a fused autograd function that keeps **one** batch × C buffer for the whole
+forward and backward pass:
+
+1. cosines ``ê · w_j / ‖w_j‖`` are computed into a fresh ``[B, C]`` buffer (no normalised copy of the
+   C × D weight is made: the row norms ‖w_j‖ are a C-vector), clamped to [−1, 1] in place;
+2. the margin changes only the B target entries; the buffer is scaled by s and turned into the softmax in
+   place (max-subtracted ``exp_``, divided by the row sums); the loss is ``logsumexp − s·target``;
+3. backward turns the same buffer into ``∂L/∂cos`` in place (p − onehot, the margin's derivative on the
+   target column), then forms the weight gradient ``(g / ‖w‖)ᵀ ê`` projected orthogonally to each w_j.
+
+A straightforward implementation (``F.normalize`` of the weight, ``one_hot``, ``torch.where``,
+``softmax`` + ``log``) keeps several [B, C] and C × D tensors alive: ``benchmarks/bench_classifier_memory.py``
+measures both. Gradients are identical (``tests/test_classifiers.py`` compares them); the clamp to [−1, 1]
+is treated as the identity in backward (it only trims rounding errors of a few ulps).
+
+.. note:: the buffer is reused for the gradient, so the graph can be backpropagated once only
+   (``retain_graph=True`` then a second ``backward`` raises a RuntimeError).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
+
+__all__ = ["margin_cross_entropy", "FullClassifier", "SampledClassifier", "build_classifier", "CLASSIFIERS"]
+
+_NORM_EPS = 1e-12
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+class _MarginCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, embeddings, weight, labels, margin, reuse_buffer):  # type: ignore[override]
+        dtype = _compute_dtype(embeddings, weight)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            emb = embeddings.to(dtype)
+            w = weight.to(dtype)
+            emb_norm = emb.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+            emb_hat = emb / emb_norm
+            w_norm = w.norm(dim=1).clamp_min(_NORM_EPS)
+
+            buffer = emb_hat @ w.t()  # the single [B, C] buffer: cosines → logits → softmax → gradient
+            buffer.div_(w_norm).clamp_(-1.0, 1.0)
+
+            rows = (labels != IGNORE_LABEL).nonzero().squeeze(1)
+            cols = labels[rows]
+            with torch.enable_grad():
+                cos_target = buffer[rows, cols].detach().requires_grad_(True)
+                target = margin.target_logit(cos_target)
+                if target.requires_grad:
+                    (d_target,) = torch.autograd.grad(target.sum(), cos_target)
+                else:
+                    d_target = torch.zeros_like(cos_target)
+            target = target.detach()
+
+            s = margin.s
+            buffer.index_put_((rows, cols), target)
+            buffer.mul_(s)
+            row_max = buffer.amax(dim=1, keepdim=True)
+            buffer.sub_(row_max).exp_()
+            row_sum = buffer.sum(dim=1, keepdim=True)
+            buffer.div_(row_sum)  # softmax p
+            log_sum_exp = (row_sum.log() + row_max).squeeze(1)
+            num_valid = rows.numel()
+            loss = (log_sum_exp[rows] - s * target).sum() / max(num_valid, 1)
+
+        ctx.save_for_backward(emb_hat, emb_norm, w, w_norm, buffer, rows, cols, d_target)
+        ctx.s, ctx.num_valid, ctx.used, ctx.reuse_buffer = s, num_valid, False, reuse_buffer
+        ctx.input_dtypes = (embeddings.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        if ctx.used:
+            raise RuntimeError(
+                "margin_cross_entropy reuses its softmax buffer for the gradient and supports one backward pass; "
+                "recompute the loss, or pass reuse_buffer=False, to backpropagate twice (retain_graph=True)"
+            )
+        emb_hat, emb_norm, w, w_norm, grad, rows, cols, d_target = ctx.saved_tensors
+        if ctx.reuse_buffer:
+            ctx.used = True
+        else:
+            grad = grad.clone()
+        need_emb, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            # ∂L/∂z = (p − onehot) / N over valid rows; ∂z/∂cos = s (target: s·f'(cos)).
+            grad[rows, cols] = (grad[rows, cols] - 1.0) * d_target
+            if ctx.num_valid < grad.shape[0]:
+                valid = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+                valid[rows] = True
+                grad[~valid] = 0.0
+            grad.mul_(grad_loss.to(grad.dtype) * (ctx.s / max(ctx.num_valid, 1)))
+            grad.div_(w_norm)  # g / ‖w_j‖  (∂cos_ij/∂ê_i = w_j/‖w_j‖)
+            grad_emb = grad_w = None
+            if need_emb:
+                grad_emb_hat = grad @ w
+                radial = (grad_emb_hat * emb_hat).sum(dim=1, keepdim=True)
+                grad_emb = (grad_emb_hat - radial * emb_hat) / emb_norm
+                grad_emb = grad_emb.to(ctx.input_dtypes[0])
+            if need_w:
+                grad_w = grad.t() @ emb_hat  # [C, D]
+                # remove the component along w_j: ∂(w/‖w‖) = (I − ŵŵᵀ)/‖w‖
+                along = torch.bmm(grad_w.unsqueeze(1), w.unsqueeze(2)).view(-1) / (w_norm * w_norm)
+                grad_w.addcmul_(w, along.unsqueeze(1), value=-1.0)
+                grad_w = grad_w.to(ctx.input_dtypes[1])
+        return grad_emb, grad_w, None, None, None
+
+
+def margin_cross_entropy(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         margin: MarginHead, reuse_buffer: bool = True) -> torch.Tensor:
+    """Mean margin-softmax cross-entropy of unnormalised ``embeddings`` against the rows of ``weight``.
+
+    Args:
+        embeddings: ``float[B, D]`` (any float dtype; computed in fp32 or fp64).
+        weight: ``float[C, D]`` class centres (normalised inside).
+        labels: ``long[B]`` in [0, C), or −1 to ignore a row.
+        margin: a :class:`~fastface_pl.models.margins.MarginHead` (its ``s`` and ``target_logit``).
+        reuse_buffer: turn the saved softmax into the gradient in place (the memory saving; one backward
+            pass only). ``False`` copies it in backward, allowing repeated backward passes (gradcheck).
+
+    Returns:
+        The scalar loss, averaged over rows whose label is not −1 (0 when there is none), in fp32
+        (fp64 if an input is fp64).
+    """
+    if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected embeddings [B, D] and weight [C, D] with the same D, got {list(embeddings.shape)} and "
+            f"{list(weight.shape)}; check embedding_size against the backbone's output"
+        )
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"expected labels [B={embeddings.shape[0]}], got {list(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    return _MarginCrossEntropy.apply(embeddings, weight, labels.long(), margin, reuse_buffer)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    # One host sync; cheap next to the step and catches the classic "num_classes too small" error early.
+    bad = (labels < IGNORE_LABEL) | (labels >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) (or -1 to ignore), got values "
+            f"{labels[bad].unique()[:5].tolist()}; set num_classes to the number of identities in the data"
+        )
+
+
+class FullClassifier(nn.Module):
+    """Margin-softmax layer over all C identities (the paper's choice): ``weight float[C, D]``.
+
+    Args:
+        embedding_size: D.
+        num_classes: C.
+        margin: a margin head or its name (``arcface`` …, built with defaults).
+        check_labels: verify labels are in range every step (one host sync per step; off by default).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str = "arcface",
+                 check_labels: bool = False) -> None:
+        super().__init__()
+        for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.margin = build_margin(margin) if isinstance(margin, str) else margin
+        self.check_labels = check_labels
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.normal_(self.weight, 0.0, 0.01)  # as arcface_torch
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of unnormalised ``embeddings float[B, D]`` with ``labels long[B]``."""
+        if self.check_labels:
+            _check_labels(labels, self.num_classes)
+        return margin_cross_entropy(embeddings, self.weight, labels, self.margin)
+
+    def extra_repr(self) -> str:
+        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}"
+
+
+class SampledClassifier(FullClassifier):
+    """Partial-FC-style layer: each training step uses all positive classes of the batch plus random
+    negatives, ``max(round(sample_rate·C), #positives)`` classes in all, on one device (no
+    ``torch.distributed``). Labels are remapped to the sampled rows.
+
+    The sampled rows are gathered with a sparse-gradient embedding lookup, so ``weight.grad`` is a sparse
+    tensor holding only the sampled rows (no dense C × D gradient). Use
+    :class:`fastface_pl.models.optim.RowSparseSGD` (the module does) to update only those rows' momentum
+    and weight decay; plain ``torch.optim.SGD`` would apply weight decay and momentum to every row, as
+    arcface_torch's Partial FC does. In eval mode, or with ``sample_rate=1``, every class is used.
+
+    Args:
+        embedding_size: D.
+        num_classes: C.
+        margin: margin head or name.
+        sample_rate: fraction of classes per step, in (0, 1].
+        check_labels: verify labels are in range every step.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str = "arcface",
+                 sample_rate: float = 0.1, check_labels: bool = False) -> None:
+        super().__init__(embedding_size, num_classes, margin, check_labels)
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        self.sample_rate = float(sample_rate)
+        self.num_sample = max(1, int(round(self.sample_rate * num_classes)))
+        self.last_sampled: torch.Tensor | None = None  # sorted class indices of the last training step
+
+    def sample(self, labels: torch.Tensor) -> torch.Tensor:
+        """Sorted class indices: every positive class of ``labels`` plus random negatives."""
+        positives = torch.unique(labels[labels != IGNORE_LABEL])
+        if self.num_sample <= positives.numel():
+            return positives
+        scores = torch.rand(self.num_classes, device=labels.device)
+        scores[positives] = 2.0  # positives always win the top-k
+        return torch.topk(scores, k=self.num_sample).indices.sort().values
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.check_labels:
+            _check_labels(labels, self.num_classes)
+        if not self.training:
+            return margin_cross_entropy(embeddings, self.weight, labels, self.margin)
+        index = self.sample(labels)
+        self.last_sampled = index
+        rows = F.embedding(index, self.weight, sparse=True)  # [S, D], sparse gradient to self.weight
+        remapped = torch.where(labels == IGNORE_LABEL, labels,
+                               torch.searchsorted(index, labels.clamp_min(0)))
+        return margin_cross_entropy(embeddings, rows, remapped, self.margin)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sample_rate={self.sample_rate}"
+
+
+CLASSIFIERS = {"full": FullClassifier, "sampled": SampledClassifier}
+
+
+def build_classifier(name: str, embedding_size: int, num_classes: int, margin: MarginHead | str,
+                     **kwargs: Any) -> FullClassifier:
+    """Builds ``"full"`` or ``"sampled"`` (``sample_rate=...``)."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {name!r}; valid names: {', '.join(CLASSIFIERS)}")
+    return CLASSIFIERS[name](embedding_size, num_classes, margin, **kwargs)

@@ -1,0 +1,244 @@
+"""FaceRecognitionModule: backbone + margin softmax layer, trained as in the FastFace paper.
+
+The paper's recipe (REFERENCE.md §2): SGD lr 0.02, momentum 0.9, weight decay 5e-4, batch 128, fp16 mixed
+precision, gradient-norm clipping at 5 on the backbone only, embedding 512, s = 64, full classification
+layer; the LR schedule comes from :class:`fastface_pl.scheduling.callback.FastFaceLRCallback`, which reads
+the loss that ``training_step`` returns.
+
+Example::
+
+    import lightning.pytorch as pl
+    from fastface_pl import FaceRecognitionModule, FastFaceLRCallback
+
+    model = FaceRecognitionModule(num_classes=93_431, backbone="r100", margin="arcface")
+    trainer = pl.Trainer(precision="16-mixed", max_epochs=5, callbacks=[FastFaceLRCallback()])
+    trainer.fit(model, datamodule=datamodule)
+
+.. note:: when ``backbone`` is an ``nn.Module`` it is not stored in the hyper-parameters (only its weights
+   are in the checkpoint): pass it again, ``FaceRecognitionModule.load_from_checkpoint(path, backbone=net)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastface_pl.evaluation.verification import VerificationMetric
+from fastface_pl.models.backbones import build_backbone
+from fastface_pl.models.classifiers import CLASSIFIERS, FullClassifier, SampledClassifier
+from fastface_pl.models.margins import build_margin
+from fastface_pl.models.optim import RowSparseSGD
+
+__all__ = ["FaceRecognitionModule"]
+
+_VAL_KEYS = ("accuracy", "accuracy_std", "threshold", "tar_at_far", "xnorm")
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None = None, low_inclusive: bool = True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        ok = value >= low if low_inclusive else value > low
+        ok = ok and (high is None or value <= high)
+    if not ok:
+        bound = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
+        raise ValueError(f"{name} must be a number in {bound}, got {value!r}")
+
+
+class FaceRecognitionModule(pl.LightningModule):
+    """A face-recognition model (backbone + margin-softmax classification layer) for ``Trainer.fit``.
+
+    Args:
+        num_classes: number of identities C.
+        backbone: a name for :func:`~fastface_pl.models.backbones.build_backbone` (``r100`` …, ``tiny``) or any
+            ``nn.Module`` mapping ``float[B, 3, H, W]`` to ``float[B, embedding_size]``.
+        backbone_kwargs: extra arguments of ``build_backbone`` (e.g. ``{"input_size": 32}``).
+        embedding_size: embedding dimension D (512).
+        margin: ``arcface`` (straight-through, the paper's), ``arcface_exact``, ``cosface`` or ``combined``.
+        margin_kwargs: arguments of the margin head (``s=64``, ``m=0.5`` / ``m=0.4``, ``m1, m2, m3``).
+        classifier: ``full`` (all identities, the paper's) or ``sampled`` (Partial-FC-style).
+        sample_rate: fraction of classes per step for ``sampled``.
+        lr: learning rate η (0.02), the same for both parameter groups.
+        momentum: SGD momentum (0.9).
+        weight_decay: L2 weight decay λ (5e-4).
+        clip_grad_norm: max gradient norm of the backbone (5.0); ``None`` disables clipping. Applied in
+            :meth:`configure_gradient_clipping`, after Lightning unscales fp16 gradients.
+        channels_last: run the backbone in channels-last memory format (faster convolutions on GPUs).
+        compile: ``torch.compile`` the backbone for training and embedding (weights stay shared).
+        val_set_names: names of the validation pair sets, in dataloader order (default: the datamodule's
+            ``val_set_names``, else ``set0``, ``set1`` …).
+
+    Validation dataloaders (one per pair set) yield ``(images_a, images_b, issame)``; each image is embedded
+    with its horizontal flip (the two embeddings averaged), and :class:`VerificationMetric` logs
+    ``val/{name}/accuracy``, ``…/accuracy_std``, ``…/threshold``, ``…/tar_at_far``, ``…/xnorm`` and the mean
+    ``val/accuracy`` over sets.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str | nn.Module = "r100",
+        backbone_kwargs: dict[str, Any] | None = None,
+        embedding_size: int = 512,
+        margin: str = "arcface",
+        margin_kwargs: dict[str, Any] | None = None,
+        classifier: str = "full",
+        sample_rate: float = 1.0,
+        lr: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        clip_grad_norm: float | None = 5.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        val_set_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or embedding_size < 1:
+            raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}")
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+        _check_number("lr", lr, 0.0, low_inclusive=False)
+        _check_number("momentum", momentum, 0.0, 1.0)
+        _check_number("weight_decay", weight_decay, 0.0)
+        _check_number("sample_rate", sample_rate, 0.0, 1.0, low_inclusive=False)
+        if clip_grad_norm is not None:
+            _check_number("clip_grad_norm", clip_grad_norm, 0.0, low_inclusive=False)
+        if backbone_kwargs is not None and not isinstance(backbone, str):
+            raise ValueError("backbone_kwargs only applies to a backbone given by name; "
+                             "configure the nn.Module before passing it")
+        if val_set_names is not None:
+            val_set_names = [str(name) for name in val_set_names]
+
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if isinstance(backbone, str):
+            self.backbone = build_backbone(backbone, embedding_size=embedding_size, **(backbone_kwargs or {}))
+        elif isinstance(backbone, nn.Module):
+            self.backbone = backbone
+        else:
+            raise ValueError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+        head = build_margin(margin, **(margin_kwargs or {}))
+        if classifier == "sampled":
+            self.classifier: FullClassifier = SampledClassifier(embedding_size, num_classes, head, sample_rate)
+        else:
+            self.classifier = FullClassifier(embedding_size, num_classes, head)
+        if channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        # Kept out of the module tree so state_dict keys stay "backbone.*" with or without compile.
+        self._compiled_backbone = torch.compile(self.backbone) if compile else None
+        self.val_metrics = nn.ModuleList()
+        self._val_names: list[str] = []
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_compiled_backbone":  # an nn.Module, but not a submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embeddings ``float[B, D]`` of images ``float[B, 3, H, W]`` (normalised RGB)."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        net = self._compiled_backbone if self._compiled_backbone is not None else self.backbone
+        return net(images)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings ``float[B, D]`` (fp32) for verification and search."""
+        return F.normalize(self(images).float(), dim=1)
+
+    def embed_with_flip(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean of the embeddings of the images and their horizontal flips (unnormalised, fp32)."""
+        both = self(torch.cat([images, images.flip(-1)]))
+        first, flipped = both.float().chunk(2)
+        return (first + flipped) / 2
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        embeddings = self(images)
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.hparams.embedding_size:
+            raise ValueError(
+                f"the backbone returned shape {list(embeddings.shape)} but embedding_size="
+                f"{self.hparams.embedding_size}; pass the backbone's output size as embedding_size"
+            )
+        loss = self.classifier(embeddings, labels)
+        # prog_bar=False: showing a per-step value would force a host-device sync at every refresh.
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=False)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """SGD (momentum, weight decay) with two parameter groups: ``backbone`` and ``classifier``.
+
+        The frozen BatchNorm1d weight of the IResNet head (``requires_grad=False``) is in neither group.
+        With the sampled classifier the optimizer is :class:`RowSparseSGD`, which leaves unsampled rows
+        (and their momentum) untouched; otherwise plain ``torch.optim.SGD``.
+        """
+        hp = self.hparams
+        groups = [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "name": "backbone"},
+            {"params": [p for p in self.classifier.parameters() if p.requires_grad], "name": "classifier"},
+        ]
+        optimizer_class = RowSparseSGD if hp.classifier == "sampled" else torch.optim.SGD
+        return optimizer_class(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clips the backbone's gradient norm to ``clip_grad_norm`` (the classification layer is not clipped).
+
+        Lightning calls this after unscaling fp16 gradients. A ``gradient_clip_val`` set on the Trainer is
+        applied as well, to all parameters (Lightning's default behaviour).
+        """
+        if self.hparams.clip_grad_norm is not None:
+            params = [p for p in self.backbone.parameters() if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, self.hparams.clip_grad_norm)
+        if gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ------------------------------------------------------------------ validation
+    def _resolve_val_names(self, count: int) -> list[str]:
+        names = self.hparams.val_set_names
+        if names is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            names = getattr(datamodule, "val_set_names", None)
+        if names is None or len(names) != count:
+            if names is not None:
+                raise ValueError(
+                    f"{count} validation dataloaders but {len(names)} val_set_names {list(names)}; "
+                    "give one name per dataloader"
+                )
+            names = [f"set{i}" for i in range(count)]
+        return list(names)
+
+    def on_validation_epoch_start(self) -> None:
+        num_batches = self.trainer.num_val_batches
+        count = len(num_batches) if isinstance(num_batches, (list, tuple)) else 1
+        names = self._resolve_val_names(count)
+        if names != self._val_names or len(self.val_metrics) != count:
+            self.val_metrics = nn.ModuleList(VerificationMetric() for _ in names).to(self.device)
+            self._val_names = names
+        for metric in self.val_metrics:
+            metric.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images_a, images_b, issame = batch
+        self.val_metrics[dataloader_idx].update(self.embed_with_flip(images_a), self.embed_with_flip(images_b), issame)
+
+    def on_validation_epoch_end(self) -> None:
+        accuracies = []
+        for name, metric in zip(self._val_names, self.val_metrics):
+            if not metric.distances:  # e.g. a sanity check that ran no batch of this set
+                continue
+            result = metric.compute()
+            for key in _VAL_KEYS:
+                self.log(f"val/{name}/{key}", result[key].float(), add_dataloader_idx=False)
+            accuracies.append(result["accuracy"].float())
+            metric.reset()
+        if accuracies:
+            self.log("val/accuracy", torch.stack(accuracies).mean(), prog_bar=True, add_dataloader_idx=False)

@@ -1,0 +1,129 @@
+"""FastFaceLR: the detectors as a plain-PyTorch scheduler (ReduceLROnPlateau style)."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector
+from fastface_pl.scheduling.torch_adapter import FastFaceLR
+
+
+def make_optimizer(lrs=(0.02, 0.002)):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in lrs]
+    return torch.optim.SGD(groups, lr=lrs[0], momentum=0.9)
+
+
+def raw_detector(patience=1, **kwargs):
+    """alpha = beta = 1: stationary exactly when the loss falls by less than 0.5."""
+    return FastFaceDetector(alpha=1.0, beta=1.0, threshold=0.5, patience=patience, **kwargs)
+
+
+def test_decision_scales_every_group_and_keeps_their_ratio():
+    optimizer = make_optimizer()
+    scheduler = FastFaceLR(optimizer, raw_detector(patience=1))
+    factors = [scheduler.step(3.0) for _ in range(3)]
+    assert factors == [1.0, 1.0, 0.5]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01, 0.001]
+    assert scheduler.get_last_lr() == [0.01, 0.001]
+    assert scheduler.decisions == [(3, 0.5, 0.01)]
+
+
+def test_tensor_losses_and_shapes():
+    optimizer = make_optimizer((0.1,))
+    scheduler = FastFaceLR(optimizer, raw_detector(patience=0))
+    scheduler.step(torch.tensor(2.0))
+    assert scheduler.step(torch.tensor([2.0])) == 0.5  # one element is fine
+    assert scheduler.detector.steps_seen == 2
+    with pytest.raises(ValueError, match="scalar"):
+        scheduler.step(torch.tensor([1.0, 2.0]))
+
+
+def test_min_lr_floors_decays_but_not_restarts():
+    optimizer = make_optimizer((0.1, 0.01))
+    detector = MovingHaarDetector(window=2, threshold=0.5, patience=0)
+    scheduler = FastFaceLR(optimizer, detector, min_lr=[0.02, 0.0])
+    for _ in range(7):  # decisions at steps 5, 6, 7: three halvings
+        scheduler.step(20.0)
+    assert scheduler.get_last_lr() == [0.02, 0.00125]
+    assert scheduler.step(20.0) == 4.0  # the restart raises from the floor
+    assert scheduler.get_last_lr() == [0.08, 0.005]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(min_lr=-1.0), "min_lr"),
+    (dict(min_lr=[0.1]), "min_lr.*2"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite.*skip or raise.*'ignore'"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FastFaceLR(make_optimizer(), raw_detector(), **kwargs)
+
+
+def test_rejects_non_detectors():
+    with pytest.raises(ValueError, match="detector"):
+        FastFaceLR(make_optimizer(), object())
+    with pytest.raises(ValueError, match="optimizer"):
+        FastFaceLR(object(), raw_detector())
+
+
+def test_nonfinite_losses_are_skipped_counted_and_warned_once():
+    scheduler = FastFaceLR(make_optimizer(), raw_detector(patience=1))
+    with pytest.warns(RuntimeWarning, match="non-finite loss nan"):
+        assert scheduler.step(math.nan) == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would fail here
+        scheduler.step(torch.tensor(math.inf))
+        factors = [scheduler.step(3.0) for _ in range(3)]
+    assert scheduler.num_nonfinite == 2
+    assert scheduler.detector.steps_seen == 3  # the NaN and inf never entered the detector
+    assert factors == [1.0, 1.0, 0.5] and scheduler.decisions == [(5, 0.5, 0.01)]
+
+
+def test_nonfinite_losses_can_raise():
+    scheduler = FastFaceLR(make_optimizer(), raw_detector(), on_nonfinite="raise")
+    scheduler.step(1.0)
+    with pytest.raises(ValueError, match="non-finite loss inf at optimizer step 2"):
+        scheduler.step(math.inf)
+    assert scheduler.detector.steps_seen == 1
+
+
+def test_state_dict_resume_continues_the_same_lr_trajectory():
+    losses = [10.0 - 0.02 * t if t % 97 < 40 else 5.0 for t in range(600)]
+
+    def lrs_after(scheduler, optimizer, chunk):
+        out = []
+        for loss in chunk:
+            scheduler.step(loss)
+            out.append(tuple(g["lr"] for g in optimizer.param_groups))
+        return out
+
+    optimizer = make_optimizer()
+    reference = FastFaceLR(optimizer, FastFaceDetector(alpha=0.1, beta=0.1, threshold=1e-3, patience=20))
+    expected = lrs_after(reference, optimizer, losses)
+    assert len(reference.decisions) >= 3
+
+    optimizer = make_optimizer()
+    first = FastFaceLR(optimizer, FastFaceDetector(alpha=0.1, beta=0.1, threshold=1e-3, patience=20))
+    lrs_after(first, optimizer, losses[:250])
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": first.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)  # plain Python values only
+
+    optimizer = make_optimizer()
+    resumed = FastFaceLR(optimizer, FastFaceDetector(patience=1))
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed.load_state_dict(checkpoint["scheduler"])
+    assert resumed.last_step == 250 and resumed.detector.patience == 20
+    assert lrs_after(resumed, optimizer, losses[250:]) == expected[250:]
+    assert resumed.decisions == reference.decisions
+
+
+def test_load_state_dict_needs_a_detector_entry():
+    with pytest.raises(ValueError, match="detector"):
+        FastFaceLR(make_optimizer(), raw_detector()).load_state_dict({})
