@@ -31,6 +31,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*"),
     pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
     pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
+    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
 ]
 
 
@@ -82,7 +83,8 @@ class ScriptedModule(LightningModule):
         optimizer = torch.optim.SGD(self.parameters(), lr=LR0)
         if self.scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": dict(self.scheduler, scheduler=self.scheduler["scheduler"](optimizer))}
+        lr_scheduler = dict(self.scheduler, scheduler=self.scheduler["scheduler"](optimizer))
+        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
 
 
 def make_trainer(tmp_path: Path | None = None, **kwargs) -> Trainer:
@@ -201,32 +203,48 @@ class ResumableModule(ScriptedModule):
         self.lrs.append((self.trainer.global_step + 1, optimizer.param_groups[0]["lr"]))
 
 
-def test_resume_mid_epoch_and_mid_block_repeats_the_uninterrupted_run(tmp_path):
-    losses = staircase_losses(90, seed=2)
+def step_means(losses: list[float], batches_per_epoch: int, n_accumulate: int) -> list[float]:
+    """Per-optimizer-step mean of the micro-batch losses, with the short last window of each epoch."""
+    means = []
+    for epoch_start in range(0, len(losses) - batches_per_epoch + 1, batches_per_epoch):
+        for start in range(epoch_start, epoch_start + batches_per_epoch, n_accumulate):
+            window = losses[start : min(start + n_accumulate, epoch_start + batches_per_epoch)]
+            means.append(sum(window) / len(window))
+    return means
+
+
+@pytest.mark.parametrize("n_accumulate", [1, 2])
+def test_resume_mid_epoch_and_mid_block_repeats_the_uninterrupted_run(tmp_path, n_accumulate):
+    batches_per_epoch, total_steps = 25, 90
+    # A staircase stretched by N: the step means keep its shape (falls, then stationary).
+    n = 8 * batches_per_epoch * n_accumulate
+    losses = staircase_losses(n, seed=2, fall=12 * n_accumulate, flat=18 * n_accumulate)
     kwargs = dict(detector="fastface", detector_kwargs=FASTFACE, sync_every_n_steps=4, verbose=False)
 
     def run(max_steps, ckpt_path=None, dirpath=None):
         callback = FastFaceLRCallback(**kwargs)
-        model = ResumableModule(losses, batches_per_epoch=25)
+        model = ResumableModule(losses, batches_per_epoch=batches_per_epoch)
         checkpoints = [ModelCheckpoint(dirpath=dirpath, filename="{step}", every_n_train_steps=15, save_top_k=-1)]
         trainer = make_trainer(
             tmp_path, max_steps=max_steps, callbacks=[callback] + (checkpoints if dirpath else []),
-            enable_checkpointing=bool(dirpath),
+            enable_checkpointing=bool(dirpath), accumulate_grad_batches=n_accumulate,
         )
         trainer.fit(model, ckpt_path=ckpt_path)
         return callback, model, trainer
 
-    full, full_model, _ = run(90)
-    first, _, _ = run(45, dirpath=tmp_path / "ckpt")
-    ckpt = tmp_path / "ckpt" / "step=30.ckpt"  # epoch 2, batch 5; 30 % 4 = 2 steps not yet read
-    assert ckpt.exists()
+    full, full_model, _ = run(total_steps)
+    run(45, dirpath=tmp_path / "ckpt")
+    # Mid-epoch (25 or 13 steps per epoch), mid-block: 30 % 4 = 2 steps not yet read.
+    ckpt = tmp_path / "ckpt" / "step=30.ckpt"
     state = torch.load(ckpt, weights_only=False)["callbacks"][full.state_key]
-    assert state["steps"] == 30 and state["pending_steps"] == [29, 30]
-    assert state["pending_values"] == pytest.approx(losses[28:30], rel=1e-6)
+    assert state["steps"] == 30 and [p[0] for p in state["pending_steps"]] == [29, 30]
+    means = step_means(losses, batches_per_epoch, n_accumulate)
+    if n_accumulate == 1:
+        assert state["pending_values"] == pytest.approx(losses[28:30], rel=1e-6)
 
-    resumed, resumed_model, trainer = run(90, ckpt_path=ckpt)
-    assert trainer.global_step == 90
-    decided = replay("fastface", FASTFACE, losses)
+    resumed, resumed_model, trainer = run(total_steps, ckpt_path=ckpt)
+    assert trainer.global_step == total_steps
+    decided = replay("fastface", FASTFACE, means[:total_steps])
     assert any(d <= 30 for d, _ in decided) and any(d > 30 for d, _ in decided)
     assert resumed.decisions == full.decisions
     assert [(s, f) for s, f, _ in resumed.decisions] == decided
@@ -299,16 +317,42 @@ def test_nonfinite_loss_raises_naming_the_step_when_asked():
 
 
 # ----------------------------------------------------------------------------------------------------------
-def test_step_interval_scheduler_is_refused_with_the_alternative():
-    scheduler = {"scheduler": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), "interval": "step"}
+@pytest.mark.parametrize(
+    "interval, make",
+    [
+        ("step", lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),
+        ("step", lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0)),
+        ("epoch", lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),  # recomputes: undoes it too
+    ],
+)
+def test_scheduler_that_would_undo_the_callback_is_refused_with_the_alternative(interval, make):
+    scheduler = {"scheduler": make, "interval": interval}
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE)
-    with pytest.raises(MisconfigurationException, match=r"LambdaLR.*interval=\"step\".*compose_with_step_schedulers=True"):
+    message = rf"owns the learning rate.*interval=\"{interval}\".*compose_with_step_schedulers=True"
+    with pytest.raises(MisconfigurationException, match=message):
         make_trainer(max_steps=5, callbacks=[callback]).fit(ScriptedModule(staircase_losses(5), scheduler=scheduler))
+
+
+def test_plateau_scheduler_is_left_alone():
+    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1000)  # noqa: E731
+    scheduler = {"scheduler": plateau, "interval": "step", "monitor": "train_loss"}
+
+    class Monitored(ScriptedModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    losses = staircase_losses(40)
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
+    make_trainer(max_steps=40, callbacks=[callback]).fit(Monitored(losses, scheduler=scheduler))
+    assert [(s, f) for s, f, _ in callback.decisions] == replay("fastface", FASTFACE, losses)
 
 
 def test_epoch_interval_multiplicative_scheduler_composes():
     losses = staircase_losses(60)
-    scheduler = {"scheduler": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), "interval": "epoch"}
+    step_lr = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
+    scheduler = {"scheduler": step_lr, "interval": "epoch"}
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
     model = ScriptedModule(losses, batches_per_epoch=20, scheduler=scheduler)
     make_trainer(max_steps=60, callbacks=[callback]).fit(model)
@@ -389,6 +433,12 @@ def test_decision_is_reported_with_step_reason_and_lr(caplog):
     step, _, lr = callback.decisions[0]
     assert f"optimizer step {step}: loss stationary for 5 steps: signal" in caplog.text
     assert f"-> {lr:.6g}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        mh = FastFaceLRCallback("moving_haar", detector_kwargs=MOVING_HAAR)
+        make_trainer(max_steps=40, callbacks=[mh]).fit(ScriptedModule(losses))
+    step, factor, lr = next(d for d in mh.decisions if d[1] > 1)
+    assert f"optimizer step {step}: restart ×4" in caplog.text and f"LR ×4 -> {lr:.6g}" in caplog.text
 
 
 class TwoOptimizerModule(LightningModule):
@@ -433,6 +483,21 @@ def test_every_param_group_of_every_optimizer_is_scaled_alike():
     scale = math.prod(f for _, f in decided)
     lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
     assert lrs == pytest.approx([0.1 * scale, 0.01 * scale, 0.002 * scale])
+
+
+class SilentModule(TwoOptimizerModule):
+    """Manual optimization whose training_step returns nothing: the callback cannot see a loss."""
+
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+
+
+def test_steps_without_a_loss_are_skipped_with_one_warning():
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
+    with pytest.warns(UserWarning, match="returned no loss at optimizer step 1.*Return the loss tensor") as caught:
+        make_trainer(max_epochs=1, callbacks=[callback]).fit(SilentModule(staircase_losses(20)))
+    assert sum("returned no loss" in str(w.message) for w in caught) == 1
+    assert callback.steps_observed == 20 and callback.detector.steps_seen == 0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -273,3 +273,11 @@ def test_invalid_arguments(kwargs, match):
     kwargs.setdefault("backbone", "tiny")
     with pytest.raises(ValueError, match=match):
         FaceRecognitionModule(**kwargs)
+
+
+def test_compile_keeps_state_dict_keys():
+    eager = make_module()
+    compiled = make_module(compile=True)  # torch.compile is lazy: nothing is compiled until a forward
+    assert isinstance(compiled._compiled_backbone, torch._dynamo.eval_frame.OptimizedModule)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert all(not name.startswith("_compiled") for name, _ in compiled.named_modules())

@@ -134,3 +134,24 @@ def test_cli_prints_decisions_next_to_the_logged_changes(capsys):
     moving_haar = out[out.index("Moving Haar ("):]
     assert moving_haar.count(" exact") == 11 and moving_haar.count("-1 row") == 1
     assert "94269" in out[:out.index("Moving Haar (")]
+
+
+def test_load_loss_log_rejects_a_non_finite_loss(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss,lr,epoch\n20,46.5,0.02,0\n30,nan,0.02,0\n")
+    with pytest.raises(ValueError, match=r"row 3 \(step 30\) has a non-finite loss"):
+        load_loss_log(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--total-steps", "-5"], "--total-steps must be a positive"),
+    (["--total-steps", "0"], "--total-steps must be a positive"),
+    (["--window", "1"], "--window must be an integer >= 2"),
+])
+def test_replay_cli_rejects_bad_arguments(argv, message, capsys):
+    from fastface_pl.scheduling.replay import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

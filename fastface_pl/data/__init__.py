@@ -1,10 +1,12 @@
 """Face data without MXNet: RecordIO packs, image folders, synthetic identities, ``.bin`` verification sets.
 
-``FaceDataModule`` is the entry point for training; the readers below are usable on their own.
+``FaceDataModule`` is the entry point for training; the readers below are usable on their own (and do not
+import Lightning: ``FaceDataModule`` and ``detect_layout`` are loaded on first use).
 """
 
+from typing import Any
+
 from fastface_pl.data import datasets
-from fastface_pl.data.datamodule import FaceDataModule, detect_layout
 from fastface_pl.data.datasets import (
     FaceTransform,
     ImageFolderDataset,
@@ -50,3 +52,11 @@ __all__ = [
     "unpack_header",
     "write_bin",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("FaceDataModule", "detect_layout"):
+        from fastface_pl.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module 'fastface_pl.data' has no attribute {name!r}")

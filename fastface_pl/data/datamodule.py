@@ -143,8 +143,9 @@ class FaceDataModule(pl.LightningDataModule):
         seed: Seed of the shuffling order (and of the workers' flip decisions); under DDP the
             ``DistributedSampler`` uses it too, so every rank agrees on the permutation.
         flip: Random horizontal flip of training images (the paper's only augmentation).
-        val_sets: Verification sets beside the training data: names (``"lfw"`` -> ``<root>/lfw.bin``) or paths to
-            ``.bin`` files; a missing one raises, an empty list disables validation. Ignored for ``"synthetic"``,
+        val_sets: Verification sets beside the training data: names (``"lfw"`` -> ``<root>/lfw.bin``, for an image
+            folder also ``<root>/../lfw.bin``) or paths to ``.bin`` files; a missing one raises, an empty list
+            disables validation. Ignored for ``"synthetic"``,
             which validates on one synthetic pair set named ``"synthetic"``.
         num_classes: Expected number of identities; checked against the data when given.
         skip_corrupt: Skip corrupt records/images (counted in :attr:`num_skipped`) instead of raising.
@@ -210,8 +211,8 @@ class FaceDataModule(pl.LightningDataModule):
         if unknown:
             raise ValueError(f"synthetic has unknown keys {sorted(unknown)}; allowed: {sorted(SYNTHETIC_DEFAULTS)}")
         self.synthetic = {**SYNTHETIC_DEFAULTS, **(synthetic or {})}
-        if image_size is not None and self.root == LAYOUT_SYNTHETIC and synthetic and "image_size" not in synthetic:
-            self.synthetic["image_size"] = image_size
+        if image_size is not None and "image_size" not in (synthetic or {}):
+            self.synthetic["image_size"] = image_size  # generate synthetic faces at that size directly
         self.train_dataset: Optional[Dataset] = None
         self.val_datasets: list[Dataset] = []
         self._layout: Optional[str] = None
@@ -276,16 +277,23 @@ class FaceDataModule(pl.LightningDataModule):
         base = Path(self.root)
         if base.is_file():
             base = base.parent
-        paths = [Path(v) if v.endswith(".bin") else base / f"{v}.bin" for v in self.val_sets]
-        missing = [p for p in paths if not p.is_file()]
+        # Beside train.rec; for an image folder also one level up (keeping the identity folders pure).
+        places = [base] + ([base.parent] if self.layout == LAYOUT_IMAGE_FOLDER else [])
+        paths, missing = [], []
+        for name in self.val_sets:
+            candidates = [Path(name)] if name.endswith(".bin") else [place / f"{name}.bin" for place in places]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                missing.append(" or ".join(str(c) for c in candidates))
+            paths.append(found)
         if missing:
-            available = sorted(p.stem for p in base.glob("*.bin")) if base.is_dir() else []
+            available = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.bin")})
             raise DatasetError(
-                f"verification set(s) not found: {', '.join(str(p) for p in missing)}. Available .bin files in "
-                f"{base}: {available or 'none'}. Set val_sets to the ones you have, or to [] to train without "
-                "validation."
+                f"verification set(s) not found: {'; '.join(missing)}. Available .bin files in "
+                f"{' and '.join(str(p) for p in places)}: {available or 'none'}. Set val_sets to the ones you have, "
+                "or to [] to train without validation."
             )
-        return paths
+        return paths  # type: ignore[return-value]
 
     @property
     def num_skipped(self) -> int:
@@ -340,9 +348,10 @@ class FaceDataModule(pl.LightningDataModule):
                                                        seed=self.seed)
         else:
             sampler = SeededRandomSampler(len(dataset), self.seed)  # type: ignore[arg-type]
-        if len(dataset) < self.batch_size * world_size and self.drop_last:  # type: ignore[arg-type]
+        size = len(dataset)  # type: ignore[arg-type]
+        if size < self.batch_size * world_size and self.drop_last:
             raise DatasetError(
-                f"{self.root} holds {len(dataset)} images, fewer than one batch of {self.batch_size} per device "  # type: ignore
+                f"{self.root} holds {size} images, fewer than one batch of {self.batch_size} per device "
                 f"x {world_size} devices with drop_last=True; lower batch_size or set drop_last=False"
             )
         generator = torch.Generator().manual_seed(self.seed + 1000003 * rank)  # seeds the workers' flips

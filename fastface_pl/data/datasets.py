@@ -7,9 +7,11 @@ and ``label`` an ``int`` in ``[0, num_classes)``.
 .. note:: Colour order. InsightFace packed its ``.rec`` files with OpenCV: ``cv2.imread`` gives BGR arrays and
    ``cv2.imencode`` expects BGR, so the JPEGs it wrote are ordinary JPEGs (YCbCr inside) whose colours are
    right. Any standard decoder, PIL or ``torchvision.io``, therefore returns true RGB, and arcface_torch
-   (``mx.image.imdecode``, RGB by default) trains on RGB too. No channel swap is needed or done here. The one
-   exception is a pack written by a script that handed an RGB array to ``cv2.imencode``: its faces would come
-   out blue-tinted in any viewer, and decoding it would give BGR.
+   (``mx.image.imdecode``, RGB by default) trains on RGB too. No channel swap is needed or done here. Checked
+   with OpenCV 4.14: ``cv2.imencode`` of a BGR array holding pure red decodes here to (R, G, B) = (254, 0, 0),
+   while ``cv2.imdecode`` gives it back as BGR; ``tests/test_datasets.py`` repeats the check where OpenCV is
+   installed. The one exception is a pack written by a script that handed an RGB array to ``cv2.imencode``:
+   its faces look blue-tinted in any image viewer, and decoding gives BGR.
 """
 
 from __future__ import annotations
@@ -381,7 +383,7 @@ class ImageFolderDataset(_FileDataset):
         self.extensions = tuple(sorted(e.lower() for e in extensions))
         self.index_cache: Optional[Path] = Path(index_cache) if index_cache is not None else None
         identities, files = self._load_or_build_index(rebuild_index)
-        empty = [name for name, names in zip(identities, files) if not names]
+        empty = [name for name, names in zip(identities, files, strict=True) if not names]
         if not identities or len(empty) == len(identities):
             raise DatasetError(
                 f"{self.root} holds no identity folder with images ({', '.join(self.extensions)}); expected "
@@ -395,7 +397,7 @@ class ImageFolderDataset(_FileDataset):
         self._labels = np.repeat(np.arange(len(identities), dtype=np.int32), counts)
         # One bytes array instead of millions of str objects: compact, and fork-friendly (no refcount writes).
         self._paths = np.array(
-            [os.fsencode(os.path.join(name, f)) for name, names in zip(identities, files) for f in names],
+            [os.fsencode(os.path.join(name, f)) for name, names in zip(identities, files, strict=True) for f in names],
             dtype=np.bytes_,
         )
 
@@ -575,7 +577,7 @@ class SyntheticFaceGenerator:
         brightness = 12.0 * torch.randn((), generator=generator).clamp(-2, 2)
         image = (image - 127.5) * contrast + 127.5 + brightness
         image = image + self.noise * torch.randn(image.shape, generator=generator)
-        return image.round_().clamp_(0, 255).to(torch.uint8)
+        return image.clamp_(0, 255).add_(0.5).to(torch.uint8)  # round half up (torch.round is slow on CPU here)
 
 
 def _check_positive(name: str, value: Any) -> int:

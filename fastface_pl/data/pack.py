@@ -106,7 +106,9 @@ def pack_folder(
     dst.mkdir(parents=True, exist_ok=True)
     rec_path, idx_path = dst / "train.rec", dst / "train.idx"
     tmp_rec, tmp_idx = dst / "train.rec.partial", dst / "train.idx.partial"
-    jobs = [(str(src / name / f), quality, reencode) for name, names in zip(identities, files) for f in names]
+    jobs = [
+        (str(src / name / f), quality, reencode) for name, names in zip(identities, files, strict=True) for f in names
+    ]
     labels = [label for label, names in enumerate(files) for _ in names]
 
     from tqdm.auto import tqdm
@@ -115,34 +117,39 @@ def pack_folder(
     image_size: Optional[tuple[int, int]] = None
     ranges: list[list[int]] = [[0, 0] for _ in identities]
     key = 1
-    with RecordWriter(tmp_rec, tmp_idx) as writer:
-        writer.write(0, pack_header((0.0, 0.0)))  # placeholder: the counts are known at the end
-        bar = tqdm(total=total, unit="img", desc=f"packing {src.name}", disable=not progress)
-        for (path, _, _), label, (data, size, error) in zip(jobs, labels, _mapped(jobs, workers)):
-            bar.update(1)
-            if data is None:
-                if not skip_corrupt:
-                    bar.close()
-                    raise DatasetError(f"corrupt image {path}: {error} (use --skip-corrupt to skip and count)")
-                skipped += 1
-                log.warning("skipping corrupt image %s: %s", path, error)
-                continue
-            image_size = image_size or size
-            if ranges[label][1] == 0:
-                ranges[label][0] = key
-            ranges[label][1] = key + 1
-            writer.write(key, pack_header(float(label), id=key) + data)
-            key += 1
-        bar.close()
-        num_images = key - 1
-        first_identity_key = key
-        for label, (start, stop) in enumerate(ranges):
-            if stop == 0:  # identity with no (good) image: an empty range at the current position
-                start = stop = ranges[label - 1][1] if label else 1
-                ranges[label] = [start, stop]
-            writer.write(key, pack_header((float(start), float(stop)), id=key))
-            key += 1
-        writer.overwrite(0, pack_header((float(first_identity_key), float(key))))
+    try:
+        with RecordWriter(tmp_rec, tmp_idx) as writer:
+            writer.write(0, pack_header((0.0, 0.0)))  # placeholder: the counts are known at the end
+            bar = tqdm(total=total, unit="img", desc=f"packing {src.name}", disable=not progress)
+            for (path, _, _), label, (data, size, error) in zip(jobs, labels, _mapped(jobs, workers), strict=True):
+                bar.update(1)
+                if data is None:
+                    if not skip_corrupt:
+                        bar.close()
+                        raise DatasetError(f"corrupt image {path}: {error} (use --skip-corrupt to skip and count)")
+                    skipped += 1
+                    log.warning("skipping corrupt image %s: %s", path, error)
+                    continue
+                image_size = image_size or size
+                if ranges[label][1] == 0:
+                    ranges[label][0] = key
+                ranges[label][1] = key + 1
+                writer.write(key, pack_header(float(label), id=key) + data)
+                key += 1
+            bar.close()
+            num_images = key - 1
+            first_identity_key = key
+            for label, (start, stop) in enumerate(ranges):
+                if stop == 0:  # identity with no (good) image: an empty range at the current position
+                    start = stop = ranges[label - 1][1] if label else 1
+                    ranges[label] = [start, stop]
+                writer.write(key, pack_header((float(start), float(stop)), id=key))
+                key += 1
+            writer.overwrite(0, pack_header((float(first_identity_key), float(key))))
+    except BaseException:
+        for partial in (tmp_rec, tmp_idx):  # no half-written pack left behind
+            partial.unlink(missing_ok=True)
+        raise
     if num_images == 0:
         tmp_rec.unlink()
         tmp_idx.unlink()

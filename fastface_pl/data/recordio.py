@@ -669,8 +669,8 @@ def parse_layout(record_file: RecordFile) -> RecordLayout:
         identity_keys = [k for k in keys if k >= boundary]
         if len(image_keys) != boundary - 1:
             raise DatasetError(
-                f"{record_file.idx_path}: image keys 1..{boundary - 1} are expected but {boundary - 1 - len(image_keys)}"
-                " of them are missing from the index"
+                f"{record_file.idx_path}: image keys 1..{boundary - 1} are expected but "
+                f"{boundary - 1 - len(image_keys)} of them are missing from the index"
             )
     if len(labels) > 1:
         declared = labels[1] - labels[0]

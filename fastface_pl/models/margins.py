@@ -47,11 +47,17 @@ __all__ = [
     "build_margin",
     "safe_sin_from_cos",
     "safe_arccos",
+    "clamp_cosine",
 ]
 
 IGNORE_LABEL = -1
 # Floor on sin²θ: sin θ ≥ 1e-6 keeps gradients finite at cos θ = ±1 and changes values by at most 1e-6.
 _SIN2_FLOOR = 1e-12
+
+
+def clamp_cosine(cosine: torch.Tensor) -> torch.Tensor:
+    """Clamps to [−1, 1] with gradient 1 everywhere (torch's clamp gives 0 at the bounds themselves)."""
+    return cosine + (cosine.clamp(-1.0, 1.0) - cosine).detach()
 
 
 def safe_sin_from_cos(cosine: torch.Tensor) -> torch.Tensor:
@@ -113,7 +119,7 @@ class MarginHead(nn.Module):
         """Scaled logits ``s · cosine`` with each row's target entry replaced by the margin logit.
 
         Args:
-            cosine: ``float[B, C]`` cosines (clamped here to [−1, 1]).
+            cosine: ``float[B, C]`` cosines (clamped here to [−1, 1], with gradient 1: see :func:`clamp_cosine`).
             labels: ``long[B]`` class indices in [0, C), or −1 for a row without a target (left unchanged).
 
         Returns:
@@ -121,7 +127,7 @@ class MarginHead(nn.Module):
         """
         if cosine.dim() != 2 or labels.dim() != 1 or labels.shape[0] != cosine.shape[0]:
             raise ValueError(f"expected cosine [B, C] and labels [B], got {list(cosine.shape)} and {list(labels.shape)}")
-        logits = cosine.clamp(-1.0, 1.0)
+        logits = clamp_cosine(cosine)
         rows = (labels != IGNORE_LABEL).nonzero().squeeze(1)
         cols = labels[rows]
         target = self.target_logit(logits[rows, cols])
@@ -187,7 +193,7 @@ class ArcFaceExact(MarginHead):
         self.fallback_offset = self.m * self.sin_m
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        cos_target = cos_target.clamp(-1.0, 1.0)
+        cos_target = clamp_cosine(cos_target)
         arc = cos_target * self.cos_m - safe_sin_from_cos(cos_target) * self.sin_m
         return torch.where(cos_target > self.threshold, arc, cos_target - self.fallback_offset)
 
@@ -206,7 +212,8 @@ class CombinedMargin(MarginHead):
         m2: additive angular margin.
         m3: additive cosine margin.
         straight_through: if True (default, as arcface_torch's ``CombinedMarginLoss``), the angular part
-            cos(m1·θ + m2) is computed under ``no_grad`` and the gradient w.r.t. cos θ is 1. If False,
+            cos(m1·θ + m2) is computed under ``no_grad`` (with no rule beyond π, as there) and the gradient
+            w.r.t. cos θ is 1. If False,
             differentiates through it (with :func:`safe_arccos`) and uses cos θ − m3 − m2·sin m2 where
             m1·θ + m2 > π (the ArcFace-exact rule; for m1 = 1, m3 = 0 it equals ``arcface_exact``).
     """
@@ -221,21 +228,14 @@ class CombinedMargin(MarginHead):
         self.m3 = _check_float("m3", m3, 0.0, 2.0)
         self.straight_through = bool(straight_through)
 
-    def _angular(self, cos_target: torch.Tensor) -> torch.Tensor:
-        theta = safe_arccos(cos_target)
-        angle = self.m1 * theta + self.m2
-        value = torch.cos(angle)
-        if self.m1 == 1.0 and self.m2 == 0.0:
-            return value
-        fallback = cos_target.clamp(-1.0, 1.0) - self.m2 * math.sin(self.m2)
-        return torch.where(angle <= math.pi, value, fallback)
-
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        if self.straight_through:
+        if self.straight_through:  # arcface_torch's CombinedMarginLoss: no rule beyond π
             with torch.no_grad():
-                shifted = self._angular(cos_target.detach())
+                shifted = torch.cos(self.m1 * torch.arccos(cos_target.clamp(-1.0, 1.0)) + self.m2)
             return cos_target + (shifted - cos_target.detach()) - self.m3
-        return self._angular(cos_target) - self.m3
+        angle = self.m1 * safe_arccos(cos_target) + self.m2
+        fallback = clamp_cosine(cos_target) - self.m2 * math.sin(self.m2)
+        return torch.where(angle <= math.pi, torch.cos(angle), fallback) - self.m3
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, straight_through={self.straight_through}"

@@ -10,6 +10,7 @@ data-parallel ranks per block, non-finite losses, checkpoints that resume exactl
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,14 @@ _RECOMPUTING_SCHEDULERS = (
     torch.optim.lr_scheduler.CosineAnnealingWarmRestarts,
 )
 _STATE_VERSION = 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_detector(obj: Any) -> bool:
@@ -121,19 +130,13 @@ class FastFaceLRCallback(Callback):
                 f"give either patience (optimizer steps) or patience_fraction (τ), not both; "
                 f"got patience={patience}, patience_fraction={patience_fraction}"
             )
-        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
+        if patience is not None and (not _is_int(patience) or patience < 0):
             raise ValueError(f"patience must be an integer >= 0 (optimizer steps) or None; got {patience!r}")
-        if patience_fraction is not None and (
-            isinstance(patience_fraction, bool)
-            or not isinstance(patience_fraction, (int, float))
-            or not 0.0 < patience_fraction <= 1.0
-        ):
+        if patience_fraction is not None and (not _is_real(patience_fraction) or not 0.0 < patience_fraction <= 1.0):
             raise ValueError(f"patience_fraction (τ) must be in (0, 1] or None; got {patience_fraction!r}")
-        if min_lr is not None and (
-            isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not 0.0 <= min_lr < math.inf
-        ):
+        if min_lr is not None and (not _is_real(min_lr) or not 0.0 <= min_lr < math.inf):
             raise ValueError(f"min_lr must be a finite number >= 0 or None; got {min_lr!r}")
-        if isinstance(sync_every_n_steps, bool) or not isinstance(sync_every_n_steps, int) or sync_every_n_steps < 1:
+        if not _is_int(sync_every_n_steps) or sync_every_n_steps < 1:
             raise ValueError(f"sync_every_n_steps (k) must be an integer >= 1; got {sync_every_n_steps!r}")
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got {on_nonfinite!r}")
@@ -148,18 +151,16 @@ class FastFaceLRCallback(Callback):
         self._detector: Any = None
         if isinstance(detector, str):
             if detector not in DETECTOR_NAMES:
-                raise ValueError(f"detector must be one of {', '.join(DETECTOR_NAMES)} or a detector instance; got {detector!r}")
+                raise ValueError(
+                    f"detector must be one of {', '.join(DETECTOR_NAMES)} or a detector instance; got {detector!r}"
+                )
             if "patience" in detector_kwargs and (patience is not None or patience_fraction is not None):
                 raise ValueError(
                     "patience is given twice: in detector_kwargs and as patience/patience_fraction; keep one"
                 )
             if patience is not None:
-                detector_kwargs["patience"] = patience
-            if (
-                detector == "fastface"
-                and "patience" not in detector_kwargs
-                and patience_fraction is None
-            ):
+                detector_kwargs["patience"] = int(patience)
+            if detector == "fastface" and "patience" not in detector_kwargs and patience_fraction is None:
                 patience_fraction = DEFAULT_PATIENCE_FRACTION
             if patience_fraction is None:
                 # Fully specified: build now, so bad detector arguments fail here.
@@ -192,6 +193,7 @@ class FastFaceLRCallback(Callback):
         self.log_signals = log_signals
         self.compose_with_step_schedulers = compose_with_step_schedulers
         self.verbose = verbose
+        self._state_key = self._make_state_key()
 
         # Run state (all of it goes into checkpoints).
         self._steps = 0  # optimizer steps observed (1-based index of the last one)
@@ -200,10 +202,11 @@ class FastFaceLRCallback(Callback):
         self._nonfinite_count = 0
         self._first_nonfinite_step: int | None = None
         self._missing_loss_count = 0
-        self._accum_sum: torch.Tensor | None = None  # sum of the micro-batch losses of the current step
-        self._accum_count = 0
-        self._pending_values: list[torch.Tensor] = []  # step losses not yet read (0-d, on the device)
-        self._pending_steps: list[int] = []
+        # Micro-batch losses not yet read, as Lightning hands them over (0-d tensors, on the device): first
+        # those of the completed steps in ``_pending_steps``, then the ``_window_count`` of the current step.
+        self._micro_losses: list[torch.Tensor] = []
+        self._pending_steps: list[tuple[int, int, float]] = []  # (optimizer step, micro-batches, multiplier)
+        self._window_count = 0
         # Transient.
         self._loaded_state: dict[str, Any] | None = None
         self._last_global_step = 0
@@ -238,7 +241,11 @@ class FastFaceLRCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        if isinstance(self._detector_name, str) and self._detector_name in DETECTOR_NAMES:
+        # Lightning reads this for every hook call (profiler names): computed once, in __init__.
+        return self._state_key
+
+    def _make_state_key(self) -> str:
+        if self._detector_name in DETECTOR_NAMES:
             identity: dict[str, Any] = {"detector_kwargs": sorted(self._detector_kwargs.items())}
         else:  # an instance: its class and the settings that tell two apart
             identity = {key: getattr(self._detector, key, None) for key in ("patience", "threshold", "window")}
@@ -300,18 +307,18 @@ class FastFaceLRCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        # The hot path: two list appends per batch, no device work, no synchronisation. Lightning hands over
+        # a detached 0-d loss (a fresh tensor in automatic optimization, not modified afterwards).
+        loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
-            loss = loss.detach().float()
-            # Out of place: Lightning's (or the user's) tensor must not change.
-            self._accum_sum = loss if self._accum_sum is None else self._accum_sum + loss
-            self._accum_count += 1
+            self._micro_losses.append(loss)
+            self._window_count += 1
         global_step = trainer.global_step  # a chain of properties: read it once
         if global_step == self._last_global_step:
             return  # accumulating: the optimizer did not step on this batch
         self._last_global_step = global_step
         self._steps += 1
-        if self._accum_count == 0:
+        if self._window_count == 0:
             self._missing_loss_count += 1
             if self._missing_loss_count == 1:
                 rank_zero_warn(
@@ -320,11 +327,9 @@ class FastFaceLRCallback(Callback):
                 )
         else:
             # Lightning divides every micro-batch loss by accumulate_grad_batches N, also in the short last
-            # window of an epoch: multiply back and average over the micro-batches that formed this step.
-            scale = self._loss_divisor / self._accum_count
-            self._pending_values.append(self._accum_sum * scale if scale != 1 else self._accum_sum)
-            self._pending_steps.append(self._steps)
-        self._accum_sum, self._accum_count = None, 0
+            # window of an epoch: the step's value is sum(micro losses) · N / (micro-batches in the window).
+            self._pending_steps.append((self._steps, self._window_count, self._loss_divisor / self._window_count))
+            self._window_count = 0
         if self.compose_with_step_schedulers and self._composed:
             self._apply_composed()
         if len(self._pending_steps) >= self.sync_every_n_steps:
@@ -342,15 +347,16 @@ class FastFaceLRCallback(Callback):
 
     # ------------------------------------------------------------------ block reading
     def _read_block(self, trainer: Trainer) -> None:
-        steps, self._pending_steps = self._pending_steps, []
-        tensors, self._pending_values = self._pending_values, []
-        if tensors:
-            block = torch.stack(tensors)  # a new tensor: strategy.reduce works in place on it
-            if trainer.world_size > 1:
-                block = trainer.strategy.reduce(block, reduce_op="mean")  # one reduction per block
-            values = block.tolist()  # the one device->host synchronisation of the block
-        else:
-            values = []
+        pending, self._pending_steps = self._pending_steps, []
+        num_read = len(self._micro_losses) - self._window_count
+        tensors, self._micro_losses = self._micro_losses[:num_read], self._micro_losses[num_read:]
+        micro = self._read_values(trainer, tensors)
+        steps, values, start = [], [], 0
+        for step, count, multiplier in pending:
+            chunk = micro[start : start + count]
+            start += count
+            steps.append(step)
+            values.append((chunk[0] if count == 1 else sum(chunk)) * multiplier)
         log_every = trainer.log_every_n_steps if self.log_signals else 0
         to_log: list[tuple[int, dict[str, float]]] = []
         for step, value in zip(steps, values):
@@ -375,6 +381,19 @@ class FastFaceLRCallback(Callback):
                     # Lightning logs optimizer step s (1-based) under step s-1 (batches that stepped before it).
                     logger.log_metrics(metrics, step=step - 1)
 
+    @staticmethod
+    def _read_values(trainer: Trainer, tensors: list[torch.Tensor]) -> list[float]:
+        """Stack, average across ranks (one reduction), read to the host (one transfer)."""
+        if not tensors:
+            return []
+        if len(tensors) == 1 and trainer.world_size == 1:
+            return [tensors[0].item()]  # k = 1: the synchronisation of every step
+        with torch.no_grad():
+            block = torch.stack(tensors).float()  # a new tensor: strategy.reduce works in place on it
+            if trainer.world_size > 1:
+                block = trainer.strategy.reduce(block, reduce_op="mean")
+            return block.tolist()  # the one device->host synchronisation of the block
+
     def _decide(self, trainer: Trainer, step: int, factor: float) -> None:
         self._lr_scale *= factor
         if self.compose_with_step_schedulers and self._composed:
@@ -390,14 +409,14 @@ class FastFaceLRCallback(Callback):
         if self.verbose:
             rank_zero_info(
                 f"FastFaceLRCallback: optimizer step {step}: {self._reason(factor)}; "
-                f"LR x{factor:g} -> {new_lr:.6g} (from step {self._steps + 1})"
+                f"LR ×{factor:g} -> {new_lr:.6g} (from step {self._steps + 1})"
             )
 
     def _reason(self, factor: float) -> str:
         detector = self._detector
         patience = getattr(detector, "patience", None)
         if factor > 1.0:
-            return f"restart x{factor:g} (still stationary after {patience} more steps)"
+            return f"restart ×{factor:g} (still stationary after {patience} more steps)"
         signal, threshold = getattr(detector, "signal", None), getattr(detector, "threshold", None)
         if signal is None or threshold is None or patience is None:
             return "loss stationary"
@@ -432,9 +451,9 @@ class FastFaceLRCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        # Reading the pending block here costs one synchronisation per checkpoint, not per step.
-        pending = torch.stack(self._pending_values).tolist() if self._pending_values else []
-        accum = float(self._accum_sum) if self._accum_sum is not None else 0.0
+        # Reading the unread losses here costs one synchronisation per checkpoint, not per step.
+        with torch.no_grad():
+            unread = torch.stack(self._micro_losses).float().tolist() if self._micro_losses else []
         return {
             "version": _STATE_VERSION,
             "detector_name": self._detector_name,
@@ -446,17 +465,17 @@ class FastFaceLRCallback(Callback):
             "nonfinite_count": self._nonfinite_count,
             "first_nonfinite_step": self._first_nonfinite_step,
             "missing_loss_count": self._missing_loss_count,
-            "accum_sum": accum,
-            "accum_count": self._accum_count,
-            "pending_steps": list(self._pending_steps),
-            "pending_values": pending,
+            # Not yet fed: the micro-batch losses of the pending steps, then those of the step in progress.
+            "pending_steps": [list(p) for p in self._pending_steps],
+            "pending_values": unread[: len(unread) - self._window_count],
+            "accum_values": unread[len(unread) - self._window_count :],
         }
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        # With several ranks, each holds its own not-yet-reduced values; only rank 0's checkpoint is written.
-        # Store their mean across ranks instead (the mean is linear, so feeding it after a resume, even mixed
-        # with later local values, gives the same reduced values as the uninterrupted run). This is a
-        # collective: Lightning saves on every rank; skip it when the run is failing.
+        # With several ranks each holds its own unread losses, and only rank 0's checkpoint is written: store
+        # their mean across ranks instead, computed as the block read would. After a resume every rank holds
+        # that mean, and reducing it again gives it back. This is a collective: Lightning saves on every rank;
+        # skip it when the run is failing (an exception may have reached only some ranks).
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if (
             state is None
@@ -464,14 +483,12 @@ class FastFaceLRCallback(Callback):
             or trainer.state.status != TrainerStatus.RUNNING
             or not torch.distributed.is_available()
             or not torch.distributed.is_initialized()
-            or not (state["pending_values"] or state["accum_count"])
+            or not self._micro_losses
         ):
             return
-        local = torch.tensor(
-            state["pending_values"] + [state["accum_sum"]], dtype=torch.float32, device=pl_module.device
-        )
-        reduced = trainer.strategy.reduce(local, reduce_op="mean").tolist()
-        state["pending_values"], state["accum_sum"] = reduced[:-1], reduced[-1]
+        reduced = self._read_values(trainer, list(self._micro_losses))
+        split = len(reduced) - self._window_count
+        state["pending_values"], state["accum_values"] = reduced[:split], reduced[split:]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied in on_train_start, after the trainer has restored everything (the order differs by strategy).
@@ -486,10 +503,12 @@ class FastFaceLRCallback(Callback):
         self._nonfinite_count = int(state.get("nonfinite_count", 0))
         self._first_nonfinite_step = state.get("first_nonfinite_step")
         self._missing_loss_count = int(state.get("missing_loss_count", 0))
-        self._accum_count = int(state.get("accum_count", 0))
-        self._accum_sum = (
-            torch.tensor(float(state.get("accum_sum", 0.0)), device=device) if self._accum_count else None
-        )
-        values = state.get("pending_values", [])
-        self._pending_steps = [int(s) for s in state.get("pending_steps", [])][: len(values)]
-        self._pending_values = list(torch.tensor(values, dtype=torch.float32, device=device).unbind(0))
+        pending = [(int(step), int(count), float(mult)) for step, count, mult in state.get("pending_steps", [])]
+        pending_values = [float(v) for v in state.get("pending_values", [])]
+        accum_values = [float(v) for v in state.get("accum_values", [])]
+        if sum(count for _, count, _ in pending) != len(pending_values):
+            pending, pending_values = [], []  # inconsistent (hand-edited) state: drop the unread steps
+        self._pending_steps = pending
+        self._window_count = len(accum_values)
+        values = pending_values + accum_values
+        self._micro_losses = list(torch.tensor(values, dtype=torch.float32, device=device).unbind(0)) if values else []

@@ -125,6 +125,9 @@ def load_loss_log(path: str | Path | None = None) -> list[LogRow]:
             row = LogRow(int(record["step"]), float(record["loss"]), float(record["lr"]), int(record["epoch"]))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{source}: data row {number} does not parse ({error}): {record}") from error
+        if not math.isfinite(row.loss):
+            raise ValueError(f"{source}: data row {number} (step {row.step}) has a non-finite loss {row.loss}: "
+                             "a detector never takes one; remove or repair that row")
         if rows and row.step <= rows[-1].step:
             raise ValueError(f"{source}: steps must increase, row {number} has step {row.step} after {rows[-1].step}")
         rows.append(row)
@@ -257,9 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     began = time.perf_counter()
+    if args.total_steps is not None and args.total_steps <= 0:
+        parser.error(f"--total-steps must be a positive number of optimizer steps, got {args.total_steps}")
+    if args.window < 2:
+        parser.error(f"--window must be an integer >= 2, got {args.window}")
+    if not math.isfinite(args.theta):
+        parser.error(f"--theta must be a finite number, got {args.theta}")
     rows = load_loss_log(args.log)
     losses = expand_loss_log(rows)
-    total = args.total_steps or rows[-1].step
+    total = args.total_steps if args.total_steps is not None else rows[-1].step
     if not 0 < args.patience_fraction <= 1:
         parser.error(f"--patience-fraction must be in (0, 1], got {args.patience_fraction}")
     patience = int(args.patience_fraction * total)

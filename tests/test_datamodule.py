@@ -1,0 +1,231 @@
+"""FaceDataModule: layout detection, validation errors, batches, seeded shuffling, corrupt-sample counting."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+from fastface_pl.data import DatasetError, FaceDataModule, RecordWriter, detect_layout, write_bin
+from fastface_pl.data.datamodule import SeededRandomSampler
+from fastface_pl.data.pack import pack_folder
+from fastface_pl.data.recordio import pack_header
+
+SMALL_SYNTHETIC = {"num_identities": 6, "images_per_identity": 4, "image_size": 16, "num_val_pairs": 10}
+
+
+def make_folder(root: Path, identities: int, per_identity: int, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for k in range(identities):
+        (root / f"id{k:02d}").mkdir(parents=True)
+        for i in range(per_identity):
+            base = rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((size, size), Image.BILINEAR).save(root / f"id{k:02d}" / f"{i}.jpg")
+    return root
+
+
+def jpeg(colour=(128, 64, 32), size: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def make_pack(tmp_path: Path, bins=("lfw", "cfp_fp")) -> Path:
+    folder = make_folder(tmp_path / "folder", identities=3, per_identity=4)
+    pack_folder(folder, tmp_path / "pack", progress=False)
+    for name in bins:
+        write_bin(tmp_path / "pack" / f"{name}.bin", [jpeg()] * 6, [True, False, True])
+    return tmp_path / "pack"
+
+
+def test_layout_detection(tmp_path):
+    pack = make_pack(tmp_path)
+    assert detect_layout("synthetic") == "synthetic"
+    assert detect_layout(pack) == "record"
+    assert detect_layout(pack / "train.rec") == "record"
+    assert detect_layout(tmp_path / "folder") == "image_folder"
+
+
+def test_missing_and_unrecognised_paths_say_what_is_accepted(tmp_path):
+    with pytest.raises(DatasetError) as info:
+        FaceDataModule(str(tmp_path / "nowhere")).setup("fit")
+    assert "nowhere does not exist" in str(info.value) and "train.rec + train.idx" in str(info.value)
+    odd = tmp_path / "odd"
+    (odd / "sub").mkdir(parents=True)
+    (odd / "notes.txt").write_text("hi")
+    with pytest.raises(DatasetError) as info:
+        detect_layout(odd)
+    message = str(info.value)
+    assert "no recognised dataset layout" in message and "notes.txt" in message and "sub/" in message
+    assert "'synthetic'" in message and "<root>/<identity>/<image>.jpg" in message
+    (odd / "train.rec").write_bytes(b"")
+    with pytest.raises(DatasetError, match="holds train.rec but no train.idx"):
+        detect_layout(odd)
+
+
+def test_invalid_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        FaceDataModule("synthetic", batch_size=0)
+    with pytest.raises(ValueError, match="num_workers must be an int >= 0, got -1"):
+        FaceDataModule("synthetic", num_workers=-1)
+    with pytest.raises(ValueError, match=r"synthetic has unknown keys \['identities'\]"):
+        FaceDataModule("synthetic", synthetic={"identities": 3})
+    with pytest.raises(ValueError, match="val_sets must be a list"):
+        FaceDataModule("synthetic", val_sets="lfw")
+
+
+def test_num_classes_mismatch(tmp_path):
+    pack = make_pack(tmp_path)
+    assert FaceDataModule(str(pack), num_classes=3).num_classes == 3
+    with pytest.raises(DatasetError, match=r"3 identity records but num_classes=5.*set num_classes to 3"):
+        FaceDataModule(str(pack), num_classes=5).setup("fit")
+    with pytest.raises(DatasetError, match=r"num_classes=4 was given but .*folder holds 3 identities"):
+        FaceDataModule(str(tmp_path / "folder"), num_classes=4, val_sets=[]).setup("fit")
+    with pytest.raises(DatasetError, match="holds 6 identities"):
+        FaceDataModule("synthetic", num_classes=7, synthetic=SMALL_SYNTHETIC).setup("fit")
+
+
+def test_label_out_of_range_is_caught_before_training(tmp_path):
+    with RecordWriter(tmp_path / "train.rec") as writer:
+        writer.write(0, pack_header((4.0, 6.0)))
+        for key, label in ((1, 0.0), (2, 1.0), (3, 9.0)):
+            writer.write(key, pack_header(label, id=key) + jpeg())
+        writer.write(4, pack_header((1.0, 2.0)))
+        writer.write(5, pack_header((2.0, 4.0)))
+    dm = FaceDataModule(str(tmp_path), val_sets=[], batch_size=2)
+    with pytest.raises(DatasetError) as info:
+        dm.setup("fit")
+    assert "key 3" in str(info.value) and "label 9 is outside [0, 2)" in str(info.value)
+
+
+def test_missing_val_set_names_the_file(tmp_path):
+    pack = make_pack(tmp_path, bins=("lfw",))
+    dm = FaceDataModule(str(pack), val_sets=["lfw", "agedb_30"])
+    with pytest.raises(DatasetError) as info:
+        dm.setup("fit")
+    assert "agedb_30.bin" in str(info.value) and "Available .bin files" in str(info.value) and "['lfw']" in str(
+        info.value
+    )
+    assert FaceDataModule(str(pack), val_sets=[]).val_dataloader() == []
+
+
+def test_record_train_and_val_batches(tmp_path):
+    pack = make_pack(tmp_path)
+    dm = FaceDataModule(str(pack), batch_size=4, num_workers=0, val_sets=["lfw", str(pack / "cfp_fp.bin")])
+    dm.setup("fit")
+    assert dm.num_classes == 3 and dm.num_images == 12 and dm.val_set_names == ["lfw", "cfp_fp"]
+    loader = dm.train_dataloader()
+    assert loader.pin_memory is torch.cuda.is_available() and not loader.persistent_workers
+    batches = list(loader)
+    assert len(batches) == 3
+    images, labels = batches[0]
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.min() >= -1 and images.max() <= 1 and images.min() < -0.2 and images.max() > 0.2
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    val = dm.val_dataloader()
+    assert len(val) == 2
+    a, b, issame = next(iter(val[0]))
+    assert a.shape == b.shape == (3, 3, 16, 16) and issame.tolist() == [True, False, True]
+    assert torch.allclose(a[0, 0], torch.full((16, 16), 128 / 127.5 - 1), atol=0.05)  # normalised, no flip
+
+
+def test_synthetic_batches(tmp_path):
+    dm = FaceDataModule("synthetic", batch_size=8, num_workers=0, synthetic=SMALL_SYNTHETIC)
+    dm.setup("fit")
+    assert dm.num_classes == 6 and dm.num_images == 24 and dm.val_set_names == ["synthetic"]
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 16, 16) and labels.max() < 6
+    (val,) = dm.val_dataloader()
+    a, b, issame = next(iter(val))
+    assert a.shape == (8, 3, 16, 16) and issame.dtype == torch.bool and issame.sum() == 4
+
+
+def label_order(seed: int, epoch: int = 0) -> list[int]:
+    dm = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=seed, flip=False, synthetic=SMALL_SYNTHETIC)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return torch.cat([labels for _, labels in loader]).tolist()
+
+
+def test_seeded_shuffling_is_reproducible():
+    first = label_order(seed=11)
+    assert first == label_order(seed=11)
+    assert first != label_order(seed=12)
+    assert first != label_order(seed=11, epoch=1)  # a new order each epoch ...
+    assert label_order(seed=11, epoch=1) == label_order(seed=11, epoch=1)  # ... also reproducible
+    assert sorted(first) == sorted(label_order(seed=12))
+    assert list(SeededRandomSampler(5, 0)) == list(SeededRandomSampler(5, 0))
+
+
+def test_distributed_ranks_share_the_seeded_permutation():
+    indices = []
+    for rank in (0, 1):
+        dm = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=5, synthetic=SMALL_SYNTHETIC)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        sampler = dm.train_dataloader().sampler
+        assert isinstance(sampler, DistributedSampler) and sampler.seed == 5
+        indices.append(list(sampler))
+    assert len(indices[0]) == len(indices[1]) == 12
+    assert sorted(indices[0] + indices[1]) == list(range(24))  # disjoint shards covering the data
+
+
+def test_skip_corrupt_counts_across_workers(tmp_path):
+    folder = make_folder(tmp_path / "faces", identities=2, per_identity=4)
+    (folder / "id01" / "2.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    strict = FaceDataModule(str(folder), batch_size=4, num_workers=0, val_sets=[])
+    with pytest.raises(DatasetError, match=r"id01/2\.jpg: cannot decode image"):
+        list(strict.train_dataloader())
+    dm = FaceDataModule(str(folder), batch_size=4, num_workers=2, val_sets=[], skip_corrupt=True,
+                        persistent_workers=False)
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2
+    images = torch.cat([batch[0] for batch in loader])
+    assert images.shape[0] == 8 and dm.num_skipped == 1  # counted in a worker, seen here
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(3 * 16 * 16, num_classes)
+        self.seen_val_sets: set[int] = set()
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self.net(images.flatten(1)), labels)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        images_a, images_b, issame = batch
+        self.seen_val_sets.add(dataloader_idx)
+        assert images_a.shape == images_b.shape and issame.dtype == torch.bool
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_fits_with_a_lightning_trainer(tmp_path):
+    pack = make_pack(tmp_path)
+    dm = FaceDataModule(str(pack), batch_size=4, num_workers=0, val_sets=["lfw", "cfp_fp"])
+    model = TinyModule(dm.num_classes)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2 and model.seen_val_sets == {0, 1}
+
+
+def test_image_folder_finds_val_sets_beside_or_above(tmp_path):
+    folder = make_folder(tmp_path / "webface", identities=2, per_identity=2)
+    write_bin(tmp_path / "lfw.bin", [jpeg()] * 4, [True, False])  # one level up, next to the folder
+    dm = FaceDataModule(str(folder), batch_size=2, num_workers=0, val_sets=["lfw"])
+    dm.setup("fit")
+    (loader,) = dm.val_dataloader()
+    assert len(loader.dataset) == 2 and dm.val_set_names == ["lfw"]
+    with pytest.raises(DatasetError, match=r"cfp_fp\.bin or .*cfp_fp\.bin.*\['lfw'\]"):
+        FaceDataModule(str(folder), val_sets=["cfp_fp"]).setup("fit")
