@@ -102,7 +102,9 @@ class FastFaceLRCallback(Callback):
 
     .. note::
         Patience counts *optimizer* steps, not batches: with ``accumulate_grad_batches=N`` one step is
-        N batches, and τ is a fraction of ``trainer.estimated_stepping_batches``. Epoch-interval
+        N batches, and τ is a fraction of ``trainer.estimated_stepping_batches``. With manual
+        optimization a step is a batch on which ``trainer.global_step`` advanced (once per batch, however
+        many optimizers stepped), and ``training_step`` must return the loss. Epoch-interval
         schedulers that multiply the current LR (``StepLR``, ``MultiStepLR``, ``ExponentialLR``) compose
         with the callback as they are; with them the logged ``fastface/lr_scale`` is the callback's
         share of the LR.

@@ -1,0 +1,93 @@
+"""The Hydra configs compose, name what the paper runs need, and instantiate."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+
+PAPER_RUNS = {
+    # name: (backbone, margin, m, num_classes)
+    "r100_ms1mv3": ("r100", "arcface", 0.5, 93431),
+    "r100_webface4m": ("r100", "cosface", 0.4, 205990),
+    "r100_webface8m": ("r100", "cosface", 0.4, None),
+    "r50_webface12m": ("r50", "cosface", 0.4, 617970),
+    "r100_webface12m": ("r100", "cosface", 0.4, 617970),
+}
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="fastface_pl.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RUNS))
+def test_paper_experiment_has_the_papers_settings(name):
+    backbone, margin, m, num_classes = PAPER_RUNS[name]
+    cfg = _compose(f"+experiment={name}")
+    assert cfg.model.backbone == backbone
+    assert cfg.model.margin == margin
+    assert cfg.model.margin_kwargs.s == 64.0 and cfg.model.margin_kwargs.m == m
+    assert cfg.model.num_classes == num_classes
+    assert cfg.model.embedding_size == 512 and cfg.model.classifier == "full"
+    assert cfg.model.lr == 0.02 and cfg.model.momentum == 0.9 and cfg.model.weight_decay == 5e-4
+    assert cfg.model.clip_grad_norm == 5.0
+    assert cfg.model.backbone_kwargs.input_size == 112
+    assert cfg.data.batch_size == 128 and cfg.data.flip is True
+    assert cfg.trainer.max_epochs == 5 and cfg.trainer.precision == "16-mixed"
+    assert cfg.seed == 3407
+    assert cfg.scheduler._target_.endswith("fastface_callback")
+    assert (cfg.scheduler.alpha, cfg.scheduler.beta, cfg.scheduler.threshold) == (1e-3, 1e-3, 5e-5)
+    assert (cfg.scheduler.patience_fraction, cfg.scheduler.decay, cfg.scheduler.max_decays) == (0.05, 2.0, 8)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RUNS))
+def test_moving_haar_variant_keeps_the_run_and_swaps_the_scheduler(name):
+    base, variant = _compose(f"+experiment={name}"), _compose(f"+experiment={name}_mh")
+    assert variant.scheduler._target_.endswith("moving_haar_callback")
+    assert (variant.scheduler.threshold, variant.scheduler.decay, variant.scheduler.restart_after) == (0.06, 2.0, 3)
+    assert variant.scheduler.patience is None  # 2·window, the authors' rule
+    if name == "r100_ms1mv3":
+        assert variant.scheduler.window == 4000  # the authors' MS1MV3 setting
+    assert variant.model == base.model and variant.data == base.data and variant.trainer == base.trainer
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RUNS) + [f"{n}_mh" for n in sorted(PAPER_RUNS)])
+def test_experiment_scheduler_instantiates_a_callback(name):
+    from fastface_pl.scheduling.callback import FastFaceLRCallback
+
+    cfg = _compose(f"+experiment={name}")
+    callback = instantiate(cfg.scheduler, _convert_="all")
+    assert isinstance(callback, FastFaceLRCallback)
+
+
+def test_experiment_model_instantiates_with_the_paper_backbone():
+    """Build the ResNet-50 run's module for real, with a small class count to keep memory low."""
+    cfg = _compose("+experiment=r50_webface12m", "model.num_classes=10")
+    module = instantiate(cfg.model, _convert_="all")
+    n_backbone = sum(p.numel() for p in module.backbone.parameters())
+    assert 43.0e6 < n_backbone < 44.0e6  # IResNet-50: 43.59M
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("polynomial", {"name": "polynomial", "power": 2.0, "warmup_fraction": 0.0}),
+    ("step", {"name": "step", "milestones": [2, 3, 4], "gamma": 0.1}),
+    ("constant", None),
+])
+def test_comparison_schedules(name, expected):
+    cfg = _compose(f"scheduler={name}")
+    assert instantiate(cfg.scheduler, _convert_="all") == expected
+
+
+def test_demo_defaults_are_small():
+    cfg = _compose()
+    assert cfg.data.root == "synthetic" and cfg.model.backbone == "tiny"
+    assert cfg.scheduler._target_.endswith("fastface_callback")
+
+
+def test_configs_ship_inside_the_package():
+    from importlib import resources
+
+    conf = resources.files("fastface_pl.conf")
+    assert conf.joinpath("train.yaml").is_file()
+    assert {p.name for p in conf.joinpath("experiment").iterdir()} >= {f"{n}.yaml" for n in PAPER_RUNS}
