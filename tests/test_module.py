@@ -281,3 +281,63 @@ def test_compile_keeps_state_dict_keys():
     assert isinstance(compiled._compiled_backbone, torch._dynamo.eval_frame.OptimizedModule)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert all(not name.startswith("_compiled") for name, _ in compiled.named_modules())
+
+
+def test_fp16_grad_scaler_unscales_before_backbone_clipping(tmp_path):
+    # Lightning maps precision="16-mixed" to bf16 on CPU; pass its fp16 plugin with a CPU GradScaler to check
+    # that the clipping hook sees unscaled gradients (clipping scaled ones would clip 256 times too hard).
+    from lightning.pytorch.plugins import MixedPrecision
+
+    norms = {}
+    for name, plugins in (("fp32", []), ("fp16", [MixedPrecision("16-mixed", "cpu",
+                                                                 scaler=torch.amp.GradScaler("cpu", init_scale=256.0))])):
+        torch.manual_seed(0)
+        module = ClipProbe(num_classes=NUM_CLASSES, backbone="tiny", backbone_kwargs={"input_size": SIZE},
+                           embedding_size=EMB, clip_grad_norm=1e-3)
+        make_trainer(1, tmp_path, plugins=plugins).fit(module, train_dataloaders=train_loader())
+        norms[name] = float(module.backbone_norm_before)
+        assert float(module.backbone_norm_after) == pytest.approx(1e-3, rel=1e-3)
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.02)
+
+
+def test_polynomial_lr_schedule_follows_arcface_torch(tmp_path):
+    torch.manual_seed(0)
+    module = make_module(lr_schedule={"name": "polynomial", "power": 2.0, "warmup_fraction": 0.25})
+    lrs = []
+
+    class LrRecorder(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+    make_trainer(8, tmp_path, callbacks=[LrRecorder()]).fit(module, train_dataloaders=train_loader(32, 16))
+    # T = 8 steps, W = 2 warm-up steps: factor t/2 for t < 2, then (1 − (t − 2)/6)²
+    expected = [0.0, 0.5] + [(1 - (t - 2) / 6) ** 2 for t in range(2, 8)]
+    assert [a for a, b in lrs] == pytest.approx([0.05 * f for f in expected])
+    assert all(a == b for a, b in lrs)
+
+
+def test_step_lr_schedule_per_epoch(tmp_path):
+    torch.manual_seed(0)
+    module = make_module(lr_schedule={"name": "step", "milestones": [1, 2], "gamma": 0.1})
+    trainer = make_trainer(-1, tmp_path, max_epochs=3)
+    lrs = []
+
+    class LrRecorder(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer.callbacks.append(LrRecorder())
+    trainer.fit(module, train_dataloaders=train_loader())
+    assert lrs == pytest.approx([0.05, 0.005, 0.0005])
+
+
+@pytest.mark.parametrize("schedule, match", [
+    ({"name": "cosine"}, "lr_schedule"),
+    ({"name": "polynomial", "power": 0}, "power"),
+    ({"name": "polynomial", "power": 1.0, "warmup_fraction": 1.0}, "warmup_fraction"),
+    ({"name": "step", "milestones": [], "gamma": 0.1}, "milestones"),
+    ({"name": "step", "milestones": [2], "gamma": 1.5}, "gamma"),
+])
+def test_invalid_lr_schedule(schedule, match):
+    with pytest.raises(ValueError, match=match):
+        make_module(lr_schedule=schedule)

@@ -86,7 +86,7 @@ def verification_from_scores(distances: torch.Tensor, cosines: torch.Tensor, iss
     accuracies = per_fold[best, torch.arange(num_folds, device=device)].double() / fold_sizes.double()
     result = {
         "accuracy": accuracies.mean(),
-        "accuracy_std": accuracies.std(unbiased=False),
+        "accuracy_std": accuracies.std(correction=0),
         "threshold": thresholds[best].mean(),
         "tar_at_far": torch.tensor(math.nan, dtype=torch.float64, device=device),
     }

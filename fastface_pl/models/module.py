@@ -37,6 +37,47 @@ from fastface_pl.models.optim import RowSparseSGD
 __all__ = ["FaceRecognitionModule"]
 
 _VAL_KEYS = ("accuracy", "accuracy_std", "threshold", "tar_at_far", "xnorm")
+LR_SCHEDULES = ("polynomial", "step")
+
+
+class PolynomialFactor:
+    """LR factor of arcface_torch's PolyScheduler at optimizer step t (T steps in all, W of warm-up).
+
+    ``t / W`` during the linear warm-up, then ``(1 − (t − W) / (T − W))^power``. A callable object (not a
+    lambda), so ``LambdaLR.state_dict()`` keeps it in checkpoints.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, power: float) -> None:
+        self.total_steps, self.warmup_steps, self.power = int(total_steps), int(warmup_steps), float(power)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return max(0.0, 1.0 - progress) ** self.power
+
+
+def _check_lr_schedule(schedule: dict[str, Any] | None) -> dict[str, Any] | None:
+    if schedule is None:
+        return None
+    if not isinstance(schedule, dict) or schedule.get("name") not in LR_SCHEDULES:
+        raise ValueError(
+            f"lr_schedule must be None (constant LR, or a FastFaceLRCallback) or a dict with name in "
+            f"{', '.join(LR_SCHEDULES)}, got {schedule!r}"
+        )
+    schedule = dict(schedule)
+    if schedule["name"] == "polynomial":
+        power, warmup = schedule.get("power", 2.0), schedule.get("warmup_fraction", 0.0)
+        _check_number("lr_schedule power", power, 0.0, low_inclusive=False)
+        _check_number("lr_schedule warmup_fraction", warmup, 0.0, 1.0)
+        if warmup >= 1.0:
+            raise ValueError(f"lr_schedule warmup_fraction must be in [0, 1), got {warmup!r}")
+        return {"name": "polynomial", "power": float(power), "warmup_fraction": float(warmup)}
+    milestones, gamma = schedule.get("milestones"), schedule.get("gamma")
+    if not milestones or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
+        raise ValueError(f"lr_schedule milestones must be a non-empty list of epochs >= 1, got {milestones!r}")
+    _check_number("lr_schedule gamma", gamma, 0.0, 1.0, low_inclusive=False)
+    return {"name": "step", "milestones": sorted(int(m) for m in milestones), "gamma": float(gamma)}
 
 
 def _check_number(name: str, value: Any, low: float, high: float | None = None, low_inclusive: bool = True) -> None:
@@ -71,6 +112,11 @@ class FaceRecognitionModule(pl.LightningModule):
         compile: ``torch.compile`` the backbone for training and embedding (weights stay shared).
         val_set_names: names of the validation pair sets, in dataloader order (default: the datamodule's
             ``val_set_names``, else ``set0``, ``set1`` …).
+        lr_schedule: a fixed schedule for comparison runs (leave ``None`` with the FastFace callback, which
+            owns the LR): ``{"name": "polynomial", "power": 2.0, "warmup_fraction": 0.0}`` (arcface_torch's
+            γ0·(1 − t/T)^power per optimizer step over ``trainer.estimated_stepping_batches``) or
+            ``{"name": "step", "milestones": [2, 3, 4], "gamma": 0.1}`` (per epoch).
+            :func:`fastface_pl.scheduling.presets.torch_schedule` builds these dicts.
 
     Validation dataloaders (one per pair set) yield ``(images_a, images_b, issame)``; each image is embedded
     with its horizontal flip (the two embeddings averaged), and :class:`VerificationMetric` logs
@@ -95,6 +141,7 @@ class FaceRecognitionModule(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         val_set_names: Sequence[str] | None = None,
+        lr_schedule: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -114,6 +161,7 @@ class FaceRecognitionModule(pl.LightningModule):
                              "configure the nn.Module before passing it")
         if val_set_names is not None:
             val_set_names = [str(name) for name in val_set_names]
+        lr_schedule = _check_lr_schedule(lr_schedule)
 
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, str):
@@ -172,12 +220,13 @@ class FaceRecognitionModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=False)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         """SGD (momentum, weight decay) with two parameter groups: ``backbone`` and ``classifier``.
 
         The frozen BatchNorm1d weight of the IResNet head (``requires_grad=False``) is in neither group.
         With the sampled classifier the optimizer is :class:`RowSparseSGD`, which leaves unsampled rows
-        (and their momentum) untouched; otherwise plain ``torch.optim.SGD``.
+        (and their momentum) untouched; otherwise plain ``torch.optim.SGD``. With ``lr_schedule`` set, also
+        the matching ``torch.optim.lr_scheduler`` (``LambdaLR`` per step, or ``MultiStepLR`` per epoch).
         """
         hp = self.hparams
         groups = [
@@ -185,7 +234,17 @@ class FaceRecognitionModule(pl.LightningModule):
             {"params": [p for p in self.classifier.parameters() if p.requires_grad], "name": "classifier"},
         ]
         optimizer_class = RowSparseSGD if hp.classifier == "sampled" else torch.optim.SGD
-        return optimizer_class(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        optimizer = optimizer_class(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        schedule = hp.get("lr_schedule")
+        if schedule is None:
+            return optimizer
+        if schedule["name"] == "polynomial":
+            total = int(self.trainer.estimated_stepping_batches)
+            factor = PolynomialFactor(total, int(schedule["warmup_fraction"] * total), schedule["power"])
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule["milestones"], schedule["gamma"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
