@@ -67,6 +67,9 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")  # validates the data before anything is built (layout, labels, classes)
+    if cfg.data.get("num_classes") is None:  # rebuild with the count found, so checkpoints record it
+        datamodule = instantiate(cfg.data, num_classes=datamodule.num_classes, _convert_="all")
+        datamodule.setup("fit")
 
     schedule = instantiate(cfg.scheduler, _convert_="all")
     lr_callback = schedule if isinstance(schedule, Callback) else None
@@ -129,8 +132,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir), "global_step": int(trainer.global_step)}
     if lr_callback is not None:
         summary["decisions"] = [list(d) for d in lr_callback.decisions]
-        for step, factor, new_lr in lr_callback.decisions:
-            log.info("LR decision at optimizer step %d: ×%g → lr %.6g", step, factor, new_lr)
+        log.info("%d LR decision(s), at optimizer steps %s", len(lr_callback.decisions),
+                 [step for step, _, _ in lr_callback.decisions])
     if cfg.validate_at_end:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
         table, per_set = _format_results(results)
@@ -154,7 +157,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    import lightning.pytorch  # noqa: F401  (its import installs the log handlers removed here)
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # Hydra's root handler prints them once
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
     try:
         run(cfg, run_dir)
     except UsageError as err:

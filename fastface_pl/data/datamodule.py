@@ -48,7 +48,7 @@ ACCEPTED_LAYOUTS = (
 
 SYNTHETIC_DEFAULTS = {
     "num_identities": 100, "images_per_identity": 20, "image_size": 112, "num_val_pairs": 200, "seed": 0,
-    "unseen_identities": 0,
+    "unseen_identities": 0, "noise": 8.0,
 }
 
 
@@ -231,7 +231,7 @@ class FaceDataModule(pl.LightningDataModule):
         if self.layout == LAYOUT_SYNTHETIC:
             s = self.synthetic
             return SyntheticFaces(s["num_identities"], s["images_per_identity"], s["image_size"], s["seed"],
-                                  transform=transform)
+                                  transform=transform, noise=s["noise"])
         if self.layout == LAYOUT_RECORD:
             # With a header record the identity count comes from the pack (and a different num_classes raises);
             # without one, the given num_classes avoids scanning every record's label.
@@ -323,7 +323,8 @@ class FaceDataModule(pl.LightningDataModule):
         if self.layout == LAYOUT_SYNTHETIC:
             s = self.synthetic
             return [SyntheticPairs(s["num_val_pairs"], s["num_identities"], s["images_per_identity"], s["image_size"],
-                                   s["seed"], unseen_identities=s["unseen_identities"], transform=transform)]
+                                   s["seed"], unseen_identities=s["unseen_identities"], transform=transform,
+                                   noise=s["noise"])]
         return [load_bin(p, transform=transform) for p in self._val_paths()]
 
     def _distributed(self) -> tuple[int, int]:
