@@ -85,12 +85,13 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any, Any]:
 
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[Any] = [
-        # one checkpoint per epoch, kept, and last.ckpt refreshed at every epoch end ...
+        # one checkpoint per epoch, all kept, and last.ckpt: the state at the latest epoch end (or end of training)
         ModelCheckpoint(dirpath=checkpoint_dir, filename="epoch{epoch:02d}-step{step:07d}",
                         auto_insert_metric_name=False, save_top_k=-1, save_last=True),
-        # ... and every `checkpoint_every_n_steps` optimizer steps, for resuming mid-epoch
-        ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.checkpoint_every_n_steps,
-                        save_top_k=0, save_last=True),
+        # mid-epoch checkpoints every `checkpoint_every_n_steps` optimizer steps (the two latest kept), so an
+        # interrupted run resumes close to where it stopped: ckpt_path=<run>/checkpoints/step<N>.ckpt
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.checkpoint_every_n_steps, monitor="step", mode="max", save_top_k=2),
         LearningRateMonitor(logging_interval="step"),
     ]
     if lr_callback is not None:

@@ -171,7 +171,7 @@ def test_distributed_ranks_share_the_seeded_permutation():
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         sampler = dm.train_dataloader().sampler
         assert isinstance(sampler, DistributedSampler) and sampler.seed == 5
-        indices.append(list(sampler))
+        indices.append([index for index, _ in sampler])  # (index, flip) pairs: flip is on by default
     assert len(indices[0]) == len(indices[1]) == 12
     assert sorted(indices[0] + indices[1]) == list(range(24))  # disjoint shards covering the data
 
@@ -229,3 +229,48 @@ def test_image_folder_finds_val_sets_beside_or_above(tmp_path):
     assert len(loader.dataset) == 2 and dm.val_set_names == ["lfw"]
     with pytest.raises(DatasetError, match=r"cfp_fp\.bin or .*cfp_fp\.bin.*\['lfw'\]"):
         FaceDataModule(str(folder), val_sets=["cfp_fp"]).setup("fit")
+
+
+def test_flips_are_drawn_per_position_from_the_seed():
+    """The flip of each position depends on (seed, epoch, position) only: the same for any rank split."""
+    whole = list(SeededRandomSampler(24, seed=3, flip=True))
+    halves = [list(SeededRandomSampler(24, seed=3, flip=True, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert halves[0] == whole[0::2] and halves[1] == whole[1::2]
+    flips = [f for _, f in whole]
+    assert 0 < sum(flips) < 24  # both outcomes occur
+    other_epoch = SeededRandomSampler(24, seed=3, flip=True)
+    other_epoch.set_epoch(1)
+    assert list(other_epoch) != whole
+
+
+def test_flipped_samples_are_mirror_images():
+    dm = FaceDataModule("synthetic", batch_size=24, num_workers=0, seed=1, synthetic=SMALL_SYNTHETIC)
+    plain = FaceDataModule("synthetic", batch_size=24, num_workers=0, seed=1, flip=False, synthetic=SMALL_SYNTHETIC)
+    order = list(dm.train_dataloader().sampler)
+    (images, labels), = list(dm.train_dataloader())
+    (reference, reference_labels), = list(plain.train_dataloader())
+    assert torch.equal(labels, reference_labels)  # the same order with and without flips
+    for k, (_, flip) in enumerate(order):
+        expected = reference[k].flip(-1) if flip else reference[k]
+        assert torch.equal(images[k], expected)
+
+
+def test_resume_mid_epoch_continues_the_same_order():
+    """A checkpoint taken after 2 of 6 batches of epoch 1 resumes with batches 3..6 of that same epoch."""
+    dm = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=9, synthetic=SMALL_SYNTHETIC)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    uninterrupted = [labels.tolist() for _, labels in loader]
+    assert len(uninterrupted) == 6
+    dm.trainer = SimpleNamespace(training=True, current_epoch=1, fit_loop=SimpleNamespace(
+        epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(processed=2)))))
+    state = dm.state_dict()
+    assert state["epoch"] == 1 and state["batches_done"] == 2
+
+    resumed = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=9, synthetic=SMALL_SYNTHETIC)
+    resumed.load_state_dict(state)
+    loader = resumed.train_dataloader()
+    loader.sampler.set_epoch(1)
+    assert [labels.tolist() for _, labels in loader] == uninterrupted[2:]
+    loader.sampler.set_epoch(1)  # the skip applies once: a later pass over epoch 1 is whole again
+    assert len(list(loader)) == 6

@@ -100,27 +100,80 @@ def detect_layout(root: Union[str, os.PathLike]) -> str:
     )
 
 
-class SeededRandomSampler(Sampler[int]):
-    """A random permutation fixed by ``(seed, epoch)``: the same order on every run, a new one each epoch.
+class SeededRandomSampler(DistributedSampler):
+    """A shuffled order fixed by ``(seed, epoch)`` for one or many ranks, with per-sample flips, resumable mid-epoch.
 
-    Lightning calls :meth:`set_epoch` at the start of each epoch (for any sampler that has it), so a resumed run
-    sees the same order as an uninterrupted one.
+    Every epoch draws one permutation of the dataset from ``(seed, epoch)`` (padded by wrapping around to a multiple
+    of ``num_replicas``; rank ``r`` takes positions ``r, r + R, ...``), and, when ``flip`` is on, one coin per
+    position. It yields ``(index, flip)`` pairs, which :class:`IndexedFlip` turns into samples. So the images and
+    their flips depend only on the seed, the epoch and the position: not on the global RNG, the worker count or a
+    restart. After a mid-epoch resume, :meth:`skip_once` drops the samples already trained on in that epoch.
+    A subclass of ``DistributedSampler``, so Lightning keeps it under DDP instead of wrapping it.
+
+    Args:
+        num_samples: Dataset size.
+        seed: Seed of the order and the flips.
+        flip: Draw a horizontal flip for each position (probability 0.5).
+        num_replicas: Number of ranks.
+        rank: This rank.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = int(num_samples)
+    def __init__(self, num_samples: int, seed: int, flip: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+        self.num_samples_total = int(num_samples)
         self.seed = int(seed)
+        self.flip = bool(flip)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
         self.epoch = 0
+        self.num_samples = -(-self.num_samples_total // self.num_replicas)  # per rank (ceil)
+        self.total_size = self.num_samples * self.num_replicas
+        self._skip: Optional[tuple[int, int]] = None  # (epoch, samples of this rank to drop)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def skip_once(self, epoch: int, samples: int) -> None:
+        """Drop the first ``samples`` of this rank's order the next time ``epoch`` is iterated (a resume)."""
+        self._skip = (int(epoch), int(samples))
+
+    def __iter__(self) -> Iterator[Any]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples_total, generator=generator)
+        if self.total_size > self.num_samples_total:  # pad by wrapping around, as DistributedSampler does
+            order = order.repeat(-(-self.total_size // self.num_samples_total))[: self.total_size]
+        positions = slice(self.rank, self.total_size, self.num_replicas)
+        indices = order[positions].tolist()
+        skip = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            skip, self._skip = self._skip[1], None
+        if not self.flip:
+            return iter(indices[skip:])
+        coins = torch.Generator().manual_seed(self.seed + self.epoch + 0x9E3779B9)
+        flips = (torch.rand(self.total_size, generator=coins) < 0.5)[positions].tolist()
+        return iter(list(zip(indices, flips))[skip:])
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class IndexedFlip(Dataset):
+    """Applies the flip chosen by :class:`SeededRandomSampler`: item ``(index, flip)`` → ``dataset[index]``, flipped."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Any) -> Any:
+        index, flip = item if isinstance(item, tuple) else (item, False)
+        image, label = self.dataset[index]
+        return (image.flip(-1) if flip else image), label
+
+    def __getattr__(self, name: str) -> Any:  # num_classes, num_skipped, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -216,6 +269,7 @@ class FaceDataModule(pl.LightningDataModule):
         self.train_dataset: Optional[Dataset] = None
         self.val_datasets: list[Dataset] = []
         self._layout: Optional[str] = None
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches already trained on), set by a resume
         self.save_hyperparameters(ignore=["train_transform"])
 
     # -- what is at root ----------------------------------------------------------------------------------------
@@ -227,7 +281,8 @@ class FaceDataModule(pl.LightningDataModule):
         return self._layout
 
     def _build_train_dataset(self) -> Dataset:
-        transform = FaceTransform(flip=self.flip, extra=self.train_transform, image_size=self.image_size)
+        # the flip is drawn by the sampler (reproducible and resumable), not by the transform
+        transform = FaceTransform(flip=False, extra=self.train_transform, image_size=self.image_size)
         if self.layout == LAYOUT_SYNTHETIC:
             s = self.synthetic
             return SyntheticFaces(s["num_identities"], s["images_per_identity"], s["image_size"], s["seed"],
@@ -344,20 +399,20 @@ class FaceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._train()
         world_size, rank = self._distributed()
-        if world_size > 1:  # our own DistributedSampler, so that `seed` (not PL_GLOBAL_SEED) fixes the order
-            sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                       seed=self.seed)
-        else:
-            sampler = SeededRandomSampler(len(dataset), self.seed)  # type: ignore[arg-type]
+        sampler = SeededRandomSampler(len(dataset), self.seed, flip=self.flip,  # type: ignore[arg-type]
+                                      num_replicas=world_size, rank=rank)
+        if self._resume is not None:  # a mid-epoch checkpoint: continue the epoch where it stopped
+            epoch, batches = self._resume
+            sampler.skip_once(epoch, batches * self.batch_size)
+            self._resume = None
         size = len(dataset)  # type: ignore[arg-type]
         if size < self.batch_size * world_size and self.drop_last:
             raise DatasetError(
                 f"{self.root} holds {size} images, fewer than one batch of {self.batch_size} per device "
                 f"x {world_size} devices with drop_last=True; lower batch_size or set drop_last=False"
             )
-        generator = torch.Generator().manual_seed(self.seed + 1000003 * rank)  # seeds the workers' flips
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
-                          generator=generator, **self._loader_kwargs())
+        return DataLoader(IndexedFlip(dataset), batch_size=self.batch_size, sampler=sampler,
+                          drop_last=self.drop_last, **self._loader_kwargs())
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_datasets:
@@ -371,10 +426,21 @@ class FaceDataModule(pl.LightningDataModule):
             rank_zero_warn(f"FaceDataModule: skipped {self.num_skipped} corrupt training samples in {self.root}")
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "num_skipped": self.num_skipped}
+        """Saved in checkpoints: where the training epoch stood, so that a resume continues the same order."""
+        state: dict[str, Any] = {"seed": self.seed, "num_skipped": self.num_skipped}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            state["epoch"] = int(trainer.current_epoch)
+            state["batches_done"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores the position in the epoch (Lightning calls this before building the dataloaders)."""
+        if "epoch" in state_dict and state_dict.get("seed", self.seed) == self.seed:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def __repr__(self) -> str:
         return f"FaceDataModule(root={self.root!r}, batch_size={self.batch_size}, val_sets={self.val_set_names})"
 
 
-__all__ = ["ACCEPTED_LAYOUTS", "FaceDataModule", "SeededRandomSampler", "detect_layout"]
+__all__ = ["ACCEPTED_LAYOUTS", "FaceDataModule", "IndexedFlip", "SeededRandomSampler", "detect_layout"]
