@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any, Union
 
 __all__ = ["FastFaceDetector", "MovingHaarDetector", "build_detector", "Detector", "DETECTOR_NAMES"]
@@ -101,14 +102,115 @@ def _check_state_header(state: dict, expected_type: str) -> int:
     return version
 
 
+def _read_only(attribute: str, doc: str) -> Any:
+    """A read-only property that returns ``self.<attribute>`` (a C-level getter, no Python frame)."""
+    return property(operator.attrgetter(attribute), doc=doc)
+
+
 def _decisions_from_state(value: Any) -> list[tuple[int, float]]:
     return [(int(step), float(factor)) for step, factor in (value or [])]
 
 
 # --------------------------------------------------------------------------------------------------
+# What both detectors share: read-only properties, state plumbing, pickling and repr
+# --------------------------------------------------------------------------------------------------
+class _StationarityDetector:
+    """What both detectors share: common state, read-only properties, state_dict, pickling, repr.
+
+    A subclass sets ``_HYPERPARAMETERS`` (its constructor arguments in order, each with a same-named
+    property) and implements ``_configure`` (validation), ``_reset_state`` (calling this one),
+    ``update``, ``_state_body`` and ``_load_state_body``. Its docstring says what ``threshold``,
+    ``smoothed_loss`` and ``signal`` stand for there.
+    """
+
+    __slots__ = ("_threshold", "_patience", "_decay", "_max_decays", "_decay_factor",
+                 "_steps", "_smoothed", "_signal", "_count", "_decisions", "_scale")
+
+    _HYPERPARAMETERS: tuple[str, ...] = ()
+
+    def _reset_state(self) -> None:
+        self._steps = 0
+        self._smoothed: float | None = None
+        self._signal: float | None = None
+        self._count = 0
+        self._decisions: list[tuple[int, float]] = []
+        self._scale = 1.0
+
+    # ---------------------------------------------------------------------------------------------
+    # Read-only views of the state; see the subclass docstrings for the symbols (λ/θ, L^E_t/a_t, D^E_t/S_t).
+    threshold = _read_only("_threshold", "λ (FastFace) or θ (Moving Haar): a step with signal below it is "
+                                         "stationary.")
+    patience = _read_only("_patience", "P: consecutive stationary steps tolerated before a decision "
+                                       "(Moving Haar: 2·m by default).")
+    decay = _read_only("_decay", "δ: a decision that decays the LR multiplies it by 1/δ.")
+    max_decays = _read_only("_max_decays", "The most LR reductions (1/δ decisions) ever made (None: unlimited); "
+                                           "K for FastFace, whose decisions are all reductions.")
+    steps_seen = _read_only("_steps", "Number of losses fed so far.")
+    smoothed_loss = _read_only("_smoothed", "FastFace: L^E_t, the loss EMA (None before the first update). "
+                                            "Moving Haar: a_t, the moving average of the last m losses "
+                                            "(None before m losses).")
+    signal = _read_only("_signal", "FastFace: D^E_t, the smoothed Haar difference (None before the second "
+                                   "update). Moving Haar: S_t, the latest Haar signal (None during the first "
+                                   "2·m steps).")
+    stationary_count = _read_only("_count", "Consecutive stationary steps since the last reset or decision.")
+    lr_scale = _read_only("_scale", "Product of all factors returned so far (the LR relative to its starting "
+                                    "value).")
+
+    @property
+    def num_decisions(self) -> int:
+        """Number of decisions made so far (decays, and for Moving Haar restarts)."""
+        return len(self._decisions)
+
+    @property
+    def decisions(self) -> list[tuple[int, float]]:
+        """(1-based step of the deciding update, factor) for every decision so far (a copy)."""
+        return list(self._decisions)
+
+    # ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as plain Python values (JSON- and pickle-able).
+
+        Moving Haar stores its ring buffers and running sums as they are, so a resumed detector
+        continues bit for bit like an uninterrupted one.
+        """
+        state: dict[str, Any] = {"type": type(self).__name__, "version": STATE_VERSION}
+        for name in self._HYPERPARAMETERS:
+            state[name] = getattr(self, name)
+        state["steps_seen"] = self._steps
+        state.update(self._state_body())
+        state["decisions"] = [list(d) for d in self._decisions]
+        state["lr_scale"] = self._scale
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict`, hyperparameters included, so the stream continues exactly.
+
+        Raises:
+            ValueError: the state comes from another detector type or a newer version, or holds an
+                invalid value (for Moving Haar: buffers that do not match its window).
+        """
+        _check_state_header(state, type(self).__name__)
+        self._configure(*(state.get(name, getattr(self, name)) for name in self._HYPERPARAMETERS))
+        self._reset_state()
+        self._load_state_body(state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.state_dict()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._configure(*(state[name] for name in self._HYPERPARAMETERS))
+        self.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._HYPERPARAMETERS)
+        return (f"{type(self).__name__}({arguments}) [steps_seen={self._steps}, "
+                f"stationary_count={self._count}, num_decisions={len(self._decisions)}]")
+
+
+# --------------------------------------------------------------------------------------------------
 # FastFace (O(1) time and memory)
 # --------------------------------------------------------------------------------------------------
-class FastFaceDetector:
+class FastFaceDetector(_StationarityDetector):
     """FastFace stationarity detector: the paper's O(1) recurrence, decays the LR on stationary loss.
 
     Per optimizer step t (0-based) with loss L_t:
@@ -142,11 +244,10 @@ class FastFaceDetector:
         loss is stationary but nothing more is decided.
     """
 
-    __slots__ = (
-        "_alpha", "_beta", "_threshold", "_patience", "_decay", "_max_decays",
-        "_one_minus_alpha", "_c1", "_c2", "_alpha_beta", "_decay_factor", "_decisions_left",
-        "_steps", "_smoothed", "_last_loss", "_signal", "_signal_prev", "_count", "_decisions", "_scale",
-    )
+    __slots__ = ("_alpha", "_beta", "_one_minus_alpha", "_c1", "_c2", "_alpha_beta", "_decisions_left",
+                 "_last_loss", "_signal_prev")
+
+    _HYPERPARAMETERS = ("alpha", "beta", "threshold", "patience", "decay", "max_decays")
 
     def __init__(self, alpha: float = 1e-3, beta: float = 1e-3, threshold: float = 5e-5, *,
                  patience: int, decay: float = 2.0, max_decays: int | None = 8) -> None:
@@ -169,14 +270,9 @@ class FastFaceDetector:
         self._decay_factor = 1.0 / self._decay
 
     def _reset_state(self) -> None:
-        self._steps = 0
-        self._smoothed: float | None = None
+        super()._reset_state()
         self._last_loss: float | None = None
-        self._signal: float | None = None
         self._signal_prev: float | None = None
-        self._count = 0
-        self._decisions: list[tuple[int, float]] = []
-        self._scale = 1.0
         self._decisions_left = -1 if self._max_decays is None else self._max_decays
 
     # ---------------------------------------------------------------------------------------------
@@ -227,105 +323,20 @@ class FastFaceDetector:
         return 1.0
 
     # ---------------------------------------------------------------------------------------------
-    @property
-    def alpha(self) -> float:
-        """α, smoothing of the loss EMA."""
-        return self._alpha
-
-    @property
-    def beta(self) -> float:
-        """β, smoothing of the Haar difference."""
-        return self._beta
-
-    @property
-    def threshold(self) -> float:
-        """λ: a step with signal below it is stationary."""
-        return self._threshold
-
-    @property
-    def patience(self) -> int:
-        """P: consecutive stationary steps tolerated before a decision."""
-        return self._patience
-
-    @property
-    def decay(self) -> float:
-        """δ: a decision multiplies the LR by 1/δ."""
-        return self._decay
-
-    @property
-    def max_decays(self) -> int | None:
-        """K: the most decisions ever made (None: unlimited)."""
-        return self._max_decays
-
-    @property
-    def steps_seen(self) -> int:
-        """Number of losses fed so far."""
-        return self._steps
-
-    @property
-    def smoothed_loss(self) -> float | None:
-        """L^E_t, the loss EMA (None before the first update)."""
-        return self._smoothed
-
-    @property
-    def signal(self) -> float | None:
-        """D^E_t, the smoothed Haar difference (None before the second update)."""
-        return self._signal
-
-    @property
-    def stationary_count(self) -> int:
-        """Consecutive stationary steps since the last reset or decision."""
-        return self._count
-
-    @property
-    def num_decisions(self) -> int:
-        """Number of decisions made so far."""
-        return len(self._decisions)
-
-    @property
-    def decisions(self) -> list[tuple[int, float]]:
-        """(1-based step of the deciding update, factor) for every decision so far (a copy)."""
-        return list(self._decisions)
-
-    @property
-    def lr_scale(self) -> float:
-        """Product of all factors returned so far (the LR relative to its starting value)."""
-        return self._scale
+    alpha = _read_only("_alpha", "α, smoothing of the loss EMA.")
+    beta = _read_only("_beta", "β, smoothing of the Haar difference.")
 
     # ---------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, as plain Python values (JSON- and pickle-able)."""
+    def _state_body(self) -> dict[str, Any]:
         return {
-            "type": type(self).__name__,
-            "version": STATE_VERSION,
-            "alpha": self._alpha,
-            "beta": self._beta,
-            "threshold": self._threshold,
-            "patience": self._patience,
-            "decay": self._decay,
-            "max_decays": self._max_decays,
-            "steps_seen": self._steps,
             "smoothed_loss": self._smoothed,
             "last_loss": self._last_loss,
             "signal": self._signal,
             "signal_prev": self._signal_prev,
             "stationary_count": self._count,
-            "decisions": [list(d) for d in self._decisions],
-            "lr_scale": self._scale,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a :meth:`state_dict`, hyperparameters included, so the stream continues exactly.
-
-        Raises:
-            ValueError: the state comes from another detector type or a newer version, or holds an
-                invalid value.
-        """
-        _check_state_header(state, type(self).__name__)
-        self._configure(state.get("alpha", self._alpha), state.get("beta", self._beta),
-                        state.get("threshold", self._threshold), state.get("patience", self._patience),
-                        state.get("decay", self._decay), state.get("max_decays", self._max_decays))
-        self._reset_state()
+    def _load_state_body(self, state: dict[str, Any]) -> None:
         steps = _check_int("steps_seen", state.get("steps_seen", 0), minimum=0)
         needed = ("smoothed_loss", "last_loss") if steps >= 1 else ()
         needed += ("signal", "signal_prev") if steps >= 2 else ()
@@ -344,25 +355,11 @@ class FastFaceDetector:
         if self._max_decays is not None:
             self._decisions_left = max(self._max_decays - len(self._decisions), 0)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return self.state_dict()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._configure(state["alpha"], state["beta"], state["threshold"], state["patience"],
-                        state["decay"], state["max_decays"])
-        self.load_state_dict(state)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(alpha={self._alpha!r}, beta={self._beta!r}, "
-                f"threshold={self._threshold!r}, patience={self._patience!r}, decay={self._decay!r}, "
-                f"max_decays={self._max_decays!r}) [steps_seen={self._steps}, "
-                f"stationary_count={self._count}, num_decisions={len(self._decisions)}]")
-
 
 # --------------------------------------------------------------------------------------------------
 # Moving Haar (MHLR): O(1) time per step, O(window) memory
 # --------------------------------------------------------------------------------------------------
-class MovingHaarDetector:
+class MovingHaarDetector(_StationarityDetector):
     """Moving Haar stationarity detector (MHLR, the first version of FastFace), with restarts.
 
     Per optimizer step t (0-based) with loss y_t and window m, h = floor(m/2):
@@ -399,12 +396,10 @@ class MovingHaarDetector:
         runs). With an odd window the newer half holds one average more than the older one.
     """
 
-    __slots__ = (
-        "_window", "_half", "_threshold", "_patience", "_decay", "_restart_after", "_max_decays",
-        "_decay_factor", "_start", "_steps", "_losses", "_loss_pos", "_loss_sum", "_averages", "_avg_pos",
-        "_num_averages", "_sum_old", "_sum_new", "_smoothed", "_signal", "_count", "_run",
-        "_decisions", "_reductions", "_scale",
-    )
+    __slots__ = ("_window", "_half", "_restart_after", "_start", "_losses", "_loss_pos", "_loss_sum",
+                 "_averages", "_avg_pos", "_num_averages", "_sum_old", "_sum_new", "_run", "_reductions")
+
+    _HYPERPARAMETERS = ("window", "threshold", "patience", "decay", "restart_after", "max_decays")
 
     def __init__(self, window: int, threshold: float = 0.06, patience: int | None = None,
                  decay: float = 2.0, restart_after: int | None = 3, max_decays: int | None = None) -> None:
@@ -427,8 +422,8 @@ class MovingHaarDetector:
                                       none_means="unlimited")
 
     def _reset_state(self) -> None:
+        super()._reset_state()
         m = self._window
-        self._steps = 0
         self._losses = [0.0] * m
         self._loss_pos = 0
         self._loss_sum = 0.0
@@ -437,13 +432,8 @@ class MovingHaarDetector:
         self._num_averages = 0
         self._sum_old = 0.0
         self._sum_new = 0.0
-        self._smoothed: float | None = None
-        self._signal: float | None = None
-        self._count = 0
         self._run = 0
-        self._decisions: list[tuple[int, float]] = []
         self._reductions = 0
-        self._scale = 1.0
 
     # ---------------------------------------------------------------------------------------------
     def update(self, loss: float) -> float:
@@ -458,11 +448,11 @@ class MovingHaarDetector:
         Raises:
             ValueError: ``loss`` is NaN or infinite (the state is left unchanged).
         """
+        t = self._steps
         if loss.__class__ is not float:
             loss = _as_loss(loss)
         if loss - loss != 0.0:  # NaN or ±inf
-            raise _nonfinite_error(loss, self._steps)
-        t = self._steps
+            raise _nonfinite_error(loss, t)
         self._steps = t + 1
         # S_t from the averages a_{t−m} … a_{t−1}, before y_t enters.
         if t >= self._start:
@@ -550,93 +540,14 @@ class MovingHaarDetector:
         return factor
 
     # ---------------------------------------------------------------------------------------------
-    @property
-    def window(self) -> int:
-        """m: losses per moving average and averages per Haar kernel."""
-        return self._window
-
-    @property
-    def threshold(self) -> float:
-        """θ: a step with signal below it is stationary."""
-        return self._threshold
-
-    @property
-    def patience(self) -> int:
-        """P: consecutive stationary steps tolerated before a decision (2·m by default)."""
-        return self._patience
-
-    @property
-    def decay(self) -> float:
-        """δ: a decay multiplies the LR by 1/δ."""
-        return self._decay
-
-    @property
-    def restart_after(self) -> int | None:
-        """R: decays within one stationary run before the restart (None: never)."""
-        return self._restart_after
-
-    @property
-    def max_decays(self) -> int | None:
-        """The most LR reductions ever made (None: unlimited)."""
-        return self._max_decays
-
-    @property
-    def steps_seen(self) -> int:
-        """Number of losses fed so far."""
-        return self._steps
-
-    @property
-    def smoothed_loss(self) -> float | None:
-        """a_t, the moving average of the last m losses (None before m losses)."""
-        return self._smoothed
-
-    @property
-    def signal(self) -> float | None:
-        """S_t, the latest Haar signal (None during the first 2·m steps)."""
-        return self._signal
-
-    @property
-    def stationary_count(self) -> int:
-        """Consecutive stationary steps since the last reset or decision."""
-        return self._count
-
-    @property
-    def run_decays(self) -> int:
-        """r: decays in the current unbroken stationary run since the last restart."""
-        return self._run
-
-    @property
-    def num_decisions(self) -> int:
-        """Number of decisions (decays and restarts) so far."""
-        return len(self._decisions)
-
-    @property
-    def decisions(self) -> list[tuple[int, float]]:
-        """(1-based step of the deciding update, factor) for every decision so far (a copy)."""
-        return list(self._decisions)
-
-    @property
-    def lr_scale(self) -> float:
-        """Product of all factors returned so far (the LR relative to its starting value)."""
-        return self._scale
+    window = _read_only("_window", "m: losses per moving average and averages per Haar kernel.")
+    restart_after = _read_only("_restart_after", "R: decays within one stationary run before the restart "
+                                                 "(None: never).")
+    run_decays = _read_only("_run", "r: decays in the current unbroken stationary run since the last restart.")
 
     # ---------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, as plain Python values (JSON- and pickle-able).
-
-        The ring buffers and running sums are stored as they are, so a resumed detector continues
-        bit for bit like an uninterrupted one.
-        """
+    def _state_body(self) -> dict[str, Any]:
         return {
-            "type": type(self).__name__,
-            "version": STATE_VERSION,
-            "window": self._window,
-            "threshold": self._threshold,
-            "patience": self._patience,
-            "decay": self._decay,
-            "restart_after": self._restart_after,
-            "max_decays": self._max_decays,
-            "steps_seen": self._steps,
             "losses": list(self._losses),
             "loss_pos": self._loss_pos,
             "loss_sum": self._loss_sum,
@@ -650,23 +561,9 @@ class MovingHaarDetector:
             "stationary_count": self._count,
             "run_decays": self._run,
             "num_reductions": self._reductions,
-            "decisions": [list(d) for d in self._decisions],
-            "lr_scale": self._scale,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a :meth:`state_dict`, hyperparameters included, so the stream continues exactly.
-
-        Raises:
-            ValueError: the state comes from another detector type or a newer version, or its
-                buffers do not match its window.
-        """
-        _check_state_header(state, type(self).__name__)
-        self._configure(state.get("window", self._window), state.get("threshold", self._threshold),
-                        state.get("patience", self._patience), state.get("decay", self._decay),
-                        state.get("restart_after", self._restart_after),
-                        state.get("max_decays", self._max_decays))
-        self._reset_state()
+    def _load_state_body(self, state: dict[str, Any]) -> None:
         m = self._window
         losses = [float(x) for x in state.get("losses", self._losses)]
         averages = [float(x) for x in state.get("averages", self._averages)]
@@ -694,20 +591,6 @@ class MovingHaarDetector:
         self._decisions = _decisions_from_state(state.get("decisions"))
         self._reductions = int(state.get("num_reductions", sum(f < 1.0 for _, f in self._decisions)))
         self._scale = float(state.get("lr_scale", math.prod(f for _, f in self._decisions)))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.state_dict()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._configure(state["window"], state["threshold"], state["patience"], state["decay"],
-                        state["restart_after"], state["max_decays"])
-        self.load_state_dict(state)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(window={self._window!r}, threshold={self._threshold!r}, "
-                f"patience={self._patience!r}, decay={self._decay!r}, restart_after={self._restart_after!r}, "
-                f"max_decays={self._max_decays!r}) [steps_seen={self._steps}, "
-                f"stationary_count={self._count}, num_decisions={len(self._decisions)}]")
 
 
 Detector = Union[FastFaceDetector, MovingHaarDetector]
