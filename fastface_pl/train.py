@@ -147,7 +147,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
             metrics_csv = run_dir / "logs" / "metrics.csv"
             if metrics_csv.is_file():
-                plot_run_metrics(metrics_csv, run_dir / "schedule.png")
+                name = cfg.scheduler._target_.rsplit(".", 1)[-1].replace("_callback", "")
+                plot_run_metrics(metrics_csv, run_dir / "schedule.png",
+                                 title=f"{run_dir.name}: {cfg.model.backbone}, {name} scheduler")
                 summary["plot"] = str(run_dir / "schedule.png")
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
         print(f"\nRun folder: {run_dir}")
