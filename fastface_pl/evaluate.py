@@ -43,9 +43,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist: give the path of a .ckpt file")
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     data_kwargs: dict[str, Any] = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    if args.data is not None:
-        data_kwargs = {"root": args.data, "synthetic": data_kwargs.get("synthetic")} if args.data == "synthetic" \
-            else {"root": args.data}
+    if args.data is not None:  # other data, the same preprocessing (image size) as in training
+        data_kwargs = {"root": args.data, "image_size": data_kwargs.get("image_size"),
+                       **({"synthetic": data_kwargs.get("synthetic")} if args.data == "synthetic" else {})}
     if not data_kwargs.get("root"):
         raise ValueError("the checkpoint does not say which data it was trained on: pass --data /path/to/dataset")
     if args.sets is not None:

@@ -162,6 +162,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     import lightning.pytorch  # noqa: F401  (its import installs the log handlers removed here)
 
+    from fastface_pl.data.errors import DatasetError
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # Hydra's root handler prints them once
         logger = logging.getLogger(name)
@@ -174,8 +176,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"fastface_pl.train: error: {err}", file=sys.stderr)
         sys.exit(2)
     except ValueError as err:  # DatasetError and argument checks: the message says what to fix
-        if type(err).__name__ == "DatasetError" or "fastface_pl" in type(err).__module__:
-            print(f"fastface_pl.train: error: {err}", file=sys.stderr)
+        if isinstance(err, DatasetError) or type(err).__module__.startswith("fastface_pl"):
+            message = str(err).rstrip()
+            if "Original Traceback" in message:  # raised in a DataLoader worker: keep the reason only
+                message = message.splitlines()[-1]
+            print(f"fastface_pl.train: error: {message}", file=sys.stderr)
             sys.exit(2)
         raise
 

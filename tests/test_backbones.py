@@ -140,3 +140,17 @@ def test_invalid_arguments(name, kwargs, match):
 def test_registry_names():
     assert {"r18", "r34", "r50", "r100", "r200", "mbf", "tiny", "r18_tiny"} <= set(BACKBONES)
     assert isinstance(build_backbone("tiny"), IResNet)
+
+
+def test_iresnet_head_runs_in_fp32_under_autocast():
+    # arcface_torch computes the head Linear and BatchNorm1d in fp32 even in fp16 training; the body stays low.
+    torch.manual_seed(0)
+    net = build_backbone("tiny", embedding_size=16, input_size=16).eval()
+    dtypes = {}
+    net.layer4.register_forward_hook(lambda m, i, o: dtypes.__setitem__("body", o.dtype))
+    net.fc.register_forward_hook(lambda m, i, o: dtypes.__setitem__("fc", o.dtype))
+    images = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeddings = net(images)
+    assert dtypes == {"body": torch.bfloat16, "fc": torch.float32}
+    assert embeddings.dtype == torch.float32

@@ -84,3 +84,19 @@ def test_bin_errors(tmp_path):
         write_bin(tmp_path / "w.bin", [b"x", b"y"], [True], quality=0)
     with pytest.raises(ValueError, match="uint8 RGB image"):
         write_bin(tmp_path / "w.bin", [np.zeros((4, 4), np.float32), b"y"], [True])
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_bins_of_any_shape_and_any_pickle_protocol(tmp_path, protocol):
+    # cv2.imencode returns (n, 1) uint8 arrays; Python 3 scripts often dump with pickle.HIGHEST_PROTOCOL (5),
+    # where numpy rebuilds arrays with numpy(._core).numeric._frombuffer.
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]
+    bins = [np.frombuffer(encoded(c), dtype=np.uint8).reshape(-1, 1) for c in colours]
+    path = tmp_path / f"agedb_30_p{protocol}.bin"
+    path.write_bytes(pickle.dumps((bins, np.array([False, True])), protocol=protocol))
+    pairs = load_bin(path)
+    assert pairs.issame == [False, True]
+    image_a, image_b, issame = pairs[1]
+    assert issame is True
+    assert image_a[:, 8, 8].tolist() == pytest.approx([-1.0, -1.0, 0.57], abs=0.05)  # blue
+    assert image_b[0, 8, 8] > 0.4 and image_b[1, 8, 8] > 0.4 and image_b[2, 8, 8] < -0.8  # yellow

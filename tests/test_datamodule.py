@@ -274,3 +274,38 @@ def test_resume_mid_epoch_continues_the_same_order():
     assert [labels.tolist() for _, labels in loader] == uninterrupted[2:]
     loader.sampler.set_epoch(1)  # the skip applies once: a later pass over epoch 1 is whole again
     assert len(list(loader)) == 6
+
+
+@pytest.mark.parametrize("damage", ["magic", "jpeg"])
+def test_corrupt_record_in_a_worker_keeps_its_type_and_location(tmp_path, damage):
+    """DataLoader workers re-raise ``type(error)(message)``: the error classes must build from a message alone."""
+    from fastface_pl.data import CorruptImageError, CorruptRecordError, RecordFile
+
+    pack = make_pack(tmp_path, bins=())
+    offset = RecordFile(pack / "train.rec").offset(5)
+    with open(pack / "train.rec", "r+b") as handle:
+        handle.seek(offset if damage == "magic" else offset + 8 + 24)
+        handle.write(b"\x00\x11\x22\x33")
+    dm = FaceDataModule(str(pack), batch_size=12, num_workers=1, persistent_workers=True, val_sets=[], flip=False)
+    dm.train_dataset = dm._build_train_dataset()  # skip validate(): the damage must be met in the worker
+    expected = CorruptRecordError if damage == "magic" else CorruptImageError
+    with pytest.raises(expected) as info:
+        list(dm.train_dataloader())
+    assert "key 5 " in str(info.value) and f"byte offset {offset}" in str(info.value)
+    assert "DataLoader worker" in str(info.value)
+
+
+def test_indexed_flip_over_a_subset_applies_the_sampler_flips():
+    """A wrapped dataset's ``__getitems__`` (Subset has one) must not receive the sampler's ``(index, flip)``."""
+    from torch.utils.data import DataLoader, Subset
+
+    from fastface_pl.data import SyntheticFaces
+    from fastface_pl.data.datamodule import IndexedFlip
+
+    faces = SyntheticFaces(4, 2, 16, seed=0)
+    subset = Subset(faces, [6, 7, 0, 1])
+    sampler = SeededRandomSampler(4, seed=0, flip=True)
+    images, labels = next(iter(DataLoader(IndexedFlip(subset), batch_size=4, sampler=sampler)))
+    for (index, flip), image, label in zip(list(iter(sampler)), images, labels):
+        expected = faces[[6, 7, 0, 1][index]][0]
+        assert torch.equal(image, expected.flip(-1) if flip else expected) and label == [3, 3, 0, 0][index]

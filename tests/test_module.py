@@ -89,7 +89,7 @@ def test_bf16_mixed_loss_is_fp32_and_finite(tmp_path):
     assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in recorder.losses)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         embeddings = module(torch.randn(2, 3, SIZE, SIZE))
-        assert embeddings.dtype == torch.bfloat16  # the backbone does run in bf16
+        assert embeddings.dtype == torch.float32  # the IResNet head runs in fp32, as arcface_torch's
         loss = module.classifier(embeddings, torch.tensor([0, 1]))
     assert loss.dtype == torch.float32
 
@@ -341,3 +341,13 @@ def test_step_lr_schedule_per_epoch(tmp_path):
 def test_invalid_lr_schedule(schedule, match):
     with pytest.raises(ValueError, match=match):
         make_module(lr_schedule=schedule)
+
+
+def test_sanity_check_with_fewer_pairs_than_folds_does_not_fail(tmp_path):
+    # 2 sanity batches of 2 pairs = 4 pairs < 10 folds: skipped in the sanity check, reported after training.
+    torch.manual_seed(0)
+    module = make_module(val_set_names=["lfw"])
+    small = DataLoader(pair_loader(20).dataset, batch_size=2)
+    trainer = make_trainer(2, tmp_path, limit_val_batches=None, num_sanity_val_steps=2, val_check_interval=2)
+    trainer.fit(module, train_dataloaders=train_loader(), val_dataloaders=small)
+    assert 0.0 <= float(trainer.callback_metrics["val/lfw/accuracy"]) <= 1.0

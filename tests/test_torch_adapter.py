@@ -127,3 +127,13 @@ def test_state_dict_resume_continues_the_same_lr_trajectory():
 def test_load_state_dict_needs_a_detector_entry():
     with pytest.raises(ValueError, match="detector"):
         FastFaceLR(make_optimizer(), raw_detector()).load_state_dict({})
+
+
+def test_decay_never_raises_a_group_already_below_min_lr():
+    # Group 0 starts below its floor: a decay leaves it alone (it must not jump up to min_lr).
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": [params[0]], "lr": 1e-4}, {"params": [params[1]], "lr": 0.1}], lr=0.1)
+    scheduler = FastFaceLR(optimizer, FastFaceDetector(patience=1), min_lr=1e-3)
+    factors = [scheduler.step(3.0) for _ in range(3)]
+    assert factors[-1] == 0.5
+    assert scheduler.get_last_lr() == [1e-4, 0.05]

@@ -171,7 +171,9 @@ class IndexedFlip(Dataset):
         return (image.flip(-1) if flip else image), label
 
     def __getattr__(self, name: str) -> Any:  # num_classes, num_skipped, ... of the wrapped dataset
-        if name == "dataset":
+        # Never forward dunders: the DataLoader would call a wrapped ``__getitems__`` (e.g. a Subset's) with the
+        # ``(index, flip)`` items, and pickle would find the wrapped dataset's hooks.
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

@@ -20,9 +20,14 @@ class CorruptRecordError(DatasetError):
         path: The ``.rec`` file.
         key: The record key (from the ``.idx``), or ``None`` when reading without an index.
         offset: Byte offset in the ``.rec`` where the problem was found.
+
+    The keyword arguments are optional because a DataLoader worker re-raises an error in the main process as
+    ``type(error)(message)``; the message alone then carries the file, key and offset (``None`` attributes).
     """
 
-    def __init__(self, message: str, *, path: str, key: Optional[int], offset: int) -> None:
+    def __init__(
+        self, message: str, *, path: Optional[str] = None, key: Optional[int] = None, offset: Optional[int] = None
+    ) -> None:
         super().__init__(message)
         self.path = path
         self.key = key
@@ -33,10 +38,11 @@ class CorruptImageError(DatasetError):
     """An encoded image (JPEG/PNG) could not be decoded.
 
     Attributes:
-        source: Where the bytes came from: a file path, or ``"<file.rec> key K (byte offset O)"``.
+        source: Where the bytes came from: a file path, or ``"<file.rec> key K (byte offset O)"`` (``None`` when
+            re-raised from a DataLoader worker, which passes the message only; the message names the source).
     """
 
-    def __init__(self, message: str, *, source: str) -> None:
+    def __init__(self, message: str, *, source: Optional[str] = None) -> None:
         super().__init__(message)
         self.source = source
 

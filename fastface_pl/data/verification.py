@@ -1,8 +1,8 @@
 """InsightFace verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin`` ...): read and write.
 
 A ``.bin`` is a Python-2 pickle of ``(bins, issame)``: ``bins`` holds ``2 P`` encoded images (JPEG/PNG, as
-Python-2 ``str``, i.e. bytes, or as uint8 numpy arrays) and pair ``i`` is ``(bins[2i], bins[2i + 1])``;
-``issame`` holds ``P`` booleans. Python 3 reads it with ``pickle.load(f, encoding="bytes")``.
+Python-2 ``str``, i.e. bytes, or as uint8 numpy arrays of any shape, e.g. ``cv2.imencode``'s ``(n, 1)``) and
+pair ``i`` is ``(bins[2i], bins[2i + 1])``; ``issame`` holds ``P`` booleans. Python 3 reads it with ``pickle.load(f, encoding="bytes")``.
 
 .. note:: Unpickling can run code. :func:`load_bin` uses a restricted unpickler that only rebuilds the types a
    ``.bin`` contains (lists, tuples, bytes, bools, numpy arrays), so a tampered file fails instead of running.
@@ -37,6 +37,8 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    # arrays pickled with protocol 5 (Python 3.8+'s pickle.HIGHEST_PROTOCOL) are rebuilt from their buffer
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
 
 
@@ -50,12 +52,13 @@ class _BinUnpickler(pickle.Unpickler):
 def _as_bytes(item: Any, path: Path, position: int) -> bytes:
     if isinstance(item, (bytes, bytearray)):
         return bytes(item)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8:  # any shape: cv2.imencode gives (n, 1)
         return item.tobytes()
     if isinstance(item, str):  # a Python-2 str read with encoding="latin1" would land here
         return item.encode("latin1")
     raise DatasetError(
-        f"{path}: bins[{position}] is a {type(item).__name__}, expected encoded image bytes (or a 1-D uint8 array)"
+        f"{path}: bins[{position}] is a {type(item).__name__}, expected encoded image bytes (or a uint8 array "
+        "of them)"
     )
 
 

@@ -170,7 +170,8 @@ class VerificationMetric(Metric):
         self.norms.append(norms)
 
     def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        if not self.distances:
+        # A list before any update; after the sync across ranks (DDP) torchmetrics has concatenated it to a tensor.
+        if isinstance(self.distances, list) and not self.distances:
             raise ValueError("VerificationMetric.compute() called before any update(): no pairs to evaluate")
         result = verification_from_scores(dim_zero_cat(self.distances), dim_zero_cat(self.cosines),
                                            dim_zero_cat(self.issame), self.num_folds, self.far)

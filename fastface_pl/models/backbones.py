@@ -172,7 +172,9 @@ class IResNet(nn.Module):
         x = self.bn2(x)
         x = torch.flatten(x, 1)
         x = self.dropout(x)
-        return self.features(self.fc(x))
+        # As arcface_torch: the head Linear (25,088 → 512) and BatchNorm1d run in fp32 under mixed precision.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.features(self.fc(x.float()))
 
 
 class _ConvBNPReLU(nn.Sequential):

@@ -294,6 +294,9 @@ class FaceRecognitionModule(pl.LightningModule):
         for name, metric in zip(self._val_names, self.val_metrics):
             if not metric.distances:  # e.g. a sanity check that ran no batch of this set
                 continue
+            if self.trainer.sanity_checking and sum(d.numel() for d in metric.distances) < metric.num_folds:
+                metric.reset()  # a few sanity batches can hold fewer pairs than folds: nothing to report yet
+                continue
             result = metric.compute()
             for key in _VAL_KEYS:
                 self.log(f"val/{name}/{key}", result[key].float(), add_dataloader_idx=False)

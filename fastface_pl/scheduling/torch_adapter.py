@@ -124,9 +124,11 @@ class FastFaceLR:
 
     def _apply(self, factor: float) -> None:
         for index, group in enumerate(self.optimizer.param_groups):
-            new_lr = float(group["lr"]) * factor
+            old_lr = float(group["lr"])
+            new_lr = old_lr * factor
             if self.min_lrs is not None and factor < 1.0:
-                new_lr = max(new_lr, self.min_lrs[index])
+                # never below the floor, and a group already below it is left alone (a decay never raises the LR)
+                new_lr = max(new_lr, min(old_lr, self.min_lrs[index]))
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(new_lr)
             else:
