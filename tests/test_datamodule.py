@@ -309,3 +309,20 @@ def test_indexed_flip_over_a_subset_applies_the_sampler_flips():
     for (index, flip), image, label in zip(list(iter(sampler)), images, labels):
         expected = faces[[6, 7, 0, 1][index]][0]
         assert torch.equal(image, expected.flip(-1) if flip else expected) and label == [3, 3, 0, 0][index]
+
+
+def test_validation_shards_are_contiguous_and_cover_each_pair_once():
+    """Under DDP each rank validates one contiguous block; concatenated in rank order they are the file order."""
+    from fastface_pl.data.datamodule import ContiguousShardSampler
+
+    for size, ranks in ((40, 2), (41, 3), (5, 4)):
+        shards = [list(ContiguousShardSampler(size, ranks, r)) for r in range(ranks)]
+        assert sum(shards, []) == list(range(size))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    dm = FaceDataModule("synthetic", batch_size=8, num_workers=0, synthetic=SMALL_SYNTHETIC)
+    dm.setup("validate")
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    (loader,) = dm.val_dataloader()
+    assert isinstance(loader.sampler, DistributedSampler)  # so Lightning keeps it instead of padding/interleaving
+    n = len(dm.val_datasets[0])
+    assert list(loader.sampler) == list(range(n // 2, n))

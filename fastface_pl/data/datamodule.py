@@ -156,6 +156,33 @@ class SeededRandomSampler(DistributedSampler):
         return self.num_samples
 
 
+class ContiguousShardSampler(DistributedSampler):
+    """Pairs in file order, split into contiguous blocks per rank, without padding (validation).
+
+    The 10-fold verification protocol takes the pairs in their order. Lightning's default distributed sampler
+    would interleave the ranks and repeat pairs to pad; with contiguous blocks, gathering the ranks' results in
+    rank order (as torchmetrics does) restores the original order exactly, each pair once.
+    """
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.num_samples_total = int(num_samples)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.start = self.num_samples_total * self.rank // self.num_replicas
+        self.stop = self.num_samples_total * (self.rank + 1) // self.num_replicas
+        self.num_samples = self.stop - self.start
+        self.shuffle, self.seed, self.epoch, self.drop_last = False, 0, 0, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class IndexedFlip(Dataset):
     """Applies the flip chosen by :class:`SeededRandomSampler`: item ``(index, flip)`` → ``dataset[index]``, flipped."""
 
@@ -420,7 +447,9 @@ class FaceDataModule(pl.LightningDataModule):
         if not self.val_datasets:
             self.val_datasets = self._build_val_datasets()
         batch = self.val_batch_size or self.batch_size
-        return [DataLoader(d, batch_size=batch, shuffle=False, drop_last=False, **self._loader_kwargs())
+        world_size, rank = self._distributed()
+        return [DataLoader(d, batch_size=batch, drop_last=False, **self._loader_kwargs(),
+                           sampler=ContiguousShardSampler(len(d), world_size, rank))  # type: ignore[arg-type]
                 for d in self.val_datasets]
 
     def teardown(self, stage: Optional[str] = None) -> None:
@@ -445,4 +474,4 @@ class FaceDataModule(pl.LightningDataModule):
         return f"FaceDataModule(root={self.root!r}, batch_size={self.batch_size}, val_sets={self.val_set_names})"
 
 
-__all__ = ["ACCEPTED_LAYOUTS", "FaceDataModule", "IndexedFlip", "SeededRandomSampler", "detect_layout"]
+__all__ = ["ACCEPTED_LAYOUTS", "ContiguousShardSampler", "FaceDataModule", "IndexedFlip", "SeededRandomSampler", "detect_layout"]
