@@ -5,8 +5,7 @@ Names are imported lazily (``fastface_pl.models.FaceRecognitionModule`` imports 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastface_pl._lazy import lazy_exports
 
 _EXPORTS = {
     "IResNet": "fastface_pl.models.backbones",
@@ -32,14 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fastface_pl.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
