@@ -261,8 +261,11 @@ class MobileFaceNet(nn.Module):
                 f"expected images of shape [B, 3, {self.input_size}, {self.input_size}], got {list(x.shape)}; "
                 "resize the images or build the backbone with a matching input_size"
             )
-        x = self.gdc(self.body(x))
-        return self.features(self.fc(torch.flatten(x, 1)))
+        x = self.body(x)
+        # As arcface_torch: the global depthwise head, Linear and BatchNorm1d run in fp32 under mixed precision.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.gdc(x.float())
+            return self.features(self.fc(torch.flatten(x, 1)))
 
 
 def _iresnet(depths: tuple[int, int, int, int], **defaults: Any):
