@@ -29,6 +29,7 @@ from fastface_pl.data.datasets import (
     RecordDataset,
     SyntheticFaces,
     SyntheticPairs,
+    _check_int,
 )
 from fastface_pl.data.errors import DatasetError
 from fastface_pl.data.verification import load_bin
@@ -203,12 +204,6 @@ class IndexedFlip(Dataset):
         if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class FaceDataModule(pl.LightningDataModule):

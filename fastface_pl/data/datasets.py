@@ -212,6 +212,11 @@ def _resolve_rec(path: PathLike) -> Path:
     return path
 
 
+def _spread(count: int, sample_size: int) -> list[int]:
+    """Sorted positions in ``[0, count)``: the first, the last and up to ``sample_size`` evenly spaced between."""
+    return sorted({0, count - 1, *np.linspace(0, count - 1, min(sample_size, count)).astype(int)})
+
+
 class RecordDataset(_FileDataset):
     """Images and labels of an InsightFace ``train.rec``/``train.idx`` pack (or an im2rec pack, no header).
 
@@ -260,18 +265,19 @@ class RecordDataset(_FileDataset):
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         key = self.layout.image_keys[index]
         payload = self.record_file.read(key)
+        where = self._where(key)
         try:
             header, encoded = unpack_header(payload)
         except ValueError as error:
-            raise CorruptRecordError(f"{self._where(key)}: {error}", path=str(self.record_file.rec_path), key=key,
+            raise CorruptRecordError(f"{where}: {error}", path=str(self.record_file.rec_path), key=key,
                                      offset=self.record_file.offset(key)) from None
-        label = label_to_int(header, self._where(key))
+        label = label_to_int(header, where)
         if self._num_classes is not None and label >= self._num_classes:
             raise DatasetError(
-                f"{self._where(key)}: label {label} is outside [0, {self._num_classes}); the pack's identity records "
+                f"{where}: label {label} is outside [0, {self._num_classes}); the pack's identity records "
                 "or the configured num_classes do not match its labels"
             )
-        return decode_image(encoded, self._where(key)), label
+        return decode_image(encoded, where), label
 
     def validate(self, sample_size: int = 256) -> None:
         """Cheap consistency checks: identity records and the labels of an evenly spaced sample of images.
@@ -286,7 +292,7 @@ class RecordDataset(_FileDataset):
             raise DatasetError(f"{rec.rec_path} holds no image records")
         if layout.has_header_record and len(layout.identity_keys):
             ids = layout.identity_keys
-            picks = sorted({0, len(ids) - 1, *np.linspace(0, len(ids) - 1, min(sample_size, len(ids))).astype(int)})
+            picks = _spread(len(ids), sample_size)
             first_image, end_image = layout.image_keys[0], layout.image_keys[-1] + 1
             for i in picks:
                 start, stop = read_identity_range(rec, ids[i])
@@ -297,7 +303,7 @@ class RecordDataset(_FileDataset):
                     )
         num_classes = self.num_classes
         keys = layout.image_keys
-        picks = sorted({0, len(keys) - 1, *np.linspace(0, len(keys) - 1, min(sample_size, len(keys))).astype(int)})
+        picks = _spread(len(keys), sample_size)
         for i in picks:
             label = rec.read_label(keys[i])
             if not 0 <= label < num_classes:
@@ -434,9 +440,7 @@ class ImageFolderDataset(_FileDataset):
             "format": _INDEX_FORMAT, "version": _INDEX_VERSION, "root": str(self.root.resolve()),
             "extensions": list(self.extensions), "root_entries": entries, "identities": identities, "files": files,
         }
-        targets = [self.index_cache] if self.index_cache is not None else [self.root / INDEX_CACHE_NAME,
-                                                                           self._fallback_cache()]
-        for target in targets:
+        for target in self._candidate_caches():
             tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -531,8 +535,7 @@ class SyntheticFaceGenerator:
     """
 
     def __init__(self, image_size: int = 112, seed: int = 0, noise: float = 8.0) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+        _check_int("image_size", image_size, 8)
         if not noise >= 0:
             raise ValueError(f"noise must be >= 0, got {noise!r}")
         self.image_size = image_size
@@ -578,6 +581,12 @@ class SyntheticFaceGenerator:
         image = (image - 127.5) * contrast + 127.5 + brightness
         image = image + self.noise * torch.randn(image.shape, generator=generator)
         return image.clamp_(0, 255).add_(0.5).to(torch.uint8)  # round half up (torch.round is slow on CPU here)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def _check_positive(name: str, value: Any) -> int:
@@ -661,8 +670,7 @@ class SyntheticPairs(Dataset):
         self.num_pairs = _check_positive("num_pairs", num_pairs)
         self.num_identities = _check_positive("num_identities", num_identities)
         self.images_per_identity = _check_positive("images_per_identity", images_per_identity)
-        if isinstance(unseen_identities, bool) or not isinstance(unseen_identities, int) or unseen_identities < 0:
-            raise ValueError(f"unseen_identities must be an int >= 0, got {unseen_identities!r}")
+        _check_int("unseen_identities", unseen_identities, 0)
         if num_identities + unseen_identities < 2:
             raise ValueError("impostor pairs need at least 2 identities in num_identities + unseen_identities")
         self.unseen_identities = unseen_identities

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from fastface_pl.data.datasets import IMAGE_EXTENSIONS, decode_image, scan_image_folder
+from fastface_pl.data.datasets import IMAGE_EXTENSIONS, _check_int, decode_image, scan_image_folder
 from fastface_pl.data.errors import CorruptImageError, DatasetError
 from fastface_pl.data.recordio import RecordWriter, pack_header
+from fastface_pl.data.verification import _check_quality
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,8 @@ def pack_folder(
     Raises:
         DatasetError: If ``src`` holds no images, or an image is corrupt and ``skip_corrupt`` is False.
     """
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+    _check_quality(quality)
+    _check_int("workers", workers, 0)
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DatasetError(f"source folder {src} does not exist or is not a directory")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastface_pl.evaluation.verification import VerificationMetric
-from fastface_pl.models.backbones import build_backbone
+from fastface_pl.models.backbones import _check_positive_int, build_backbone
 from fastface_pl.models.classifiers import CLASSIFIERS, FullClassifier, SampledClassifier
 from fastface_pl.models.margins import build_margin
 from fastface_pl.models.optim import RowSparseSGD
@@ -144,10 +144,8 @@ class FaceRecognitionModule(pl.LightningModule):
         lr_schedule: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}")
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("embedding_size", embedding_size)
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
         _check_number("lr", lr, 0.0, low_inclusive=False)
@@ -266,13 +264,13 @@ class FaceRecognitionModule(pl.LightningModule):
         if names is None:
             datamodule = getattr(self.trainer, "datamodule", None)
             names = getattr(datamodule, "val_set_names", None)
-        if names is None or len(names) != count:
-            if names is not None:
-                raise ValueError(
-                    f"{count} validation dataloaders but {len(names)} val_set_names {list(names)}; "
-                    "give one name per dataloader"
-                )
-            names = [f"set{i}" for i in range(count)]
+        if names is None:
+            return [f"set{i}" for i in range(count)]
+        if len(names) != count:
+            raise ValueError(
+                f"{count} validation dataloaders but {len(names)} val_set_names {list(names)}; "
+                "give one name per dataloader"
+            )
         return list(names)
 
     def on_validation_epoch_start(self) -> None:

@@ -20,11 +20,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from fastface_pl.scheduling.detectors import build_detector
+from fastface_pl.scheduling.detectors import DETECTOR_NAMES, build_detector
 
 __all__ = ["FastFaceLRCallback"]
 
-DETECTOR_NAMES = ("fastface", "moving_haar")
 NONFINITE_POLICIES = ("skip", "raise")
 DEFAULT_PATIENCE_FRACTION = 0.05  # τ of the FastFace paper (ALGORITHM.md §1)
 
@@ -302,7 +301,7 @@ class FastFaceLRCallback(Callback):
             self._restore(loaded, device=pl_module.device)
         self._last_global_step = trainer.global_step
         self._loss_divisor = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        if self.compose_with_step_schedulers:
+        if self._composed:
             self._apply_composed()
 
     # ------------------------------------------------------------------ per batch
@@ -332,7 +331,7 @@ class FastFaceLRCallback(Callback):
             # window of an epoch: the step's value is sum(micro losses) · N / (micro-batches in the window).
             self._pending_steps.append((self._steps, self._window_count, self._loss_divisor / self._window_count))
             self._window_count = 0
-        if self.compose_with_step_schedulers and self._composed:
+        if self._composed:
             self._apply_composed()
         if len(self._pending_steps) >= self.sync_every_n_steps:
             self._read_block(trainer)
@@ -353,15 +352,13 @@ class FastFaceLRCallback(Callback):
         num_read = len(self._micro_losses) - self._window_count
         tensors, self._micro_losses = self._micro_losses[:num_read], self._micro_losses[num_read:]
         micro = self._read_values(trainer, tensors)
-        steps, values, start = [], [], 0
+        log_every = trainer.log_every_n_steps if self.log_signals else 0
+        to_log: list[tuple[int, dict[str, float]]] = []
+        start = 0
         for step, count, multiplier in pending:
             chunk = micro[start : start + count]
             start += count
-            steps.append(step)
-            values.append((chunk[0] if count == 1 else sum(chunk)) * multiplier)
-        log_every = trainer.log_every_n_steps if self.log_signals else 0
-        to_log: list[tuple[int, dict[str, float]]] = []
-        for step, value in zip(steps, values):
+            value = (chunk[0] if count == 1 else sum(chunk)) * multiplier
             if not math.isfinite(value):
                 if self.on_nonfinite == "raise":
                     raise FloatingPointError(
@@ -398,7 +395,7 @@ class FastFaceLRCallback(Callback):
 
     def _decide(self, trainer: Trainer, step: int, factor: float) -> None:
         self._lr_scale *= factor
-        if self.compose_with_step_schedulers and self._composed:
+        if self._composed:
             self._apply_composed()
         composed = {id(optimizer) for optimizer, _ in self._composed}
         for optimizer in trainer.optimizers:
@@ -439,11 +436,7 @@ class FastFaceLRCallback(Callback):
         metrics: dict[str, float] = {}
         if math.isfinite(value):
             metrics["fastface/loss"] = value
-        for key in ("smoothed_loss", "signal", "threshold"):
-            item = getattr(detector, key, None)
-            if item is not None:
-                metrics[f"fastface/{key}"] = float(item)
-        for key in ("stationary_count", "num_decisions"):
+        for key in ("smoothed_loss", "signal", "threshold", "stationary_count", "num_decisions"):
             item = getattr(detector, key, None)
             if item is not None:
                 metrics[f"fastface/{key}"] = float(item)

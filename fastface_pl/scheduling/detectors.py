@@ -119,8 +119,9 @@ class _StationarityDetector:
 
     A subclass sets ``_HYPERPARAMETERS`` (its constructor arguments in order, each with a same-named
     property) and implements ``_configure`` (validation), ``_reset_state`` (calling this one),
-    ``update``, ``_state_body`` and ``_load_state_body``. Its docstring says what ``threshold``,
-    ``smoothed_loss`` and ``signal`` stand for there.
+    ``update``, ``_state_body`` and ``_load_state_body`` (its own state: steps_seen, stationary_count,
+    decisions and lr_scale are saved and loaded here, before it). Its docstring says what
+    ``threshold``, ``smoothed_loss`` and ``signal`` stand for there.
     """
 
     __slots__ = ("_threshold", "_patience", "_decay", "_max_decays", "_decay_factor",
@@ -177,6 +178,7 @@ class _StationarityDetector:
         for name in self._HYPERPARAMETERS:
             state[name] = getattr(self, name)
         state["steps_seen"] = self._steps
+        state["stationary_count"] = self._count
         state.update(self._state_body())
         state["decisions"] = [list(d) for d in self._decisions]
         state["lr_scale"] = self._scale
@@ -192,6 +194,10 @@ class _StationarityDetector:
         _check_state_header(state, type(self).__name__)
         self._configure(*(state.get(name, getattr(self, name)) for name in self._HYPERPARAMETERS))
         self._reset_state()
+        self._steps = _check_int("steps_seen", state.get("steps_seen", 0), minimum=0)
+        self._count = _check_int("stationary_count", state.get("stationary_count", 0), minimum=0)
+        self._decisions = _decisions_from_state(state.get("decisions"))
+        self._scale = float(state.get("lr_scale", math.prod(f for _, f in self._decisions)))
         self._load_state_body(state)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -333,25 +339,20 @@ class FastFaceDetector(_StationarityDetector):
             "last_loss": self._last_loss,
             "signal": self._signal,
             "signal_prev": self._signal_prev,
-            "stationary_count": self._count,
         }
 
     def _load_state_body(self, state: dict[str, Any]) -> None:
-        steps = _check_int("steps_seen", state.get("steps_seen", 0), minimum=0)
+        steps = self._steps
         needed = ("smoothed_loss", "last_loss") if steps >= 1 else ()
         needed += ("signal", "signal_prev") if steps >= 2 else ()
         for key in needed:
             if not isinstance(state.get(key), numbers.Real) or not math.isfinite(state[key]):
                 raise ValueError(f"state[{key!r}] must be a finite number after {steps} steps, "
                                  f"got {state.get(key)!r}")
-        self._steps = steps
         self._smoothed = None if steps < 1 else float(state["smoothed_loss"])
         self._last_loss = None if steps < 1 else float(state["last_loss"])
         self._signal = None if steps < 2 else float(state["signal"])
         self._signal_prev = None if steps < 2 else float(state["signal_prev"])
-        self._count = _check_int("stationary_count", state.get("stationary_count", 0), minimum=0)
-        self._decisions = _decisions_from_state(state.get("decisions"))
-        self._scale = float(state.get("lr_scale", math.prod(f for _, f in self._decisions)))
         if self._max_decays is not None:
             self._decisions_left = max(self._max_decays - len(self._decisions), 0)
 
@@ -520,17 +521,14 @@ class MovingHaarDetector(_StationarityDetector):
         self._sum_new = math.fsum(ordered[self._half:])
 
     def _decide(self, count: int) -> float:
+        if self._max_decays is not None and self._reductions >= self._max_decays:
+            self._count = count  # no reduction left: no decision at all, restart included
+            return 1.0
         restart_after = self._restart_after
         if restart_after is not None and self._run >= restart_after:
             factor = self._decay ** (self._run - 1)
-            if self._max_decays is not None and self._reductions >= self._max_decays:
-                self._count = count
-                return 1.0
             self._run = 0
         else:
-            if self._max_decays is not None and self._reductions >= self._max_decays:
-                self._count = count
-                return 1.0
             factor = self._decay_factor
             self._run += 1
             self._reductions += 1
@@ -558,7 +556,6 @@ class MovingHaarDetector(_StationarityDetector):
             "sum_new": self._sum_new,
             "smoothed_loss": self._smoothed,
             "signal": self._signal,
-            "stationary_count": self._count,
             "run_decays": self._run,
             "num_reductions": self._reductions,
         }
@@ -572,7 +569,6 @@ class MovingHaarDetector(_StationarityDetector):
                              f"expected {m} each (window={m}); the state is corrupt")
         if not all(math.isfinite(x) for x in losses + averages):
             raise ValueError("state buffers contain non-finite values; the state is corrupt")
-        self._steps = _check_int("steps_seen", state.get("steps_seen", 0), minimum=0)
         self._losses = losses
         self._averages = averages
         self._loss_pos = _check_int("loss_pos", state.get("loss_pos", 0), minimum=0) % m
@@ -586,11 +582,8 @@ class MovingHaarDetector(_StationarityDetector):
         smoothed, signal = state.get("smoothed_loss"), state.get("signal")
         self._smoothed = None if smoothed is None else float(smoothed)
         self._signal = None if signal is None else float(signal)
-        self._count = _check_int("stationary_count", state.get("stationary_count", 0), minimum=0)
         self._run = _check_int("run_decays", state.get("run_decays", 0), minimum=0)
-        self._decisions = _decisions_from_state(state.get("decisions"))
         self._reductions = int(state.get("num_reductions", sum(f < 1.0 for _, f in self._decisions)))
-        self._scale = float(state.get("lr_scale", math.prod(f for _, f in self._decisions)))
 
 
 Detector = Union[FastFaceDetector, MovingHaarDetector]

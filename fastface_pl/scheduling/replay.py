@@ -266,11 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--window must be an integer >= 2, got {args.window}")
     if not math.isfinite(args.theta):
         parser.error(f"--theta must be a finite number, got {args.theta}")
+    if not 0 < args.patience_fraction <= 1:
+        parser.error(f"--patience-fraction must be in (0, 1], got {args.patience_fraction}")
     rows = load_loss_log(args.log)
     losses = expand_loss_log(rows)
     total = args.total_steps if args.total_steps is not None else rows[-1].step
-    if not 0 < args.patience_fraction <= 1:
-        parser.error(f"--patience-fraction must be in (0, 1], got {args.patience_fraction}")
     patience = int(args.patience_fraction * total)
     initial_lr = rows[0].lr
     detectors = [
