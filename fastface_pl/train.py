@@ -67,9 +67,6 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")  # validates the data before anything is built (layout, labels, classes)
-    if cfg.data.get("num_classes") is None:  # rebuild with the count found, so checkpoints record it
-        datamodule = instantiate(cfg.data, num_classes=datamodule.num_classes, _convert_="all")
-        datamodule.setup("fit")
 
     schedule = instantiate(cfg.scheduler, _convert_="all")
     lr_callback = schedule if isinstance(schedule, Callback) else None
@@ -125,9 +122,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    trainer, module, datamodule, lr_callback = build(cfg, run_dir)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():  # before the data and model are built
         raise UsageError(f"ckpt_path={cfg.ckpt_path} is not a file: give a checkpoint written by an earlier run")
+    trainer, module, datamodule, lr_callback = build(cfg, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "global_step": int(trainer.global_step)}

@@ -326,3 +326,12 @@ def test_validation_shards_are_contiguous_and_cover_each_pair_once():
     assert isinstance(loader.sampler, DistributedSampler)  # so Lightning keeps it instead of padding/interleaving
     n = len(dm.val_datasets[0])
     assert list(loader.sampler) == list(range(n // 2, n))
+
+
+def test_found_class_count_is_recorded_in_the_hyperparameters():
+    """num_classes=None takes the data's count and records it, so checkpoints and logged hparams carry it."""
+    dm = FaceDataModule("synthetic", batch_size=8, num_workers=0, synthetic=SMALL_SYNTHETIC)
+    assert dm.hparams_initial["num_classes"] is None
+    dm.setup("fit")
+    assert dm.hparams_initial["num_classes"] == dm.hparams["num_classes"] == dm.num_classes == 6
+    assert dm.hparams_initial["batch_size"] == 8  # the other arguments are kept

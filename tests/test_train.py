@@ -144,3 +144,11 @@ def test_multirun_sweeps_the_threshold(tmp_path):
     configs = [(sweep / str(i) / "config.yaml").read_text() for i in (0, 1)]
     assert "threshold: 0.5" in configs[0] and "threshold: 1000000000.0" in configs[1]
     assert len(summaries[1]["decisions"]) >= len(summaries[0]["decisions"])  # a larger λ never decides less
+
+
+def test_missing_checkpoint_stops_before_training(tmp_path):
+    missing = tmp_path / "none.ckpt"
+    result = _train(tmp_path / "run", *SHORT_DEMO, f"ckpt_path={missing}", check=False)
+    assert result.returncode == 2
+    assert f"ckpt_path={missing} is not a file" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was built or trained

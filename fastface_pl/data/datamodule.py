@@ -333,6 +333,8 @@ class FaceDataModule(pl.LightningDataModule):
             if isinstance(dataset, RecordDataset):
                 dataset.validate()
             self.train_dataset = dataset
+            if self.hparams.get("num_classes") is None:  # record the count found (checkpoints, logged hparams)
+                self.save_hyperparameters({**self.hparams, "num_classes": int(found)})
         return self.train_dataset
 
     @property
