@@ -41,7 +41,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist: give the path of a .ckpt file")
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    # mmap: only the small data-module entry is read here; the weights are loaded once, below
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False, mmap=True)
     data_kwargs: dict[str, Any] = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     if args.data is not None:  # other data, the same preprocessing (image size) as in training
         data_kwargs = {"root": args.data, "image_size": data_kwargs.get("image_size"),
