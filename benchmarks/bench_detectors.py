@@ -23,7 +23,7 @@ import torch
 
 from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector
 from fastface_pl.scheduling.replay import expand_loss_log, load_loss_log
-from fastface_pl.scheduling.torch_adapter import FastFaceLR
+from fastface_pl.scheduling.lr_scheduler import FastFaceLR
 
 
 def time_per_update(make_step: Callable[[], Callable[[float], object]], losses: list[float], repeats: int) -> float:

@@ -18,7 +18,7 @@ _EXPORTS = {
     "MovingHaarDetector": "fastface_pl.scheduling.detectors",
     "build_detector": "fastface_pl.scheduling.detectors",
     "FastFaceLRCallback": "fastface_pl.scheduling.callback",
-    "FastFaceLR": "fastface_pl.scheduling.torch_adapter",
+    "FastFaceLR": "fastface_pl.scheduling.lr_scheduler",
     "FaceRecognitionModule": "fastface_pl.models.module",
     "build_backbone": "fastface_pl.models.backbones",
     "FaceDataModule": "fastface_pl.data.datamodule",

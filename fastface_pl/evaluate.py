@@ -37,7 +37,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     from fastface_pl.data.datamodule import FaceDataModule
     from fastface_pl.models.module import FaceRecognitionModule
-    from fastface_pl.train import _format_results
+    from fastface_pl.evaluation.report import format_results
 
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist: give the path of a .ckpt file")
@@ -60,7 +60,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     trainer = pl.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False,
                          enable_checkpointing=False, enable_model_summary=False)
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    table, per_set = _format_results(results)
+    table, per_set = format_results(results)
     print(f"\n{args.checkpoint}\n{table}")
     if args.json is not None:
         args.json.write_text(json.dumps(per_set, indent=2))

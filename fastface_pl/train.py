@@ -97,26 +97,11 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any, Any, Any]:
     return trainer, module, datamodule, lr_callback
 
 
-def _format_results(results: list[dict[str, float]]) -> tuple[str, dict[str, dict[str, float]]]:
-    """A table of the verification metrics logged as ``val/<set>/<metric>``."""
-    per_set: dict[str, dict[str, float]] = {}
-    for metrics in results:
-        for key, value in metrics.items():
-            parts = key.split("/")
-            if len(parts) == 3 and parts[0] == "val":
-                per_set.setdefault(parts[1], {})[parts[2].split("_dataloader_idx")[0]] = float(value)
-    lines = [f"{'set':<16}{'accuracy':>12}{'± std':>10}{'TAR@FAR':>10}{'XNorm':>10}"]
-    for name, m in per_set.items():
-        lines.append(
-            f"{name:<16}{100 * m.get('accuracy', float('nan')):>11.2f}%{100 * m.get('accuracy_std', float('nan')):>9.2f}%"
-            f"{100 * m.get('tar_at_far', float('nan')):>9.2f}%{m.get('xnorm', float('nan')):>10.2f}"
-        )
-    return "\n".join(lines), per_set
-
-
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train (and validate, plot) as the config says; returns a summary (also written to results.json)."""
     import lightning.pytorch as pl
+
+    from fastface_pl.evaluation.report import format_results
 
     pl.seed_everything(cfg.seed, workers=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +119,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                  [step for step, _, _ in lr_callback.decisions])
     if cfg.validate_at_end:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
-        table, per_set = _format_results(results)
+        table, per_set = format_results(results)
         summary["verification"] = per_set
         if trainer.is_global_zero:
             print("\nVerification (10-fold accuracy, TAR at FAR, embedding norm):\n" + table)

@@ -25,7 +25,7 @@ from fastface_pl.data.recordio import (
     parse_layout,
     unpack_header,
 )
-from fastface_pl.data.verification import VerificationPairs, load_bin, write_bin
+from fastface_pl.data.bin_format import VerificationPairs, load_bin, write_bin
 
 __all__ = [
     "CorruptImageError",

@@ -32,7 +32,7 @@ from fastface_pl.data.datasets import (
     _check_int,
 )
 from fastface_pl.data.errors import DatasetError
-from fastface_pl.data.verification import load_bin
+from fastface_pl.data.bin_format import load_bin
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 from fastface_pl.data.datasets import IMAGE_EXTENSIONS, _check_int, decode_image, scan_image_folder
 from fastface_pl.data.errors import CorruptImageError, DatasetError
 from fastface_pl.data.recordio import RecordWriter, pack_header
-from fastface_pl.data.verification import _check_quality
+from fastface_pl.data.bin_format import _check_quality
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector
-from fastface_pl.scheduling.torch_adapter import FastFaceLR
+from fastface_pl.scheduling.lr_scheduler import FastFaceLR
 
 
 def make_optimizer(lrs=(0.02, 0.002)):
