@@ -4,7 +4,7 @@ Every backbone maps RGB images normalised as ``(x / 255 - 0.5) / 0.5`` (``float[
 *unnormalised* embedding ``float[B, embedding_size]``; the classification layer and
 :meth:`FaceRecognitionModule.embed` normalise it.
 
-The IResNet follows InsightFace's ``arcface_torch`` (REFERENCE.md §3) layer for layer, so parameter counts
+The IResNet follows InsightFace's ``arcface_torch`` (docs/models.md) layer for layer, so parameter counts
 are identical: r18 24.03M, r34 34.14M, r50 43.59M, r100 65.16M, r200 118.83M at 112×112 input and embedding
 512. Those counts include the frozen weight of the final ``BatchNorm1d`` (512 parameters that never train),
 as ``sum(p.numel() for p in model.parameters())`` does.
@@ -85,7 +85,7 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    """The IResNet of ArcFace / InsightFace ``arcface_torch`` (REFERENCE.md §3).
+    """The IResNet of ArcFace / InsightFace ``arcface_torch`` (docs/models.md).
 
     Stem conv3×3 (3→w₀, no bias) → BN → PReLU; four stages whose first block has stride 2 and a
     1×1 stride-2 conv + BN shortcut (H → H/16); head BN2d → flatten → dropout → Linear → BatchNorm1d whose

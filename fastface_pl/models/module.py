@@ -1,6 +1,6 @@
 """FaceRecognitionModule: backbone + margin softmax layer, trained as in the FastFace paper.
 
-The paper's recipe (REFERENCE.md §2): SGD lr 0.02, momentum 0.9, weight decay 5e-4, batch 128, fp16 mixed
+The paper's recipe (docs/paper_runs.md): SGD lr 0.02, momentum 0.9, weight decay 5e-4, batch 128, fp16 mixed
 precision, gradient-norm clipping at 5 on the backbone only, embedding 512, s = 64, full classification
 layer; the LR schedule comes from :class:`fastface_pl.scheduling.callback.FastFaceLRCallback`, which reads
 the loss that ``training_step`` returns.

@@ -1,8 +1,8 @@
 """The FastFace / Moving Haar learning-rate scheduler as a Lightning callback.
 
 :class:`FastFaceLRCallback` is a thin shell around a detector of
-:mod:`fastface_pl.scheduling.detectors` (ALGORITHM.md §1–§2). It takes care of what a real training
-loop adds (ALGORITHM.md §4): one value per *optimizer* step under gradient accumulation, no host–device
+:mod:`fastface_pl.scheduling.detectors` (docs/scheduler.md). It takes care of what a real training
+loop adds (docs/lightning.md): one value per *optimizer* step under gradient accumulation, no host–device
 synchronisation per step (the step losses are read in blocks of ``k`` steps), one reduction across
 data-parallel ranks per block, non-finite losses, checkpoints that resume exactly, and logging.
 """
@@ -25,7 +25,7 @@ from fastface_pl.scheduling.detectors import DETECTOR_NAMES, build_detector
 __all__ = ["FastFaceLRCallback"]
 
 NONFINITE_POLICIES = ("skip", "raise")
-DEFAULT_PATIENCE_FRACTION = 0.05  # τ of the FastFace paper (ALGORITHM.md §1)
+DEFAULT_PATIENCE_FRACTION = 0.05  # τ of the FastFace paper (docs/scheduler.md)
 
 # Schedulers that recompute the LR from their base values when stepped (instead of multiplying the
 # current LR): stepped at any interval they overwrite the callback's changes.
@@ -60,7 +60,7 @@ class FastFaceLRCallback(Callback):
     ``compose_with_step_schedulers=True``.
 
     Args:
-        detector: ``"fastface"`` (ALGORITHM.md §1), ``"moving_haar"`` (§2), or a detector instance
+        detector: ``"fastface"`` (docs/scheduler.md), ``"moving_haar"`` (docs/scheduler.md), or a detector instance
             (anything with ``update(loss) -> factor``, ``state_dict()`` and ``load_state_dict()``), which
             then carries its own patience.
         detector_kwargs: Keyword arguments of the named detector (α, β, λ, δ, K, or m, θ, R ...).

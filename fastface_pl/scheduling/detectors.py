@@ -4,7 +4,7 @@ Both detectors are pure arithmetic: they import neither torch nor Lightning (nor
 be read, tested and reused in any training loop. Feed them one training loss per *optimizer* step;
 ``update`` returns the factor by which to multiply the learning rate (LR) from the next step on.
 
-The exact method is specified in ``docs/ALGORITHM.md`` of the project (FastFace, arXiv 2404.11118):
+The exact method is specified in ``docs/scheduler.md`` of the project (FastFace, arXiv 2404.11118):
 
 * :class:`FastFaceDetector`: loss EMA (α) → Haar difference → EMA (β), computed with the paper's
   O(1) recurrence; stationary while the signal D^E_t is below λ; decays the LR by δ after more than
