@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastface_pl.scheduling.callback import FastFaceLRCallback
-from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector, build_detector
+from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector, NonFiniteLossError, build_detector
 
 LR0 = 0.1
 FASTFACE = {"alpha": 0.5, "beta": 0.5, "threshold": 1e-3, "patience": 4}
@@ -54,6 +54,19 @@ def replay(name: str, kwargs: dict, values: list[float]) -> list[tuple[int, floa
     return detector.decisions
 
 
+class RecordingSGD(torch.optim.SGD):
+    """SGD that reports the LR of its first group from inside ``step``: the LR the step really used (after any
+    optimizer step pre-hook, e.g. the callback's scale under compose_with_step_schedulers)."""
+
+    def __init__(self, params, lr, record) -> None:
+        super().__init__(params, lr=lr)
+        self.record = record
+
+    def step(self, closure=None):
+        self.record(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
 class ScriptedModule(LightningModule):
     """``training_step`` returns ``losses[total batch index]`` exactly, with a gradient on a parameter.
 
@@ -73,14 +86,14 @@ class ScriptedModule(LightningModule):
         # (w − w.detach()) is exactly 0 with gradient 1: the loss is the scripted value to the bit.
         return (self.weight - self.weight.detach()).sum() + value
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.lrs.append(optimizer.param_groups[0]["lr"])
+    def record_lr(self, lr: float) -> None:
+        self.lrs.append(lr)
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(torch.zeros(self.batches_per_epoch, 1)), batch_size=1)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=LR0)
+        optimizer = RecordingSGD(self.parameters(), lr=LR0, record=self.record_lr)
         if self.scheduler is None:
             return optimizer
         lr_scheduler = dict(self.scheduler, scheduler=self.scheduler["scheduler"](optimizer))
@@ -199,8 +212,8 @@ def test_partial_block_is_flushed_at_train_end():
 class ResumableModule(ScriptedModule):
     """Records (optimizer step, LR) so a resumed run can be compared step by step."""
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.lrs.append((self.trainer.global_step + 1, optimizer.param_groups[0]["lr"]))
+    def record_lr(self, lr: float) -> None:
+        self.lrs.append((self.trainer.global_step + 1, lr))
 
 
 def step_means(losses: list[float], batches_per_epoch: int, n_accumulate: int) -> list[float]:
@@ -263,7 +276,8 @@ def test_state_dict_round_trip_and_tolerates_missing_keys():
 
     other = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, sync_every_n_steps=3, verbose=False)
     other.load_state_dict(state)
-    assert other.decisions == []  # applied when training starts, after Lightning has restored everything
+    assert other.decisions == callback.decisions and other.detector.steps_seen == 40  # visible at once
+    assert other.state_dict()["scheduler"] == state["scheduler"]
     extended = losses + [losses[-1]]
     make_trainer(max_steps=1, callbacks=[other]).fit(ScriptedModule(extended[40:]))
     assert other.steps_observed == 41 and other.detector.steps_seen == 41
@@ -276,14 +290,32 @@ def test_state_dict_round_trip_and_tolerates_missing_keys():
     assert partial.steps_observed == 8 and partial.detector.steps_seen == 1 and partial.lr_scale == 1.0
 
 
-def test_state_key_tells_instances_apart():
+def test_state_key_is_the_detector_type_and_name_not_the_settings():
     a = FastFaceLRCallback("fastface", detector_kwargs={"threshold": 1e-4}, patience=10)
-    b = FastFaceLRCallback("fastface", detector_kwargs={"threshold": 2e-4}, patience=10)
+    b = FastFaceLRCallback("fastface", detector_kwargs={"threshold": 2e-4, "alpha": 0.1}, patience_fraction=0.2)
+    assert a.state_key == b.state_key  # a resume with changed settings finds its state
     c = FastFaceLRCallback("moving_haar", detector_kwargs={"window": 10})
-    d = FastFaceLRCallback("fastface", patience_fraction=0.1)
-    keys = {x.state_key for x in (a, b, c, d)}
-    assert len(keys) == 4
-    assert a.state_key == FastFaceLRCallback("fastface", detector_kwargs={"threshold": 1e-4}, patience=10).state_key
+    d = FastFaceLRCallback(FastFaceDetector(patience=3))
+    e = FastFaceLRCallback("fastface", name="backbone")
+    f = FastFaceLRCallback("fastface", name="head")
+    assert len({x.state_key for x in (a, c, d, e, f)}) == 5
+
+
+def test_two_instances_of_one_detector_type_coexist_when_named(tmp_path):
+    # Two FastFace detector instances that differ only in alpha: Lightning refuses duplicate keys, a name tells
+    # them apart, and each restores its own state.
+    losses = staircase_losses(30)
+    make = lambda alpha, name=None: FastFaceLRCallback(  # noqa: E731
+        FastFaceDetector(alpha=alpha, beta=0.5, threshold=1e-3, patience=4), verbose=False, name=name)
+    with pytest.raises(RuntimeError, match="state_key"):
+        make_trainer(max_steps=30, callbacks=[make(0.5), make(0.6)])
+    first, second = make(0.5, "a"), make(0.6, "b")
+    trainer = make_trainer(tmp_path, max_steps=30, callbacks=[first, second], enable_checkpointing=True)
+    trainer.fit(ScriptedModule(losses))
+    states = torch.load(trainer.checkpoint_callback.best_model_path or
+                        next((tmp_path).rglob("*.ckpt")), weights_only=False)["callbacks"]
+    assert states[first.state_key]["scheduler"]["detector"]["alpha"] == 0.5
+    assert states[second.state_key]["scheduler"]["detector"]["alpha"] == 0.6
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,7 +344,7 @@ def test_nonfinite_loss_raises_naming_the_step_when_asked():
     losses = staircase_losses(30)
     losses[11] = float("nan")
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, on_nonfinite="raise", verbose=False)
-    with pytest.raises(FloatingPointError, match=r"optimizer step 12 is nan.*on_nonfinite='skip'"):
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 12 is nan.*on_nonfinite='skip'"):
         make_trainer(max_steps=30, callbacks=[callback]).fit(ScriptedModule(losses))
 
 
@@ -504,20 +536,19 @@ def test_steps_without_a_loss_are_skipped_with_one_warning():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(detector="adam"), "detector must be one of fastface, moving_haar"),
-        (dict(detector=3.0), "detector must be one of"),
-        (dict(patience=-1), "patience must be an integer >= 0"),
-        (dict(patience=2.5), "patience must be an integer >= 0"),
-        (dict(patience_fraction=0.0), r"patience_fraction \(τ\) must be in \(0, 1\]"),
-        (dict(patience_fraction=1.5), r"patience_fraction \(τ\) must be in \(0, 1\]"),
+        (dict(detector="adam"), "Unknown detector 'adam'"),
+        (dict(patience=-1), "patience must be an int >= 0"),
+        (dict(patience=2.5), "patience must be an int >= 0"),
+        (dict(patience_fraction=0.0), r"patience_fraction must be a finite number in \(0, 1\]"),
+        (dict(patience_fraction=1.5), r"patience_fraction must be a finite number in \(0, 1\]"),
         (dict(patience=10, patience_fraction=0.1), "either patience .* or patience_fraction"),
         (dict(detector_kwargs={"patience": 3}, patience=4), "patience is given twice"),
-        (dict(min_lr=-1e-3), "min_lr must be a finite number >= 0"),
-        (dict(sync_every_n_steps=0), r"sync_every_n_steps \(k\) must be an integer >= 1"),
-        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of skip, raise"),
+        (dict(min_lr=-1e-3), r"min_lr must be a finite number in \[0, inf\)"),
+        (dict(sync_every_n_steps=0), "sync_every_n_steps must be an int >= 1"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of 'skip', 'raise'"),
         (dict(verbose="yes"), "verbose must be True or False"),
-        (dict(detector_kwargs={"alpha": 2.0}), "alpha"),
-        (dict(detector="moving_haar", detector_kwargs={"window": 1}), "window"),
+        (dict(detector_kwargs={"alpha": 2.0}), "alpha must be"),
+        (dict(detector="moving_haar", detector_kwargs={"window": 1}), "window must be an int >= 2"),
         (dict(detector=FastFaceDetector(patience=3), patience=5), "carries its own patience"),
         (dict(detector=MovingHaarDetector(window=4), patience_fraction=0.1), "carries its own patience"),
         (dict(detector=FastFaceDetector(patience=3), detector_kwargs={"alpha": 0.1}), "detector_kwargs only apply"),
@@ -525,6 +556,16 @@ def test_steps_without_a_loss_are_skipped_with_one_warning():
 )
 def test_invalid_arguments_raise_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        FastFaceLRCallback(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(detector=3.0), "detector must be 'fastface', 'moving_haar' or a detector instance"),
+    (dict(detector_kwargs=[("alpha", 0.1)]), "detector_kwargs must be a dict"),
+    (dict(name=3), "name must be a string"),
+])
+def test_arguments_of_the_wrong_type_raise_type_errors(kwargs, message):
+    with pytest.raises(TypeError, match=message):
         FastFaceLRCallback(**kwargs)
 
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector
+from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector, NonFiniteLossError
 from fastface_pl.scheduling.lr_scheduler import FastFaceLR
 
 
@@ -57,18 +57,20 @@ def test_min_lr_floors_decays_but_not_restarts():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(min_lr=-1.0), "min_lr"),
     (dict(min_lr=[0.1]), "min_lr.*2"),
-    (dict(on_nonfinite="ignore"), "on_nonfinite.*skip or raise.*'ignore'"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite must be one of 'skip', 'raise', got 'ignore'"),
 ])
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FastFaceLR(make_optimizer(), raw_detector(), **kwargs)
 
 
-def test_rejects_non_detectors():
-    with pytest.raises(ValueError, match="detector"):
+def test_wrong_types_are_type_errors():
+    with pytest.raises(TypeError, match="detector must be 'fastface', 'moving_haar' or a detector instance"):
         FastFaceLR(make_optimizer(), object())
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         FastFaceLR(object(), raw_detector())
+    with pytest.raises(TypeError, match="loss must be a real number"):
+        FastFaceLR(make_optimizer(), raw_detector()).step("3.0x")
 
 
 def test_nonfinite_losses_are_skipped_counted_and_warned_once():
@@ -87,7 +89,7 @@ def test_nonfinite_losses_are_skipped_counted_and_warned_once():
 def test_nonfinite_losses_can_raise():
     scheduler = FastFaceLR(make_optimizer(), raw_detector(), on_nonfinite="raise")
     scheduler.step(1.0)
-    with pytest.raises(ValueError, match="non-finite loss inf at optimizer step 2"):
+    with pytest.raises(NonFiniteLossError, match="optimizer step 2 is inf"):
         scheduler.step(math.inf)
     assert scheduler.detector.steps_seen == 1
 
