@@ -146,8 +146,9 @@ class FastFaceLR:
         composed = optimizers if compose is True else list(compose or [])
         if any(all(item is not other for other in optimizers) for item in composed):
             raise ValueError("compose: every optimizer listed must be one of those FastFaceLR owns")
-        self._composed = [(item, self._hook(item)) for item in composed]
         self._own_lrs: dict[int, list[Any]] = {}
+        self._hook_depth: dict[int, int] = {}
+        self._composed = [(item, self._hook(item)) for item in composed]
 
     # ------------------------------------------------------------------ settings from the run length
     def run_length_settings(self, total_steps: int | None) -> dict[str, Any]:
@@ -246,6 +247,11 @@ class FastFaceLR:
                 optimizer.register_step_post_hook(self._restore_after_step))
 
     def _scale_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # torch runs the hooks again for a subclass whose step() calls super().step(): scale once, outermost.
+        depth = self._hook_depth.get(id(optimizer), 0)
+        self._hook_depth[id(optimizer)] = depth + 1
+        if depth:
+            return
         groups = optimizer.param_groups
         self._own_lrs[id(optimizer)] = [group["lr"] for group in groups]
         floors = dict(zip(map(id, (g for _, g in self._groups())), self._floors()))
@@ -254,6 +260,10 @@ class FastFaceLR:
             _set_lr(group, self._floored(own * self.lr_scale, own, floors[id(group)]))
 
     def _restore_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        depth = self._hook_depth.get(id(optimizer), 1) - 1
+        self._hook_depth[id(optimizer)] = depth
+        if depth:
+            return
         for group, own in zip(optimizer.param_groups, self._own_lrs.pop(id(optimizer), [])):
             _set_lr(group, float(own))
 
