@@ -329,9 +329,11 @@ class FastFaceDetector(_StationarityDetector):
             The factor for the LR from the next step on: 1.0, or 1/δ on a decision.
 
         Raises:
-            ValueError: ``loss`` is NaN or infinite (the state is left unchanged).
+            NonFiniteLossError: ``loss`` is NaN or infinite (the state is left unchanged).
+            TypeError: ``loss`` is not a number.
         """
-        loss = _as_loss(loss)
+        if type(loss) is not float or not math.isfinite(loss):  # the common case skips a call
+            loss = _as_loss(loss)
         self._steps += 1
         alpha, beta = self._alpha, self._beta
         if self._steps == 1:
@@ -473,9 +475,11 @@ class MovingHaarDetector(_StationarityDetector):
             The factor for the LR from the next step on: 1.0, 1/δ, or δ^(r−1) on a restart.
 
         Raises:
-            ValueError: ``loss`` is NaN or infinite (the state is left unchanged).
+            NonFiniteLossError: ``loss`` is NaN or infinite (the state is left unchanged).
+            TypeError: ``loss`` is not a number.
         """
-        loss = _as_loss(loss)
+        if type(loss) is not float or not math.isfinite(loss):  # the common case skips a call
+            loss = _as_loss(loss)
         t = self._steps  # 0-based index of this loss
         self._steps += 1
         m = self._window
@@ -485,14 +489,28 @@ class MovingHaarDetector(_StationarityDetector):
             self._signal = signal
 
         # y_t enters the loss window; a_t enters the average window.
-        pos = self._loss_pos
-        self._loss_sum += loss - self._losses[pos]
-        self._losses[pos] = loss
-        self._loss_pos = (pos + 1) % m
-        if self._loss_pos == 0:
-            self._loss_sum = math.fsum(self._losses)  # exact refresh once per window: no drift
-        if t >= m - 1:
-            self._push_average(self._loss_sum / m)
+        losses, pos = self._losses, self._loss_pos
+        self._loss_sum += loss - losses[pos]
+        losses[pos] = loss
+        pos = (pos + 1) % m
+        self._loss_pos = pos
+        if pos == 0:
+            self._loss_sum = math.fsum(losses)  # exact refresh once per window: no drift
+        if t >= m - 1:  # a_t enters the ring of the last m averages; the two Haar half-sums follow it
+            average = self._smoothed = self._loss_sum / m
+            averages, pos = self._averages, self._avg_pos
+            if self._num_averages == m:
+                # a_{t−m} leaves the older half; a_{t−m+h} moves from the newer half to the older one.
+                oldest, moving = averages[pos], averages[(pos + self._half) % m]
+                self._sum_old += moving - oldest
+                self._sum_new += average - moving
+            else:
+                self._num_averages += 1
+            averages[pos] = average
+            pos = (pos + 1) % m
+            self._avg_pos = pos
+            if pos == 0:
+                self._refresh_haar_sums(0)  # exact sums once per window (and when the ring first fills)
 
         if signal is None:  # the first 2·m steps neither count nor reset
             return 1.0
@@ -504,22 +522,6 @@ class MovingHaarDetector(_StationarityDetector):
         if self._count <= self._patience:
             return 1.0
         return self._decide()
-
-    def _push_average(self, average: float) -> None:
-        """a_t enters the ring of the last m averages; the two Haar half-sums follow it."""
-        self._smoothed = average
-        m, pos = self._window, self._avg_pos
-        if self._num_averages == m:
-            # a_{t−m} leaves the older half; a_{t−m+h} moves from the newer half to the older one.
-            oldest, moving = self._averages[pos], self._averages[(pos + self._half) % m]
-            self._sum_old += moving - oldest
-            self._sum_new += average - moving
-        else:
-            self._num_averages += 1
-        self._averages[pos] = average
-        self._avg_pos = (pos + 1) % m
-        if self._avg_pos == 0:
-            self._refresh_haar_sums(0)  # exact sums once per window (and when the ring first fills)
 
     def _refresh_haar_sums(self, oldest_pos: int) -> None:
         ordered = self._averages[oldest_pos:] + self._averages[:oldest_pos]
