@@ -213,3 +213,11 @@ def test_compose_scales_another_schedulers_lr_while_the_optimizer_steps(optimize
     before = weight.item()
     optimizer.step()
     assert before - weight.item() == pytest.approx(0.1, rel=1e-5)  # hooks gone
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from fastface_pl.scheduling import lr_scheduler
+
+    assert doctest.testmod(lr_scheduler).failed == 0
