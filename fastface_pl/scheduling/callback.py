@@ -320,10 +320,11 @@ class FastFaceLRCallback(Callback):
             total = self._run_length(trainer, global_steps_per_step)
             recomputed = scheduler.set_total_steps(total)
             if recomputed and scheduler.detector.steps_seen > 0:
+                old, new = recomputed["patience"]
+                was = f"T = {previous_total}, P = {old}" if previous_total is not None else f"P = {old}"
                 rank_zero_info(
-                    f"FastFaceLRCallback: this run is T = {total} optimizer steps (the checkpoint's was "
-                    f"{previous_total}): patience P = int(τ·T) with τ = {scheduler.patience_fraction} is now "
-                    f"{recomputed['patience'][1]} (was {recomputed['patience'][0]}).")
+                    f"FastFaceLRCallback: this run is T = {total} optimizer steps, so the patience P = int(τ·T) "
+                    f"with τ = {scheduler.patience_fraction} is now {new} (the checkpoint had {was}).")
         if changes and scheduler.detector.steps_seen > 0:
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
             rank_zero_info(f"FastFaceLRCallback: resumed with changed detector settings ({listed}); the detector "
@@ -335,6 +336,9 @@ class FastFaceLRCallback(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close_scheduler()  # the optimizer step hooks of compose_with_step_schedulers
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close_scheduler()
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_end(
@@ -419,6 +423,8 @@ class FastFaceLRCallback(Callback):
         detector = self._scheduler.detector
         if factor > 1.0:
             reason = f"restart ×{factor:g} (still stationary after {detector.patience} more steps)"
+        elif detector.signal is None:
+            reason = "loss stationary"
         else:
             reason = (f"loss stationary for {detector.patience + 1} steps: signal {detector.signal:.4g} < "
                       f"threshold {detector.threshold:.4g}")
