@@ -287,7 +287,7 @@ class FastFaceLRCallback(Callback):
             self._reconcile_settings(trainer, global_steps_per_step=1)
         self._last_global_step = trainer.global_step
         self._loss_divisor = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        self._next_lr = self._scheduler.lrs_in_effect()[0]
+        self._next_lr = self._scheduler.lr_in_effect()
 
     def _run_length(self, trainer: Trainer, global_steps_per_step: int) -> int:
         """T: the optimizer steps (in the callback's sense) of the whole run, for P = int(τ·T).
@@ -371,7 +371,8 @@ class FastFaceLRCallback(Callback):
             self._window_count = 0
         if len(self._pending_steps) >= self.sync_every_n_steps:
             self._read_block(trainer)
-        self._next_lr = self._scheduler.lrs_in_effect()[0]
+        if self.log_signals:
+            self._next_lr = self._scheduler.lr_in_effect()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._pending_steps:
@@ -428,7 +429,7 @@ class FastFaceLRCallback(Callback):
         else:
             reason = (f"loss stationary for {detector.patience + 1} steps: signal {detector.signal:.4g} < "
                       f"threshold {detector.threshold:.4g}")
-        new_lr = self._scheduler.lrs_in_effect()[0]
+        new_lr = self._scheduler.lr_in_effect()
         rank_zero_info(f"FastFaceLRCallback: optimizer step {step}: {reason}; LR ×{factor:g} -> {new_lr:.6g} "
                        f"(from step {self._steps + 1})")
 

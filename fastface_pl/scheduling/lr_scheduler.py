@@ -232,7 +232,7 @@ class FastFaceLR:
         for (optimizer, group), floor in zip(self._groups(), self._floors()):
             if id(optimizer) not in composed:
                 _set_lr(group, self._floored(float(group["lr"]) * factor, float(group["lr"]), floor))
-        self.decisions.append((self.last_step, float(factor), self.lrs_in_effect()[0]))
+        self.decisions.append((self.last_step, float(factor), self.lr_in_effect()))
 
     @staticmethod
     def _floored(new_lr: float, old_lr: float, floor: float | None) -> float:
@@ -284,6 +284,14 @@ class FastFaceLR:
             lr = float(group["lr"])
             out.append(self._floored(lr * self.lr_scale, lr, floor) if id(optimizer) in composed else lr)
         return out
+
+    def lr_in_effect(self) -> float:
+        """The LR the first parameter group of the first optimizer uses at its next step (cheap: one group)."""
+        group = self.optimizers[0].param_groups[0]
+        lr = float(group["lr"])
+        if any(optimizer is self.optimizers[0] for optimizer, _ in self._composed):
+            return self._floored(lr * self.lr_scale, lr, None if self.min_lrs is None else self.min_lrs[0])
+        return lr
 
     def get_last_lr(self) -> list[float]:
         """The LR of every parameter group after the last step (as ReduceLROnPlateau)."""
