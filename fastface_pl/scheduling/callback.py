@@ -346,7 +346,7 @@ class FastFaceLRCallback(Callback):
     ) -> None:
         # The hot path: list appends per batch, no device work, no synchronisation. Lightning hands over a
         # detached 0-d loss (a fresh tensor in automatic optimization, not modified afterwards).
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             self._micro_losses.append(loss)
             self._window_count += 1

@@ -149,6 +149,7 @@ class FastFaceLR:
         self._own_lrs: dict[int, list[Any]] = {}
         self._hook_depth: dict[int, int] = {}
         self._composed = [(item, self._hook(item)) for item in composed]
+        self._first_composed = any(item is optimizers[0] for item in composed)
 
     # ------------------------------------------------------------------ settings from the run length
     def run_length_settings(self, total_steps: int | None) -> dict[str, Any]:
@@ -195,15 +196,8 @@ class FastFaceLR:
         Returns:
             The factor applied (1.0 when nothing was decided or the loss was skipped).
         """
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
-                                 "pass the mean loss of the optimizer step")
-            loss = loss.item()
-        try:
-            loss = float(loss)
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"loss must be a real number or a one-element tensor, got {loss!r}") from error
+        if type(loss) is not float:  # the callback passes floats: it skips these checks
+            loss = self._as_float(loss)
         self.last_step = self.last_step + 1 if step is None else int(step)
         if not math.isfinite(loss):
             return self._skip_nonfinite(loss)
@@ -211,6 +205,18 @@ class FastFaceLR:
         if factor != 1.0:
             self._apply(factor)
         return factor
+
+    @staticmethod
+    def _as_float(loss: Any) -> float:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
+                                 "pass the mean loss of the optimizer step")
+            return loss.item()
+        try:
+            return float(loss)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"loss must be a real number or a one-element tensor, got {loss!r}") from error
 
     def _skip_nonfinite(self, loss: float) -> float:
         if self.on_nonfinite == "raise":
@@ -273,6 +279,7 @@ class FastFaceLR:
             for handle in handles:
                 handle.remove()
         self._composed = []
+        self._first_composed = False
 
     # ------------------------------------------------------------------ reading
     def lrs_in_effect(self) -> list[float]:
@@ -289,7 +296,7 @@ class FastFaceLR:
         """The LR the first parameter group of the first optimizer uses at its next step (cheap: one group)."""
         group = self.optimizers[0].param_groups[0]
         lr = float(group["lr"])
-        if any(optimizer is self.optimizers[0] for optimizer, _ in self._composed):
+        if self._first_composed:
             return self._floored(lr * self.lr_scale, lr, None if self.min_lrs is None else self.min_lrs[0])
         return lr
 
