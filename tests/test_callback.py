@@ -631,6 +631,7 @@ def test_composed_sequential_lr_keeps_the_decisions_at_its_milestone():
     sequential, own = sequential_warmup_cosine(reference), []
     for epoch in range(5):
         own += [reference.param_groups[0]["lr"]] * 20
+        reference.step()
         sequential.step()
     scale = [lr / LR0 for lr in expected_lrs(decided, 100)]
     assert model.lrs == pytest.approx([o * s for o, s in zip(own, scale)], rel=1e-12)
