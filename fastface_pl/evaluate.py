@@ -5,7 +5,7 @@
     python -m fastface_pl.evaluate model.ckpt --ijb /data/IJB_release/IJBC        # IJB-C 1:1 TAR at FAR
 
 Without ``--data`` the data module the checkpoint was trained with is rebuilt from its saved arguments
-(e.g. the demo's synthetic pairs). Prints one row per set: 10-fold accuracy ± std, TAR at FAR, XNorm.
+(e.g. the demo's synthetic pairs). Prints one row per set: 10-fold accuracy ± std, VAL@FAR=1e-3 ± std, XNorm.
 """
 
 from __future__ import annotations

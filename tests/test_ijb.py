@@ -224,12 +224,11 @@ def make_ijb_folder(root: Path, target="ijbc", num_images=48, num_templates=12, 
     for index in range(num_images):
         template_id = 100 + index % num_templates
         identity = identity_of_template[index % num_templates]
-        angle, scale = rng.uniform(-0.3, 0.3), rng.uniform(1.1, 1.6)
-        shift = rng.uniform(10, 30, 2)
+        angle, scale = rng.uniform(-0.3, 0.3), rng.uniform(0.8, 1.2)
+        shift = rng.uniform(48, 64, 2)  # room for the rotated face inside the crop
         forward = np.hstack([scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]),
                              shift[:, None]])  # template frame -> loose crop
-        crop_size = (int(112 * scale + 2 * 30), int(112 * scale + 2 * 30))
-        crop = warp_affine(base[identity], forward, max(crop_size)).permute(1, 2, 0).numpy()
+        crop = warp_affine(base[identity], forward, int(112 * scale * 1.3) + 96).permute(1, 2, 0).numpy()
         name = f"{index + 1}.jpg"
         Image.fromarray(crop).save(folder / "loose_crop" / name, quality=95)
         landmarks = template @ forward[:, :2].T + forward[:, 2]
