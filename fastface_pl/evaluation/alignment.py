@@ -3,9 +3,9 @@
 The transform is the least-squares similarity (rotation, uniform scale, translation) of Umeyama (1991),
 the one ``skimage.transform.SimilarityTransform.estimate`` computes, and the warp samples the source
 bilinearly at ``M⁻¹ · (x, y)`` for every output pixel centre with zeros outside the image, which is the
-definition of ``cv2.warpAffine(img, M, size, borderValue=0)`` (``INTER_LINEAR``). OpenCV quantises the
-sampling position to 1/32 pixel and the weights to 11 bits; this warp works in float32 and rounds once, so
-a pixel can differ by one grey level (see ``docs/evaluation.md``).
+definition of ``cv2.warpAffine(img, M, size, borderValue=0)`` (``INTER_LINEAR``). This warp works in
+float32 and rounds once; against OpenCV 5.0 no pixel differs by more than one grey level
+(``docs/evaluation.md``).
 
 Example::
 
