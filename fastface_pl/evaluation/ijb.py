@@ -24,6 +24,7 @@ a JSON file, the scores and a ROC plot. Command line::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -195,8 +196,8 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: in
         for images in tqdm(loader, desc="IJB features", unit="batch", disable=not progress):
             images = images.to(device, non_blocking=True).float().div_(255).sub_(0.5).div_(0.5)
             both = torch.cat([images, images.flip(-1)])
-            with torch.autocast(device.type, dtype=autocast_dtypes[precision] or torch.float32,
-                                enabled=autocast_dtypes[precision] is not None):
+            dtype = autocast_dtypes[precision]
+            with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
                 embeddings = backbone(both).float()
             image_part, flip_part = embeddings.chunk(2)
             chunks.append((image_part + flip_part).cpu())
