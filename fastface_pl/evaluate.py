@@ -2,9 +2,10 @@
 
     python -m fastface_pl.evaluate runs/<date>/<time>/checkpoints/last.ckpt
     python -m fastface_pl.evaluate model.ckpt --data /data/ms1m-retinaface-t1 --sets lfw cfp_fp agedb_30
+    python -m fastface_pl.evaluate model.ckpt --ijb /data/IJB_release/IJBC        # IJB-C 1:1 TAR at FAR
 
 Without ``--data`` the data module the checkpoint was trained with is rebuilt from its saved arguments
-(e.g. the demo's synthetic pairs). Prints one row per set: 10-fold accuracy ± std, TAR at FAR, XNorm.
+(e.g. the demo's synthetic pairs). Prints one row per set: 10-fold accuracy ± std, VAL@FAR=1e-3 ± std, XNorm.
 """
 
 from __future__ import annotations
@@ -28,7 +29,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", default="auto", help="cpu | gpu | auto")
     p.add_argument("--precision", default="32-true", help="32-true | 16-mixed | bf16-mixed")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument("--ijb", type=Path, default=None,
+                   help="an IJBB or IJBC folder (loose_crop/, meta/): IJB 1:1 verification instead of the .bin sets "
+                        "(add --data or --sets to run both)")
+    p.add_argument("--ijb-out", type=Path, default=Path("ijb_results"),
+                   help="folder for the IJB table (JSON), ROC plot and pair scores (default: ./ijb_results)")
     return p
+
+
+def evaluate_ijb_command(args: argparse.Namespace, backbone: Any) -> dict[str, Any]:
+    """IJB-B/C 1:1 verification of ``backbone`` (see :mod:`fastface_pl.evaluation.ijb`)."""
+    from fastface_pl.evaluation.ijb import evaluate_ijb
+
+    accelerator = {"gpu": "cuda", "auto": None}.get(args.accelerator, args.accelerator)
+    return evaluate_ijb(backbone, args.ijb, args.ijb_out, name=args.checkpoint.stem,
+                        image_size=getattr(backbone, "input_size", 112), batch_size=args.batch_size,
+                        num_workers=args.num_workers, device=accelerator, precision=args.precision)
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -41,6 +57,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist: give the path of a .ckpt file")
+    if args.ijb is not None:
+        module = FaceRecognitionModule.load_from_checkpoint(args.checkpoint, map_location="cpu", val_set_names=None)
+        ijb_result = evaluate_ijb_command(args, module.backbone)
+        if args.data is None and args.sets is None:
+            return {"ijb": ijb_result}
     # mmap: only the small data-module entry is read here; the weights are loaded once, below
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False, mmap=True)
     data_kwargs: dict[str, Any] = dict(checkpoint.get("datamodule_hyper_parameters") or {})
@@ -71,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         evaluate(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"fastface_pl.evaluate: error: {err}", file=sys.stderr)
         return 2
     return 0

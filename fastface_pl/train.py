@@ -122,7 +122,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         table, per_set = format_results(results)
         summary["verification"] = per_set
         if trainer.is_global_zero:
-            print("\nVerification (10-fold accuracy, TAR at FAR, embedding norm):\n" + table)
+            print("\nVerification (10-fold accuracy, VAL@FAR, XNorm):\n" + table)
     if trainer.is_global_zero:
         if cfg.plot:
             from fastface_pl.plotting import plot_run_metrics

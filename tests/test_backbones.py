@@ -159,9 +159,10 @@ def test_iresnet_head_runs_in_fp32_under_autocast():
 def test_mobilefacenet_head_runs_in_fp32_under_autocast():
     net = build_backbone("mbf", embedding_size=16, input_size=32).eval()
     dtypes = {}
-    net.body.register_forward_hook(lambda m, i, o: dtypes.__setitem__("body", o.dtype))
-    net.fc.register_forward_hook(lambda m, i, o: dtypes.__setitem__("fc", o.dtype))
+    net.layers.register_forward_hook(lambda m, i, o: dtypes.__setitem__("body", o.dtype))
+    net.conv_sep.register_forward_hook(lambda m, i, o: dtypes.__setitem__("conv_sep", o.dtype))
+    net.features.layers[2].register_forward_hook(lambda m, i, o: dtypes.__setitem__("fc", o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         embeddings = net(torch.randn(2, 3, 32, 32))
-    assert dtypes == {"body": torch.bfloat16, "fc": torch.float32}
+    assert dtypes == {"body": torch.bfloat16, "conv_sep": torch.float32, "fc": torch.float32}
     assert embeddings.dtype == torch.float32

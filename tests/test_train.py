@@ -121,7 +121,8 @@ def test_evaluate_command_prints_a_table(demo_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     per_set = json.loads(out.read_text())
     assert "synthetic" in per_set and 0.5 <= per_set["synthetic"]["accuracy"] <= 1.0
-    assert "synthetic" in result.stdout and "accuracy" in result.stdout
+    assert "synthetic" in result.stdout and "accuracy" in result.stdout and "VAL@FAR" in result.stdout
+    assert {"val_at_far", "val_at_far_std", "far", "xnorm"} <= set(per_set["synthetic"])
 
 
 def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path):

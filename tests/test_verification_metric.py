@@ -1,4 +1,5 @@
-"""The 10-fold verification protocol (docs/evaluation.md): hand-computed cases and an independent loop version."""
+"""The 10-fold verification protocol (docs/evaluation.md): hand-computed cases and independent loop versions of
+InsightFace's calculate_roc accuracy, calculate_val (VAL@FAR) and XNorm."""
 
 from __future__ import annotations
 
@@ -38,15 +39,40 @@ def loop_protocol(distances, issame, num_folds=10):
     return np.mean(accuracies), np.std(accuracies), np.mean(chosen)
 
 
-def loop_tar_at_far(cosines, issame, far):
-    """Best TAR over thresholds t (accept score ≥ t) whose FAR = #impostors ≥ t / #impostors is ≤ far."""
-    cosines, issame = np.asarray(cosines), np.asarray(issame, dtype=bool)
-    genuine, impostor = cosines[issame], cosines[~issame]
-    best = 0.0
-    for t in np.concatenate([np.unique(cosines), [np.inf]]):
-        if np.mean(impostor >= t) <= far:
-            best = max(best, np.mean(genuine >= t))
-    return best
+def legacy_slinear(x, y, value):
+    """interp1d(x, y, kind="slinear")(value) as scipy evaluated it before it refused repeated x: the degree-1
+    B-spline with knots [x0, x..., x_last] and coefficients y, its interval found as scipy's find_interval."""
+    t = [x[0], *x, x[-1]]
+    k, n = 1, len(t) - 2
+    interval = k
+    while value >= t[interval + 1] and interval + 1 != n:
+        interval += 1
+    left, right = t[interval], t[interval + 1]
+    return y[interval - 1] * (right - value) / (right - left) + y[interval] * (value - left) / (right - left)
+
+
+def loop_val_far(threshold, distances, issame):
+    accept = distances < threshold
+    return np.sum(accept & issame) / np.sum(issame), np.sum(accept & ~issame) / np.sum(~issame)
+
+
+def loop_calculate_val(distances, issame, far_target, num_folds=10):
+    """InsightFace's calculate_val, with loops, on distances in file order."""
+    distances, issame = np.asarray(distances, dtype=np.float64), np.asarray(issame, dtype=bool)
+    n = len(distances)
+    thresholds = np.arange(0, 4, 0.001)
+    sizes = [n // num_folds + (1 if k < n % num_folds else 0) for k in range(num_folds)]
+    starts = np.cumsum([0] + sizes)
+    vals, fars = [], []
+    for k in range(num_folds):
+        test = np.arange(starts[k], starts[k + 1])
+        train = np.setdiff1d(np.arange(n), test)
+        far_train = np.array([loop_val_far(t, distances[train], issame[train])[1] for t in thresholds])
+        threshold = legacy_slinear(far_train, thresholds, far_target) if far_train.max() >= far_target else 0.0
+        val, far = loop_val_far(threshold, distances[test], issame[test])
+        vals.append(val)
+        fars.append(far)
+    return np.mean(vals), np.std(vals), np.mean(fars)
 
 
 def test_hand_computed_separable_case():
@@ -56,7 +82,13 @@ def test_hand_computed_separable_case():
     assert result["accuracy"] == 1.0 and result["accuracy_std"] == 0.0
     assert result["threshold"] == pytest.approx(0.51)  # first threshold with dist < t for every genuine pair
     assert result["xnorm"] == pytest.approx(1.0)
-    assert result["tar_at_far"] == 1.0
+    # VAL is undefined on the five folds without a genuine pair (the reference divides by zero there)
+    assert math.isnan(result["val_at_far"]) and math.isnan(result["far"])  # and FAR on those without impostors
+    doubled = evaluate_pairs(*pairs_with_distances(distances * 2), torch.cat([issame, issame]), num_folds=5)
+    assert doubled["val_at_far"] == 1.0 and doubled["val_at_far_std"] == 0.0
+    # train FAR jumps from 0 (t = 3.000) to 1 (t = 3.001): interpolated at 1e-3 the threshold is 3.000001, just
+    # above the held-out impostors at 3.0, which are all accepted (calculate_val does the same)
+    assert doubled["far"] == 1.0
 
 
 def test_hand_computed_case_with_one_hard_positive():
@@ -89,22 +121,45 @@ def test_matches_independent_loop_version_on_random_pairs(num_pairs):
     assert result["threshold"] == pytest.approx(threshold, abs=1e-12)
 
 
-def test_tar_at_far_against_independent_computation():
-    generator = torch.Generator().manual_seed(0)
-    genuine = torch.rand(300, generator=generator) * 0.8 + 0.1
-    impostor = torch.rand(1000, generator=generator) * 0.8 - 0.5
-    cosines = torch.cat([genuine, impostor]).double()
-    issame = torch.cat([torch.ones(300, dtype=torch.bool), torch.zeros(1000, dtype=torch.bool)])
-    order = torch.randperm(1300, generator=generator)
-    cosines, issame = cosines[order], issame[order]
-    angle = torch.arccos(cosines)
-    emb_a = torch.stack([torch.ones_like(angle), torch.zeros_like(angle)], 1)
-    emb_b = torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    for far in (0.0105, 0.05):
-        result = evaluate_pairs(emb_a, emb_b, issame, far=far)
-        expected = loop_tar_at_far(cosines.numpy(), issame.numpy(), far)
-        assert 0.0 < expected < 1.0
-        assert result["tar_at_far"] == pytest.approx(expected, abs=1e-6)  # torchmetrics works in fp32
+@pytest.mark.parametrize("num_pairs, far", [(600, 1e-3), (1000, 1e-2), (1370, 0.05)])
+def test_val_at_far_matches_calculate_val(num_pairs, far):
+    generator = torch.Generator().manual_seed(num_pairs)
+    issame = torch.rand(num_pairs, generator=generator) < 0.5
+    emb_a = torch.randn(num_pairs, 32, generator=generator)
+    noise = torch.randn(num_pairs, 32, generator=generator)
+    emb_b = torch.where(issame.unsqueeze(1), emb_a + 1.2 * noise, noise)
+    result = evaluate_pairs(emb_a, emb_b, issame, far=far)
+    a = emb_a.double() / emb_a.double().norm(dim=1, keepdim=True)
+    b = emb_b.double() / emb_b.double().norm(dim=1, keepdim=True)
+    val, val_std, far_mean = loop_calculate_val(((a - b) ** 2).sum(1).numpy(), issame.numpy(), far)
+    assert 0.05 < val < 1.0  # a non-trivial case
+    assert result["val_at_far"] == pytest.approx(val, abs=1e-12)
+    assert result["val_at_far_std"] == pytest.approx(val_std, abs=1e-12)
+    assert result["far"] == pytest.approx(far_mean, abs=1e-12)
+
+
+def test_val_threshold_interpolation_with_repeated_fars():
+    # train FARs repeat on long runs (0 up to the first impostor): the threshold lies between the last one at
+    # or below the target and the next, where the old scipy put it and where the current one raises
+    far_train = np.array([0.0, 0.0, 0.0, 0.001, 0.001, 0.003, 0.003, 0.01])
+    thresholds = np.arange(8) * 0.001
+    assert legacy_slinear(far_train, thresholds, 0.002) == pytest.approx(0.0045)
+    assert legacy_slinear(far_train, thresholds, 0.001) == pytest.approx(0.004)
+    assert legacy_slinear(far_train, thresholds, 0.0) == pytest.approx(0.002)
+
+
+def test_xnorm_is_the_mean_norm_of_image_and_flip_embeddings():
+    generator = torch.Generator().manual_seed(4)
+    views_a = torch.randn(40, 2, 8, generator=generator) * torch.tensor([1.0, 3.0]).view(1, 2, 1)
+    views_b = torch.randn(40, 2, 8, generator=generator)
+    issame = torch.rand(40, generator=generator) < 0.5
+    result = evaluate_pairs(views_a, views_b, issame)
+    norms = [np.linalg.norm(v) for views in (views_a, views_b) for pair in views.numpy() for v in pair]
+    assert result["xnorm"] == pytest.approx(np.mean(norms), rel=1e-12)
+    # pairs are scored on the sum of the views: the same as on their mean
+    summed = evaluate_pairs(views_a.mean(1), views_b.mean(1), issame)
+    assert result["accuracy"] == summed["accuracy"] and result["val_at_far"] == summed["val_at_far"]
+    assert result["xnorm"] > summed["xnorm"]  # the norm of a mean is smaller than the mean of norms
 
 
 def test_metric_in_batches_equals_function_and_resets():
@@ -118,7 +173,7 @@ def test_metric_in_batches_equals_function_and_resets():
         metric.update(emb_a[start:start + 10], emb_b[start:start + 10], issame[start:start + 10])
     computed = metric.compute()
     expected = evaluate_pairs(emb_a, emb_b, issame)
-    assert set(computed) == {"accuracy", "accuracy_std", "threshold", "tar_at_far", "xnorm"}
+    assert set(computed) == {"accuracy", "accuracy_std", "threshold", "val_at_far", "val_at_far_std", "far", "xnorm"}
     for key, value in expected.items():
         assert float(computed[key]) == pytest.approx(value, abs=1e-12)
     metric.reset()
@@ -126,9 +181,9 @@ def test_metric_in_batches_equals_function_and_resets():
         metric.compute()
 
 
-def test_tar_is_nan_without_impostors():
+def test_val_is_nan_without_impostors():
     result = evaluate_pairs(*pairs_with_distances([0.5] * 10), torch.ones(10, dtype=torch.bool))
-    assert math.isnan(result["tar_at_far"]) and result["accuracy"] == 1.0
+    assert math.isnan(result["val_at_far"]) and math.isnan(result["far"]) and result["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,20 @@ docs/evaluation.md: embeddings are L2-normalised, pairs scored by squared L2 dis
 split into 10 consecutive folds (no shuffling; the first ``P mod 10`` folds get one pair more, as
 scikit-learn's ``KFold``); for each fold the threshold in {0, 0.01, …, 3.99} with the best accuracy on the
 other 9 folds (the first one on ties) gives the accuracy on that fold ("same" when distance < threshold).
-Reported: mean and population std (``ddof=0``) of the 10 accuracies, the mean chosen threshold, the mean
-embedding norm (XNorm) and TAR at FAR (default 1e-3) over all pairs from the cosine scores.
+Reported: mean and population std (``ddof=0``) of the 10 accuracies, the mean chosen threshold, VAL@FAR
+(default FAR 1e-3) as InsightFace's ``calculate_val`` (mean ± std over the folds, and the mean FAR reached on
+the held-out folds) and XNorm, the mean norm of the image and flip embeddings (``docs/evaluation.md``).
+
+VAL@FAR: on the 9 training folds the FAR of every distance threshold in {0, 0.001, …, 3.999} is computed and
+the threshold reaching the target FAR interpolated linearly (as ``scipy.interpolate.interp1d(far, thresholds,
+kind="slinear")`` did before scipy refused the repeated FAR values that every fold has: between the last
+threshold whose FAR is ≤ the target and the next one); 0 when no threshold reaches the target. VAL is the
+fraction of genuine pairs of the held-out fold under that threshold (NaN for a fold without genuine pairs).
 
 Example::
 
     metric = VerificationMetric()
-    for emb_a, emb_b, issame in batches:      # unnormalised embeddings, issame bool[B]
+    for emb_a, emb_b, issame in batches:      # unnormalised embeddings [B, D] or [B, 2, D] (image, flip)
         metric.update(emb_a, emb_b, issame)
     metric.compute()["accuracy"]
 
@@ -28,13 +35,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
-from torchmetrics.functional.classification import binary_sensitivity_at_specificity
 from torchmetrics.utilities import dim_zero_cat
 
 __all__ = ["VerificationMetric", "evaluate_pairs", "verification_from_scores"]
 
 THRESHOLD_STEP = 0.01
 THRESHOLD_MAX = 4.0
+VAL_THRESHOLD_STEP = 0.001  # calculate_val's finer grid
 
 
 def _check_args(num_folds: int, far: float) -> None:
@@ -51,20 +58,51 @@ def _fold_ids(num_pairs: int, num_folds: int, device: torch.device) -> torch.Ten
     return torch.repeat_interleave(torch.arange(num_folds, device=device), sizes)
 
 
-def verification_from_scores(distances: torch.Tensor, cosines: torch.Tensor, issame: torch.Tensor,
-                             num_folds: int = 10, far: float = 1e-3) -> dict[str, torch.Tensor]:
+def _val_at_far(distances: torch.Tensor, issame: torch.Tensor, folds: torch.Tensor, num_folds: int,
+                far: float) -> dict[str, torch.Tensor]:
+    """InsightFace's ``calculate_val``: VAL on each held-out fold at the threshold that reaches ``far`` on the rest."""
+    device = distances.device
+    thresholds = torch.arange(0, round(THRESHOLD_MAX / VAL_THRESHOLD_STEP), device=device, dtype=torch.float64)
+    thresholds = thresholds * VAL_THRESHOLD_STEP
+    num_thresholds = thresholds.numel()
+    # a pair is accepted at threshold j (distance < thresholds[j]) for every j >= its bucket
+    bucket = torch.searchsorted(thresholds, distances, right=True)
+    impostor = ~issame
+    counts = torch.zeros(num_folds, num_thresholds + 1, dtype=torch.int64, device=device)
+    counts.index_put_((folds[impostor], bucket[impostor]), torch.ones_like(bucket[impostor]), accumulate=True)
+    accepted = counts.cumsum(dim=1)[:, :num_thresholds]  # impostors accepted per fold and threshold [F, T]
+    impostors = torch.bincount(folds[impostor], minlength=num_folds)
+    train_far = (accepted.sum(0, keepdim=True) - accepted).double() / (impostors.sum() - impostors).unsqueeze(1)
+    # interp1d(train_far, thresholds, kind="slinear")(far): train_far is non-decreasing in the threshold
+    lo = ((train_far <= far).sum(dim=1) - 1).clamp(min=0)
+    hi = (lo + 1).clamp(max=num_thresholds - 1)
+    far_lo, far_hi = train_far.gather(1, lo[:, None])[:, 0], train_far.gather(1, hi[:, None])[:, 0]
+    weight = 1.0 / (far_hi - far_lo)
+    interpolated = thresholds[lo] * (weight * (far_hi - far)) + thresholds[hi] * (weight * (far - far_lo))
+    interpolated = torch.where(far_hi > far_lo, interpolated, thresholds[lo])
+    chosen = torch.where(train_far.max(dim=1).values >= far, interpolated, torch.zeros_like(interpolated))
+    accept = distances.unsqueeze(0) < chosen.unsqueeze(1)  # [F, P]
+    in_fold = folds.unsqueeze(0) == torch.arange(num_folds, device=device).unsqueeze(1)
+    genuine_in_fold = (in_fold & issame).sum(1)
+    val = (accept & in_fold & issame).sum(1).double() / genuine_in_fold  # NaN for a fold without genuine pairs
+    fold_far = (accept & in_fold & impostor).sum(1).double() / (in_fold & impostor).sum(1)
+    return {"val_at_far": val.mean(), "val_at_far_std": val.std(correction=0), "far": fold_far.mean()}
+
+
+def verification_from_scores(distances: torch.Tensor, issame: torch.Tensor, num_folds: int = 10,
+                             far: float = 1e-3) -> dict[str, torch.Tensor]:
     """The protocol on precomputed scores.
 
     Args:
         distances: ``float[P]`` squared L2 distances of the normalised embeddings.
-        cosines: ``float[P]`` cosine similarities (for TAR at FAR).
         issame: ``bool[P]``.
         num_folds: folds of the cross-validation.
-        far: false accept rate at which TAR is read.
+        far: the FAR target of VAL@FAR.
 
     Returns:
-        dict of 0-d float64 tensors: ``accuracy``, ``accuracy_std``, ``threshold``, ``tar_at_far``
-        (NaN if there are no genuine or no impostor pairs).
+        dict of 0-d float64 tensors: ``accuracy``, ``accuracy_std``, ``threshold``, ``val_at_far``,
+        ``val_at_far_std``, ``far`` (the mean FAR reached on the held-out folds); the VAL entries are NaN
+        when there are no genuine or no impostor pairs.
     """
     _check_args(num_folds, far)
     num_pairs = distances.numel()
@@ -88,28 +126,33 @@ def verification_from_scores(distances: torch.Tensor, cosines: torch.Tensor, iss
         "accuracy": accuracies.mean(),
         "accuracy_std": accuracies.std(correction=0),
         "threshold": thresholds[best].mean(),
-        "tar_at_far": torch.tensor(math.nan, dtype=torch.float64, device=device),
     }
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
     num_same = int(issame.sum())
     if 0 < num_same < num_pairs:
-        # cosine in [-1, 1] mapped to [0, 1] so torchmetrics does not apply a sigmoid
-        probabilities = ((cosines.double().flatten() + 1.0) / 2.0).clamp(0.0, 1.0)
-        sensitivity, _ = binary_sensitivity_at_specificity(probabilities, issame.long(), min_specificity=1.0 - far)
-        result["tar_at_far"] = sensitivity.double()
+        result.update(_val_at_far(distances, issame, folds, num_folds, far))
+    else:
+        result.update(val_at_far=nan, val_at_far_std=nan, far=nan)
     return result
 
 
-def _pair_scores(emb_a: torch.Tensor, emb_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pair_scores(emb_a: torch.Tensor, emb_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared L2 distances of the normalised (view-summed) embeddings, and the norms of every view."""
     emb_a, emb_b = emb_a.detach().double(), emb_b.detach().double()
-    norms = torch.cat([emb_a.norm(dim=1), emb_b.norm(dim=1)])
+    if emb_a.dim() == 3:  # [P, V, D]: image and flip embeddings
+        norms = torch.cat([emb_a.norm(dim=2).flatten(), emb_b.norm(dim=2).flatten()])
+        emb_a, emb_b = emb_a.sum(dim=1), emb_b.sum(dim=1)
+    else:
+        norms = torch.cat([emb_a.norm(dim=1), emb_b.norm(dim=1)])
     a, b = F.normalize(emb_a, dim=1), F.normalize(emb_b, dim=1)
-    return (a - b).pow(2).sum(dim=1), (a * b).sum(dim=1), norms
+    return (a - b).pow(2).sum(dim=1), norms
 
 
 def _check_pairs(emb_a: torch.Tensor, emb_b: torch.Tensor, issame: torch.Tensor) -> None:
-    if emb_a.dim() != 2 or emb_a.shape != emb_b.shape or issame.shape != (emb_a.shape[0],):
+    if emb_a.dim() not in (2, 3) or emb_a.shape != emb_b.shape or issame.shape != (emb_a.shape[0],):
         raise ValueError(
-            f"expected emb_a and emb_b of shape [P, D] and issame of shape [P], got {list(emb_a.shape)}, "
+            f"expected emb_a and emb_b of shape [P, D] (or [P, V, D]: image and flip embeddings) and issame of "
+            f"shape [P], got {list(emb_a.shape)}, "
             f"{list(emb_b.shape)} and {list(issame.shape)}"
         )
 
@@ -119,18 +162,21 @@ def evaluate_pairs(emb_a: torch.Tensor, emb_b: torch.Tensor, issame: torch.Tenso
     """The 10-fold verification protocol on unnormalised embeddings, without Lightning or torchmetrics state.
 
     Args:
-        emb_a, emb_b: ``float[P, D]`` embeddings of the two images of each pair (in file order).
+        emb_a, emb_b: ``float[P, D]`` embeddings of the two images of each pair (in file order), or
+            ``float[P, V, D]`` with the embeddings of V views (image and flip): the pair is scored on their sum
+            and XNorm averages the norms of all views, as InsightFace.
         issame: ``bool[P]`` whether each pair shows one identity.
         num_folds: folds (10 in the protocol).
-        far: FAR at which ``tar_at_far`` is read.
+        far: the FAR target of VAL@FAR.
 
     Returns:
-        dict of floats: ``accuracy``, ``accuracy_std``, ``threshold``, ``tar_at_far``, ``xnorm``.
+        dict of floats: ``accuracy``, ``accuracy_std``, ``threshold``, ``val_at_far``, ``val_at_far_std``,
+        ``far``, ``xnorm``.
     """
     emb_a, emb_b, issame = torch.as_tensor(emb_a), torch.as_tensor(emb_b), torch.as_tensor(issame)
     _check_pairs(emb_a, emb_b, issame)
-    distances, cosines, norms = _pair_scores(emb_a, emb_b)
-    result = verification_from_scores(distances, cosines, issame, num_folds, far)
+    distances, norms = _pair_scores(emb_a, emb_b)
+    result = verification_from_scores(distances, issame, num_folds, far)
     result["xnorm"] = norms.mean()
     return {key: float(value) for key, value in result.items()}
 
@@ -140,12 +186,13 @@ class VerificationMetric(Metric):
 
     Args:
         num_folds: folds of the cross-validation (10).
-        far: false accept rate for ``tar_at_far`` (1e-3).
+        far: the FAR target of VAL@FAR (1e-3).
 
-    ``update(emb_a, emb_b, issame)`` takes *unnormalised* embeddings ``float[B, D]`` (normalised here; XNorm
-    is the mean norm of all of them) and ``issame bool[B]``. Only scores are kept (4 numbers per pair), not
-    the embeddings. ``compute()`` returns a dict of 0-d tensors: ``accuracy``, ``accuracy_std``,
-    ``threshold``, ``tar_at_far``, ``xnorm``.
+    ``update(emb_a, emb_b, issame)`` takes *unnormalised* embeddings ``float[B, D]`` or ``float[B, V, D]``
+    (image and flip; scored on their sum) and ``issame bool[B]``; XNorm is the mean norm of all embeddings
+    given. Only distances and norms are kept, not the embeddings. ``compute()`` returns a dict of 0-d
+    tensors: ``accuracy``, ``accuracy_std``, ``threshold``, ``val_at_far``, ``val_at_far_std``, ``far``,
+    ``xnorm``.
     """
 
     is_differentiable = False
@@ -157,15 +204,13 @@ class VerificationMetric(Metric):
         _check_args(num_folds, far)
         self.num_folds, self.far = num_folds, float(far)
         self.add_state("distances", default=[], dist_reduce_fx="cat")
-        self.add_state("cosines", default=[], dist_reduce_fx="cat")
         self.add_state("issame", default=[], dist_reduce_fx="cat")
         self.add_state("norms", default=[], dist_reduce_fx="cat")
 
     def update(self, emb_a: torch.Tensor, emb_b: torch.Tensor, issame: torch.Tensor) -> None:  # type: ignore[override]
         _check_pairs(emb_a, emb_b, issame)
-        distances, cosines, norms = _pair_scores(emb_a, emb_b)
+        distances, norms = _pair_scores(emb_a, emb_b)
         self.distances.append(distances)
-        self.cosines.append(cosines)
         self.issame.append(issame.bool())
         self.norms.append(norms)
 
@@ -173,7 +218,7 @@ class VerificationMetric(Metric):
         # A list before any update; after the sync across ranks (DDP) torchmetrics has concatenated it to a tensor.
         if isinstance(self.distances, list) and not self.distances:
             raise ValueError("VerificationMetric.compute() called before any update(): no pairs to evaluate")
-        result = verification_from_scores(dim_zero_cat(self.distances), dim_zero_cat(self.cosines),
-                                           dim_zero_cat(self.issame), self.num_folds, self.far)
+        result = verification_from_scores(dim_zero_cat(self.distances), dim_zero_cat(self.issame),
+                                           self.num_folds, self.far)
         result["xnorm"] = dim_zero_cat(self.norms).mean()
         return result

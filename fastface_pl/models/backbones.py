@@ -173,16 +173,22 @@ class IResNet(nn.Module):
             return self.features(self.fc(x.float()))
 
 
-class _ConvBNPReLU(nn.Sequential):
+class _ConvBlock(nn.Module):
+    """Conv (no bias) → BN → PReLU, or Conv → BN with ``activation=False`` (arcface_torch's ``LinearBlock``)."""
+
     def __init__(self, in_c: int, out_c: int, kernel: int = 1, stride: int = 1, padding: int = 0,
                  groups: int = 1, activation: bool = True) -> None:
+        super().__init__()
         layers: list[nn.Module] = [
             nn.Conv2d(in_c, out_c, kernel, stride=stride, padding=padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_c, eps=BN_EPS),
         ]
         if activation:
             layers.append(nn.PReLU(out_c))
-        super().__init__(*layers)
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
 class _DepthWise(nn.Module):
@@ -192,9 +198,9 @@ class _DepthWise(nn.Module):
         super().__init__()
         self.residual = residual
         self.layers = nn.Sequential(
-            _ConvBNPReLU(in_c, hidden, 1),
-            _ConvBNPReLU(hidden, hidden, 3, stride=stride, padding=1, groups=hidden),
-            _ConvBNPReLU(hidden, out_c, 1, activation=False),
+            _ConvBlock(in_c, hidden, 1),
+            _ConvBlock(hidden, hidden, 3, stride=stride, padding=1, groups=hidden),
+            _ConvBlock(hidden, out_c, 1, activation=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,14 +208,46 @@ class _DepthWise(nn.Module):
         return x + out if self.residual else out
 
 
+class _Residual(nn.Module):
+    """``num_blocks`` residual bottlenecks of ``channels`` channels (arcface_torch's ``Residual``)."""
+
+    def __init__(self, channels: int, num_blocks: int, hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(_DepthWise(channels, channels, hidden, 1, True) for _ in range(num_blocks)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class _GlobalDepthwiseHead(nn.Module):
+    """Global depthwise conv (kernel = feature map) + BN → flatten → Linear (no bias) → BatchNorm1d (``GDC``)."""
+
+    def __init__(self, kernel: int, embedding_size: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            _ConvBlock(512, 512, kernel, groups=512, activation=False),
+            nn.Flatten(),
+            nn.Linear(512, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size, eps=BN_EPS),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 class MobileFaceNet(nn.Module):
     """MobileFaceNet as in ``arcface_torch`` ("mbf"): depthwise bottlenecks and a global depthwise head.
 
     Stem conv3×3 stride 2 → depthwise 3×3 → three stride-2 bottleneck stages with residual blocks
-    (``blocks`` per stage) → 1×1 conv to 512 → global depthwise conv (kernel = input_size / 16) →
-    Linear (no bias) → BatchNorm1d. With ``scale=2`` and ``blocks=(1, 4, 6, 2)`` (the default, as in
-    arcface_torch) it costs 0.44 G multiply-adds at 112×112 (the "0.45 GFLOPs" usually quoted) and has
-    2.06M parameters.
+    (``blocks`` per stage) → 1×1 conv to 512 (``conv_sep``) → global depthwise conv (kernel =
+    input_size / 16) → Linear (no bias) → BatchNorm1d. With ``scale=2`` and ``blocks=(1, 4, 6, 2)`` (the
+    default, as in arcface_torch) it costs 0.44 G multiply-adds at 112×112 (the "0.45 GFLOPs" usually
+    quoted) and has 2.06M parameters.
+
+    Its ``state_dict`` keys and shapes are those of arcface_torch's ``get_mbf(fp16, num_features=512)``
+    (``layers.0 … layers.7``, ``conv_sep``, ``features``; 333 entries), so a published ``backbone.pth``
+    loads with ``load_state_dict(strict=True)`` and gives the same embeddings. As there, ``conv_sep`` and the
+    head run in fp32 under mixed precision.
 
     Args:
         embedding_size: output dimension.
@@ -228,28 +266,21 @@ class MobileFaceNet(nn.Module):
         self.input_size = _check_input_size(input_size)
         self.embedding_size = embedding_size
         c1, c2 = 64 * scale, 128 * scale
-        layers: list[nn.Module] = [_ConvBNPReLU(3, c1, 3, stride=2, padding=1)]
-        if blocks[0] == 1:
-            layers.append(_ConvBNPReLU(c1, c1, 3, padding=1, groups=64))
-        else:
-            layers += [_DepthWise(c1, c1, 128, stride=1, residual=True) for _ in range(blocks[0])]
-        layers.append(_DepthWise(c1, c1, 128, stride=2, residual=False))
-        layers += [_DepthWise(c1, c1, 128, stride=1, residual=True) for _ in range(blocks[1])]
-        layers.append(_DepthWise(c1, c2, 256, stride=2, residual=False))
-        layers += [_DepthWise(c2, c2, 256, stride=1, residual=True) for _ in range(blocks[2])]
-        layers.append(_DepthWise(c2, c2, 512, stride=2, residual=False))
-        layers += [_DepthWise(c2, c2, 256, stride=1, residual=True) for _ in range(blocks[3])]
-        layers.append(_ConvBNPReLU(c2, 512, 1))
-        self.body = nn.Sequential(*layers)
-        k = input_size // 16
-        self.gdc = _ConvBNPReLU(512, 512, k, groups=512, activation=False)
-        self.fc = nn.Linear(512, embedding_size, bias=False)
-        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+        self.layers = nn.Sequential(
+            _ConvBlock(3, c1, 3, stride=2, padding=1),
+            _ConvBlock(c1, c1, 3, padding=1, groups=64) if blocks[0] == 1 else _Residual(c1, blocks[0], 128),
+            _DepthWise(c1, c1, 128, stride=2, residual=False),
+            _Residual(c1, blocks[1], 128),
+            _DepthWise(c1, c2, 256, stride=2, residual=False),
+            _Residual(c2, blocks[2], 256),
+            _DepthWise(c2, c2, 512, stride=2, residual=False),
+            _Residual(c2, blocks[3], 256),
+        )
+        self.conv_sep = _ConvBlock(c2, 512, 1)
+        self.features = _GlobalDepthwiseHead(input_size // 16, embedding_size)
+        for module in self.modules():  # arcface_torch's initialisation
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
@@ -257,11 +288,10 @@ class MobileFaceNet(nn.Module):
                 f"expected images of shape [B, 3, {self.input_size}, {self.input_size}], got {list(x.shape)}; "
                 "resize the images or build the backbone with a matching input_size"
             )
-        x = self.body(x)
-        # As arcface_torch: the global depthwise head, Linear and BatchNorm1d run in fp32 under mixed precision.
+        x = self.layers(x)
+        # As arcface_torch: conv_sep, the global depthwise head, Linear and BatchNorm1d run in fp32.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = self.gdc(x.float())
-            return self.features(self.fc(torch.flatten(x, 1)))
+            return self.features(self.conv_sep(x.float()))
 
 
 def _iresnet(depths: tuple[int, int, int, int], **defaults: Any):

@@ -37,7 +37,7 @@ from fastface_pl.validation import check_positive_int
 
 __all__ = ["FaceRecognitionModule"]
 
-_VAL_KEYS = ("accuracy", "accuracy_std", "threshold", "tar_at_far", "xnorm")
+_VAL_KEYS = ("accuracy", "accuracy_std", "threshold", "val_at_far", "val_at_far_std", "far", "xnorm")
 LR_SCHEDULES = ("polynomial", "step")
 
 
@@ -120,9 +120,10 @@ class FaceRecognitionModule(pl.LightningModule):
             :func:`fastface_pl.scheduling.presets.torch_schedule` builds these dicts.
 
     Validation dataloaders (one per pair set) yield ``(images_a, images_b, issame)``; each image is embedded
-    with its horizontal flip (the two embeddings averaged), and :class:`VerificationMetric` logs
-    ``val/{name}/accuracy``, ``…/accuracy_std``, ``…/threshold``, ``…/tar_at_far``, ``…/xnorm`` and the mean
-    ``val/accuracy`` over sets.
+    with its horizontal flip (the two embeddings added), and :class:`VerificationMetric` logs
+    ``val/{name}/accuracy``, ``…/accuracy_std``, ``…/threshold``, ``…/val_at_far``, ``…/val_at_far_std``,
+    ``…/far``, ``…/xnorm`` (InsightFace's definitions, ``docs/evaluation.md``) and the mean ``val/accuracy``
+    over sets.
     """
 
     def __init__(
@@ -201,9 +202,12 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def embed_with_flip(self, images: torch.Tensor) -> torch.Tensor:
         """Mean of the embeddings of the images and their horizontal flips (unnormalised, fp32)."""
-        both = self(torch.cat([images, images.flip(-1)]))
-        first, flipped = both.float().chunk(2)
-        return (first + flipped) / 2
+        return self.embed_views(images).mean(dim=1)
+
+    def embed_views(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the images and of their horizontal flips, ``float[B, 2, D]`` (unnormalised, fp32)."""
+        first, flipped = self(torch.cat([images, images.flip(-1)])).float().chunk(2)
+        return torch.stack([first, flipped], dim=1)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -286,7 +290,7 @@ class FaceRecognitionModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images_a, images_b, issame = batch
-        self.val_metrics[dataloader_idx].update(self.embed_with_flip(images_a), self.embed_with_flip(images_b), issame)
+        self.val_metrics[dataloader_idx].update(self.embed_views(images_a), self.embed_views(images_b), issame)
 
     def on_validation_epoch_end(self) -> None:
         accuracies = []
