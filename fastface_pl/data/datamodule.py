@@ -32,7 +32,7 @@ from fastface_pl.data.datasets import (
     SyntheticPairs,
     _check_int,
 )
-from fastface_pl.data.errors import DatasetError
+from fastface_pl.data.errors import DatasetError, reading
 from fastface_pl.data.bin_format import load_bin
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,16 @@ def detect_layout(root: Union[str, os.PathLike]) -> str:
     """Which reader fits ``root``: ``"synthetic"``, ``"record"`` or ``"image_folder"``.
 
     Raises:
-        DatasetError: If the path does not exist or matches no accepted layout; the message lists the
-            accepted layouts and what was found.
+        DatasetError: If the path does not exist, cannot be read or matches no accepted layout; the message
+            lists the accepted layouts and what was found.
     """
     if str(root) == LAYOUT_SYNTHETIC:
         return LAYOUT_SYNTHETIC
-    path = Path(root)
+    with reading("data root", root):
+        return _detect_file_layout(Path(root))
+
+
+def _detect_file_layout(path: Path) -> str:
     if not path.exists():
         raise DatasetError(f"data root {path} does not exist. Accepted layouts:\n{ACCEPTED_LAYOUTS}")
     if path.is_file():
@@ -94,7 +98,7 @@ def detect_layout(root: Union[str, os.PathLike]) -> str:
     with os.scandir(path) as entries:
         folders = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
     for folder in folders[:20]:  # a few identity folders are enough to recognise the layout
-        with os.scandir(folder) as entries:
+        with reading("identity folder", folder), os.scandir(folder) as entries:
             if any(e.name.lower().endswith(wanted) and e.is_file() for e in entries):
                 return LAYOUT_IMAGE_FOLDER
     raise DatasetError(
@@ -397,7 +401,8 @@ class FaceDataModule(pl.LightningDataModule):
         paths, missing = [], []
         for name in self.val_sets:
             candidates = [Path(name)] if name.endswith(".bin") else [place / f"{name}.bin" for place in places]
-            found = next((c for c in candidates if c.is_file()), None)
+            with reading("verification set", name):
+                found = next((c for c in candidates if c.is_file()), None)
             if found is None:
                 missing.append(" or ".join(str(c) for c in candidates))
             paths.append(found)

@@ -6,7 +6,8 @@ so a corrupt sample in a 5-million-image pack can be found (and cut out) without
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 
 class DatasetError(ValueError):
@@ -52,3 +53,42 @@ class RecordKeyError(DatasetError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+def unreadable(what: str, path: object, error: OSError) -> DatasetError:
+    """The error for data the training process may not read: names the path and the fix.
+
+    Args:
+        what: What the path is, for the message (``"data root"``, ``"identity folder"``, ``"record file"`` ...).
+        path: The path that was being read (the error's own ``filename`` wins when it has one).
+        error: The ``PermissionError`` (or other ``OSError``) that was raised.
+    """
+    where = error.filename if error.filename is not None else path
+    reason = error.strerror or str(error)
+    return DatasetError(
+        f"cannot read the {what} {where}: {reason}. Give the user running training read access to it (files need "
+        f"r, folders r and x, and every folder above it x), e.g. `chmod -R a+rX {where}` as its owner, or copy "
+        "the data to a place this user can read"
+    )
+
+
+@contextmanager
+def reading(what: str, path: object) -> Iterator[None]:
+    """Turn a ``PermissionError`` raised inside into a :class:`DatasetError` from :func:`unreadable`."""
+    try:
+        yield
+    except PermissionError as error:
+        raise unreadable(what, path, error) from None
+
+
+@contextmanager
+def writing(what: str, path: object) -> Iterator[None]:
+    """Turn a ``PermissionError`` raised inside into a :class:`DatasetError` naming the path and the fix."""
+    try:
+        yield
+    except PermissionError as error:
+        where = error.filename if error.filename is not None else path
+        raise DatasetError(
+            f"cannot write the {what} {where}: {error.strerror or error}. Choose a place the user running this "
+            f"may write to, or give it write access (e.g. `chmod u+w {where}` as its owner)"
+        ) from None
