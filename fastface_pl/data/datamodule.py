@@ -232,9 +232,10 @@ class ResumableDataLoader(DataLoader):
     """The training loader: a ``DataLoader`` that tells Lightning it resumes mid-epoch.
 
     Its position is saved and restored by :meth:`FaceDataModule.state_dict` and
-    :meth:`~FaceDataModule.load_state_dict` (the trainer's batch count is the exact record of what was trained on; the loader's own count runs ahead by
-    the batches its workers prefetch). The two methods below make it match Lightning's ``_Stateful`` protocol,
-    so that a mid-epoch resume is not met by Lightning's warning that the loader cannot resume.
+    :meth:`~FaceDataModule.load_state_dict`: the trainer's batch count is the exact record of what was trained
+    on (the loader's own count runs ahead by the batches its workers prefetch). The two methods below make it
+    match Lightning's ``_Stateful`` protocol, so that a mid-epoch resume is not met by Lightning's warning that
+    the loader cannot resume.
     """
 
     def state_dict(self) -> dict:
