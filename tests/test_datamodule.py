@@ -168,7 +168,7 @@ def test_distributed_ranks_share_the_seeded_permutation():
     indices = []
     for rank in (0, 1):
         dm = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=5, synthetic=SMALL_SYNTHETIC)
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0)
         sampler = dm.train_dataloader().sampler
         assert isinstance(sampler, DistributedSampler) and sampler.seed == 5
         indices.append([index for index, _ in sampler])  # (index, flip) pairs: flip is on by default
@@ -262,18 +262,59 @@ def test_resume_mid_epoch_continues_the_same_order():
     loader.sampler.set_epoch(1)
     uninterrupted = [labels.tolist() for _, labels in loader]
     assert len(uninterrupted) == 6
-    dm.trainer = SimpleNamespace(training=True, current_epoch=1, fit_loop=SimpleNamespace(
-        epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(processed=2)))))
+    dm.trainer = _fitting_trainer(epoch=1, batches_done=2, last_batch=False)
     state = dm.state_dict()
-    assert state["epoch"] == 1 and state["batches_done"] == 2
+    assert state["epoch"] == 1 and state["batches_done"] == 2 and state["epoch_finished"] is False
 
     resumed = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=9, synthetic=SMALL_SYNTHETIC)
     resumed.load_state_dict(state)
     loader = resumed.train_dataloader()
-    loader.sampler.set_epoch(1)
+    assert (loader.sampler.epoch, loader.sampler.start) == (1, 8)  # at the position before any set_epoch
+    loader.sampler.set_epoch(1)  # Lightning's call for the same epoch keeps the position
     assert [labels.tolist() for _, labels in loader] == uninterrupted[2:]
     loader.sampler.set_epoch(1)  # the skip applies once: a later pass over epoch 1 is whole again
     assert len(list(loader)) == 6
+
+
+def _fitting_trainer(epoch: int, batches_done: int, last_batch: bool) -> SimpleNamespace:
+    """What FaceDataModule.state_dict reads of a Trainer inside ``fit`` (training or validating)."""
+    progress = SimpleNamespace(current=SimpleNamespace(processed=batches_done), is_last_batch=last_batch)
+    return SimpleNamespace(state=SimpleNamespace(fn="fit"), current_epoch=epoch, world_size=1, global_rank=0,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
+@pytest.mark.parametrize("state, position", [
+    ({"epoch": 1, "batches_done": 2, "epoch_finished": False}, (1, 8)),  # mid-epoch
+    ({"epoch": 1, "batches_done": 6, "epoch_finished": True}, (2, 0)),  # after the last batch / at the epoch end
+    ({"epoch": 1, "batches_done": 3, "epoch_finished": True}, (2, 0)),  # an epoch cut by limit_train_batches
+    ({"epoch": 1, "batches_done": 6}, (2, 0)),  # a checkpoint without the flag: a whole epoch is finished
+    ({"epoch": 1, "batches_done": 5}, (1, 20)),
+    ({"seed": 9, "num_skipped": 0}, (0, 0)),  # saved outside fit: no position
+])
+def test_a_resume_positions_the_sampler_before_the_loader_is_iterated(state, position):
+    dm = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=9, synthetic=SMALL_SYNTHETIC)
+    dm.load_state_dict(state)
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.epoch, sampler.start) == position
+    assert (dm.train_dataloader().sampler.start) == 0  # the resume position is used once
+
+
+def test_workers_draw_the_resumed_epoch_when_set_epoch_comes_late():
+    """A loader with workers draws its first indices when its iterator is created, before Lightning's set_epoch."""
+    dm = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=9, synthetic=SMALL_SYNTHETIC)
+    dm.trainer = _fitting_trainer(epoch=3, batches_done=1, last_batch=False)
+    state = dm.state_dict()
+    reference = dm.train_dataloader()
+    reference.sampler.set_epoch(3)
+    expected = [labels.tolist() for _, labels in reference][1:]
+
+    resumed = FaceDataModule("synthetic", batch_size=4, num_workers=2, persistent_workers=False, seed=9,
+                             synthetic=SMALL_SYNTHETIC)
+    resumed.load_state_dict(state)
+    loader = resumed.train_dataloader()
+    iterator = iter(loader)  # the workers get their first indices now
+    loader.sampler.set_epoch(3)  # as Lightning's fit loop does, after creating the iterator
+    assert [labels.tolist() for _, labels in iterator] == expected
 
 
 @pytest.mark.parametrize("damage", ["magic", "jpeg"])

@@ -127,7 +127,9 @@ def test_record_label_out_of_range_is_reported(tmp_path):
 
 def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, caplog):
     folder = make_folder(tmp_path / "faces", {"id0": 2, "id1": 3})
-    with caplog.at_level(logging.INFO, logger="fastface_pl.data.datasets"):
+    for path in (folder / "id0", folder / "id1", folder):  # a dataset prepared a while ago
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 3600 * 10**9))
+    with caplog.at_level(logging.INFO, logger="fastface_pl.data.folder_index"):
         first = ImageFolderDataset(folder)
     cache = folder / INDEX_CACHE_NAME
     assert cache.is_file() and first.index_path == cache
@@ -149,7 +151,7 @@ def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, ca
     scanned.clear()
     third = ImageFolderDataset(folder)
     assert third.num_classes == 3 and len(third) == 6
-    assert any(Path(p).name == "id0" for p in scanned)  # rebuilt
+    assert [Path(p).name for p in scanned if Path(p).parent == folder] == ["id2"]  # only the new folder listed
     monkeypatch.undo()
     assert ImageFolderDataset(folder, rebuild_index=True).num_classes == 3
 
@@ -165,7 +167,7 @@ def test_folder_index_falls_back_to_xdg_cache_when_root_is_read_only(tmp_path, m
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", refusing_replace)
-    with caplog.at_level(logging.INFO, logger="fastface_pl.data.datasets"):
+    with caplog.at_level(logging.INFO, logger="fastface_pl.data.folder_index"):
         dataset = ImageFolderDataset(folder)
     assert dataset.index_path.parent == tmp_path / "xdg" / "fastface_pl"
     assert f"index cached at {dataset.index_path}" in caplog.text

@@ -82,3 +82,22 @@ def test_pack_runs_as_module(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "packed 2 images of 2 identities" in result.stdout
     assert len(RecordFile(tmp_path / "dst" / "train.rec")) == 5
+
+
+def test_an_existing_pack_is_kept_unless_overwrite(tmp_path, capsys):
+    src = make_folder(tmp_path / "src", {"p": 2, "q": 1})
+    dst = tmp_path / "dst"
+    assert main([str(src), str(dst), "--workers", "0", "--no-progress"]) == 0
+    before = {name: (dst / name).read_bytes() for name in ("train.rec", "train.idx", "property")}
+    make_folder(tmp_path / "other", {"r": 3})
+    capsys.readouterr()
+    assert main([str(tmp_path / "other"), str(dst), "--workers", "0", "--no-progress"]) == 2
+    message = capsys.readouterr().err
+    assert f"{dst} already holds a pack (train.rec, train.idx)" in message and "--overwrite" in message
+    assert {name: (dst / name).read_bytes() for name in before} == before  # untouched
+    (dst / "train.rec").unlink()  # half a pack is still a pack someone may want
+    with pytest.raises(DatasetError, match=r"already holds a pack \(train.idx\)"):
+        pack_folder(tmp_path / "other", dst, progress=False)
+    assert main([str(tmp_path / "other"), str(dst), "--workers", "0", "--no-progress", "--overwrite"]) == 0
+    rec = RecordFile(dst / "train.rec")
+    assert len(parse_layout(rec).image_keys) == 3 and (dst / "property").read_text().startswith("1,")

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fastface_pl.data.datasets import FaceTransform, decode_image
-from fastface_pl.data.errors import DatasetError
+from fastface_pl.data.errors import DatasetError, reading
 from fastface_pl.validation import check_int
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -110,14 +110,18 @@ def load_bin(
         transform: Replaces the default normalisation (receives ``uint8 [3, H, W]``).
 
     Raises:
-        DatasetError: If the file is missing or is not a ``(bins, issame)`` pickle with ``len(bins) == 2 P``.
+        DatasetError: If the file is missing or unreadable, or is not a ``(bins, issame)`` pickle with
+            ``len(bins) == 2 P``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"verification set {path} does not exist")
     try:
-        with open(path, "rb") as handle:
-            content = _BinUnpickler(handle, encoding="bytes").load()
+        with reading("verification set", path):
+            if not path.is_file():
+                raise DatasetError(f"verification set {path} does not exist")
+            with open(path, "rb") as handle:
+                content = _BinUnpickler(handle, encoding="bytes").load()
+    except DatasetError:
+        raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
         raise DatasetError(f"{path} is not an InsightFace verification .bin (a pickle of (bins, issame)): "
                            f"{error}") from None

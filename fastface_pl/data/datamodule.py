@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -30,7 +31,7 @@ from fastface_pl.data.datasets import (
     SyntheticFaces,
     SyntheticPairs,
 )
-from fastface_pl.data.errors import DatasetError
+from fastface_pl.data.errors import DatasetError, reading
 from fastface_pl.data.bin_format import load_bin
 from fastface_pl.validation import check_int
 
@@ -68,12 +69,16 @@ def detect_layout(root: Union[str, os.PathLike]) -> str:
     """Which reader fits ``root``: ``"synthetic"``, ``"record"`` or ``"image_folder"``.
 
     Raises:
-        DatasetError: If the path does not exist or matches no accepted layout; the message lists the
-            accepted layouts and what was found.
+        DatasetError: If the path does not exist, cannot be read or matches no accepted layout; the message
+            lists the accepted layouts and what was found.
     """
     if str(root) == LAYOUT_SYNTHETIC:
         return LAYOUT_SYNTHETIC
-    path = Path(root)
+    with reading("data root", root):
+        return _detect_file_layout(Path(root))
+
+
+def _detect_file_layout(path: Path) -> str:
     if not path.exists():
         raise DatasetError(f"data root {path} does not exist. Accepted layouts:\n{ACCEPTED_LAYOUTS}")
     if path.is_file():
@@ -93,7 +98,7 @@ def detect_layout(root: Union[str, os.PathLike]) -> str:
     with os.scandir(path) as entries:
         folders = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
     for folder in folders[:20]:  # a few identity folders are enough to recognise the layout
-        with os.scandir(folder) as entries:
+        with reading("identity folder", folder), os.scandir(folder) as entries:
             if any(e.name.lower().endswith(wanted) and e.is_file() for e in entries):
                 return LAYOUT_IMAGE_FOLDER
     raise DatasetError(
@@ -108,8 +113,13 @@ class SeededRandomSampler(DistributedSampler):
     of ``num_replicas``; rank ``r`` takes positions ``r, r + R, ...``), and, when ``flip`` is on, one coin per
     position. It yields ``(index, flip)`` pairs, which :class:`IndexedFlip` turns into samples. So the images and
     their flips depend only on the seed, the epoch and the position: not on the global RNG, the worker count or a
-    restart. After a mid-epoch resume, :meth:`skip_once` drops the samples already trained on in that epoch.
-    A subclass of ``DistributedSampler``, so Lightning keeps it under DDP instead of wrapping it.
+    restart. A subclass of ``DistributedSampler``, so Lightning keeps it under DDP instead of wrapping it.
+
+    The sampler holds a *position* ``(epoch, start)``: the next pass yields this rank's order of ``epoch`` from
+    position ``start`` on, then later passes start at 0 again. :meth:`__iter__` reads the position when it is
+    called, which for a DataLoader with workers is when its iterator is created (the workers are handed the first
+    indices at once): a resume must therefore set the position (:meth:`set_position`) before the loader is
+    iterated, not in ``set_epoch``, which Lightning calls after creating the iterator of a resumed epoch.
 
     Args:
         num_samples: Dataset size.
@@ -117,41 +127,53 @@ class SeededRandomSampler(DistributedSampler):
         flip: Draw a horizontal flip for each position (probability 0.5).
         num_replicas: Number of ranks.
         rank: This rank.
+        epoch: The epoch of the first pass.
+        start: Samples of this rank's order of ``epoch`` to leave out in the first pass (a mid-epoch resume).
     """
 
-    def __init__(self, num_samples: int, seed: int, flip: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self, num_samples: int, seed: int, flip: bool = False, num_replicas: int = 1, rank: int = 0,
+        epoch: int = 0, start: int = 0,
+    ) -> None:
         self.num_samples_total = int(num_samples)
         self.seed = int(seed)
         self.flip = bool(flip)
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
-        self.epoch = 0
         self.num_samples = -(-self.num_samples_total // self.num_replicas)  # per rank (ceil)
         self.total_size = self.num_samples * self.num_replicas
-        self._skip: Optional[tuple[int, int]] = None  # (epoch, samples of this rank to drop)
+        self.epoch, self.start = 0, 0
+        self.set_position(epoch, start)
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Make the next pass yield this rank's order of ``epoch`` from position ``start`` on."""
+        if not 0 <= int(start) <= self.num_samples:
+            raise ValueError(f"start must be in [0, {self.num_samples}] (samples per rank), got {start}")
+        self.epoch, self.start = int(epoch), int(start)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Called by the trainer before each epoch: a new epoch starts at position 0; the current one keeps it."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.start = int(epoch), 0
 
-    def skip_once(self, epoch: int, samples: int) -> None:
-        """Drop the first ``samples`` of this rank's order the next time ``epoch`` is iterated (a resume)."""
-        self._skip = (int(epoch), int(samples))
-
-    def __iter__(self) -> Iterator[Any]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+    def order(self, epoch: int) -> list[Any]:
+        """This rank's whole order of ``epoch``: indices, or ``(index, flip)`` pairs when ``flip`` is on."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.num_samples_total, generator=generator)
         if self.total_size > self.num_samples_total:  # pad by wrapping around, as DistributedSampler does
             order = order.repeat(-(-self.total_size // self.num_samples_total))[: self.total_size]
         positions = slice(self.rank, self.total_size, self.num_replicas)
         indices = order[positions].tolist()
-        skip = 0
-        if self._skip is not None and self._skip[0] == self.epoch:
-            skip, self._skip = self._skip[1], None
         if not self.flip:
-            return iter(indices[skip:])
-        coins = torch.Generator().manual_seed(self.seed + self.epoch + 0x9E3779B9)
+            return indices
+        coins = torch.Generator().manual_seed(self.seed + epoch + 0x9E3779B9)
         flips = (torch.rand(self.total_size, generator=coins) < 0.5)[positions].tolist()
-        return iter(list(zip(indices, flips))[skip:])
+        return list(zip(indices, flips))
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, start = self.epoch, self.start
+        self.start = 0  # the position applies to one pass; the next pass over this epoch is whole
+        return iter(self.order(epoch)[start:])
 
     def __len__(self) -> int:
         return self.num_samples
@@ -204,6 +226,23 @@ class IndexedFlip(Dataset):
         if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader: a ``DataLoader`` that tells Lightning it resumes mid-epoch.
+
+    Its position is saved and restored by :meth:`FaceDataModule.state_dict` and
+    :meth:`~FaceDataModule.load_state_dict`: the trainer's batch count is the exact record of what was trained
+    on (the loader's own count runs ahead by the batches its workers prefetch). The two methods below make it
+    match Lightning's ``_Stateful`` protocol, so that a mid-epoch resume is not met by Lightning's warning that
+    the loader cannot resume.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
 
 
 class FaceDataModule(pl.LightningDataModule):
@@ -293,7 +332,7 @@ class FaceDataModule(pl.LightningDataModule):
         self.train_dataset: Optional[Dataset] = None
         self.val_datasets: list[Dataset] = []
         self._layout: Optional[str] = None
-        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches already trained on), set by a resume
+        self._resume: Optional[dict] = None  # where the checkpoint of a resume stood (load_state_dict)
         self.save_hyperparameters(ignore=["train_transform"])
 
     # -- what is at root ----------------------------------------------------------------------------------------
@@ -363,7 +402,8 @@ class FaceDataModule(pl.LightningDataModule):
         paths, missing = [], []
         for name in self.val_sets:
             candidates = [Path(name)] if name.endswith(".bin") else [place / f"{name}.bin" for place in places]
-            found = next((c for c in candidates if c.is_file()), None)
+            with reading("verification set", name):
+                found = next((c for c in candidates if c.is_file()), None)
             if found is None:
                 missing.append(" or ".join(str(c) for c in candidates))
             paths.append(found)
@@ -425,20 +465,39 @@ class FaceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self._train()
         world_size, rank = self._distributed()
-        sampler = SeededRandomSampler(len(dataset), self.seed, flip=self.flip,  # type: ignore[arg-type]
-                                      num_replicas=world_size, rank=rank)
-        if self._resume is not None:  # a mid-epoch checkpoint: continue the epoch where it stopped
-            epoch, batches = self._resume
-            sampler.skip_once(epoch, batches * self.batch_size)
-            self._resume = None
         size = len(dataset)  # type: ignore[arg-type]
+        sampler = SeededRandomSampler(size, self.seed, flip=self.flip, num_replicas=world_size, rank=rank)
+        # The position must be right before the loader is iterated: with workers, creating the iterator already
+        # draws the first batches, and Lightning creates it before calling set_epoch (see _start_position).
+        epoch, batches = self._start_position(len(sampler))
+        sampler.set_position(epoch, batches * self.batch_size)
         if size < self.batch_size * world_size and self.drop_last:
             raise DatasetError(
                 f"{self.root} holds {size} images, fewer than one batch of {self.batch_size} per device "
                 f"x {world_size} devices with drop_last=True; lower batch_size or set drop_last=False"
             )
-        return DataLoader(IndexedFlip(dataset), batch_size=self.batch_size, sampler=sampler,
-                          drop_last=self.drop_last, **self._loader_kwargs())
+        return ResumableDataLoader(IndexedFlip(dataset), batch_size=self.batch_size, sampler=sampler,
+                                   drop_last=self.drop_last, **self._loader_kwargs())
+
+    def _start_position(self, samples_per_rank: int) -> tuple[int, int]:
+        """``(epoch, batches already trained on)`` at which the training loader starts.
+
+        After a resume: where the checkpoint stood, or the start of the next epoch when it was saved after the
+        last batch of an epoch (at the last step, at the epoch end, or after the epoch-end validation), as
+        Lightning continues there. Otherwise the trainer's current epoch (0 without a trainer): Lightning calls
+        ``train_dataloader`` again at an epoch start when it reloads the loaders.
+        """
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            epoch, batches = resume["epoch"], resume["batches_done"]
+            per_epoch = (samples_per_rank // self.batch_size if self.drop_last
+                         else -(-samples_per_rank // self.batch_size))
+            finished = resume.get("epoch_finished")
+            if finished is None:  # a checkpoint written before the flag existed
+                finished = batches >= per_epoch
+            return (epoch + 1, 0) if finished else (epoch, batches)
+        trainer = getattr(self, "trainer", None)
+        return (int(trainer.current_epoch), 0) if trainer is not None else (0, 0)
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_datasets:
@@ -457,18 +516,30 @@ class FaceDataModule(pl.LightningDataModule):
         """Saved in checkpoints: where the training epoch stood, so that a resume continues the same order."""
         state: dict[str, Any] = {"seed": self.seed, "num_skipped": self.num_skipped}
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.training:
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:  # also when saved after validation
+            batch_progress = trainer.fit_loop.epoch_loop.batch_progress
             state["epoch"] = int(trainer.current_epoch)
-            state["batches_done"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            state["batches_done"] = int(batch_progress.current.processed)
+            state["epoch_finished"] = bool(batch_progress.is_last_batch)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restores the position in the epoch (Lightning calls this before building the dataloaders)."""
-        if "epoch" in state_dict and state_dict.get("seed", self.seed) == self.seed:
-            self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+        """Restores the position in the epoch.
+
+        Lightning calls this before it asks for the training loader, so :meth:`train_dataloader` builds the
+        sampler already at the checkpoint's position (a different ``seed`` changes the order, not the position).
+        """
+        if "epoch" in state_dict:
+            self._resume = {
+                "epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"]),
+                "epoch_finished": state_dict.get("epoch_finished"),
+            }
 
     def __repr__(self) -> str:
         return f"FaceDataModule(root={self.root!r}, batch_size={self.batch_size}, val_sets={self.val_set_names})"
 
 
-__all__ = ["ACCEPTED_LAYOUTS", "ContiguousShardSampler", "FaceDataModule", "IndexedFlip", "SeededRandomSampler", "detect_layout"]
+__all__ = [
+    "ACCEPTED_LAYOUTS", "ContiguousShardSampler", "FaceDataModule", "IndexedFlip", "ResumableDataLoader",
+    "SeededRandomSampler", "detect_layout",
+]

@@ -16,12 +16,9 @@ and ``label`` an ``int`` in ``[0, num_classes)``.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -30,7 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from fastface_pl.data.errors import CorruptImageError, CorruptRecordError, DatasetError
+from fastface_pl.data.errors import CorruptImageError, CorruptRecordError, DatasetError, reading, unreadable
+# IMAGE_EXTENSIONS, INDEX_CACHE_NAME and scan_image_folder lived here: still importable from this module
+from fastface_pl.data.folder_index import (  # noqa: F401
+    IMAGE_EXTENSIONS, INDEX_CACHE_NAME, load_index, scan_image_folder,
+)
 from fastface_pl.data.recordio import (
     RecordFile,
     RecordLayout,
@@ -44,10 +45,6 @@ from fastface_pl.validation import check_int, check_positive_int
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-INDEX_CACHE_NAME = ".fastface_index.json"
-_INDEX_FORMAT = "fastface_pl.image_folder_index"
-_INDEX_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,13 +187,14 @@ class _FileDataset(Dataset):
             except (CorruptImageError, CorruptRecordError) as error:
                 if not self.skip_corrupt:
                     raise
+                last_error = error
                 self._skipped.add()
                 log.warning("skipping corrupt sample (%d skipped so far in this process): %s",
                             self._skipped.total, error)
         else:
             raise DatasetError(
                 f"{self.max_consecutive_corrupt} consecutive corrupt samples from index {index} on in "
-                f"{self!r}: the data is badly damaged"
+                f"{self!r}: the data is badly damaged (or unreadable); the last one: {last_error}"
             )
         return self.transform(image), label
 
@@ -320,51 +318,15 @@ class RecordDataset(_FileDataset):
 # --------------------------------------------------------------------------------------------------------------
 # Image folders
 # --------------------------------------------------------------------------------------------------------------
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastface_pl"
-
-
-def _root_signature(root: Path) -> int:
-    """Number of top-level entries of ``root``, not counting our own cache files."""
-    with os.scandir(root) as entries:
-        return sum(1 for e in entries if not e.name.startswith(INDEX_CACHE_NAME))
-
-
-def scan_image_folder(
-    root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
-) -> tuple[list[str], list[list[str]]]:
-    """Walk ``<root>/<identity>/<image>``: sorted identity folders and, per identity, its sorted image names.
-
-    Hidden entries (names starting with ``.``) are ignored, as are files directly under ``root``.
-    """
-    root = Path(root)
-    wanted = tuple(e.lower() for e in extensions)
-    identities: list[str] = []
-    files: list[list[str]] = []
-    with os.scandir(root) as entries:
-        folders = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
-    for name in folders:
-        with os.scandir(root / name) as entries:
-            images = sorted(
-                e.name for e in entries
-                if not e.name.startswith(".") and e.name.lower().endswith(wanted) and e.is_file()
-            )
-        identities.append(name)
-        files.append(images)
-    return identities, files
-
-
 class ImageFolderDataset(_FileDataset):
     """Images stored as ``<root>/<identity>/<image>.jpg|.png`` (WebFace42M and most custom sets).
 
     Labels are the positions of the identity folders in sorted order. The file index is cached, because walking
     millions of files takes minutes: by default in ``<root>/.fastface_index.json``, or, when ``root`` is not
-    writable, in ``$XDG_CACHE_HOME/fastface_pl/`` (``~/.cache/fastface_pl/``); a log message says where. The cache
-    is rebuilt when the top level of ``root`` changes (its modification time or its number of entries).
-
-    .. note:: Adding or removing images *inside* an existing identity folder does not change ``root`` itself;
-       delete the cache file (or pass ``rebuild_index=True``) after such edits.
+    writable, in ``$XDG_CACHE_HOME/fastface_pl/`` (``~/.cache/fastface_pl/``); a log message says where. At each
+    start the cache is checked against the folder at one ``stat`` per identity folder, and the folders where
+    images were added, removed or renamed since are listed again, with a warning naming them
+    (:mod:`fastface_pl.data.folder_index`).
 
     Args:
         root: The dataset folder.
@@ -375,7 +337,7 @@ class ImageFolderDataset(_FileDataset):
         rebuild_index: Ignore an existing cache and walk the folder again.
 
     Raises:
-        DatasetError: If ``root`` is not a folder or holds no identity folder with images.
+        DatasetError: If ``root`` is not a folder, cannot be read, or holds no identity folder with images.
     """
 
     def __init__(
@@ -385,11 +347,13 @@ class ImageFolderDataset(_FileDataset):
     ) -> None:
         super().__init__(transform, skip_corrupt)
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"image folder {self.root} does not exist or is not a directory")
+        with reading("image folder", self.root):
+            if not self.root.is_dir():
+                raise DatasetError(f"image folder {self.root} does not exist or is not a directory")
         self.extensions = tuple(sorted(e.lower() for e in extensions))
         self.index_cache: Optional[Path] = Path(index_cache) if index_cache is not None else None
-        identities, files = self._load_or_build_index(rebuild_index)
+        index, self.index_path = load_index(self.root, self.extensions, self.index_cache, rebuild_index)
+        identities, files = index.identities, index.files
         empty = [name for name, names in zip(identities, files, strict=True) if not names]
         if not identities or len(empty) == len(identities):
             raise DatasetError(
@@ -407,75 +371,6 @@ class ImageFolderDataset(_FileDataset):
             [os.fsencode(os.path.join(name, f)) for name, names in zip(identities, files, strict=True) for f in names],
             dtype=np.bytes_,
         )
-
-    # -- index cache --------------------------------------------------------------------------------------------
-    def _fallback_cache(self) -> Path:
-        digest = hashlib.sha1(str(self.root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        return _default_cache_dir() / f"index-{digest}.json"
-
-    def _candidate_caches(self) -> list[Path]:
-        if self.index_cache is not None:
-            return [self.index_cache]
-        return [self.root / INDEX_CACHE_NAME, self._fallback_cache()]
-
-    def _read_cache(self, path: Path) -> Optional[tuple[list[str], list[list[str]]]]:
-        try:
-            cache_mtime = path.stat().st_mtime_ns
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, ValueError):
-            return None
-        if (
-            not isinstance(data, dict) or data.get("format") != _INDEX_FORMAT or data.get("version") != _INDEX_VERSION
-            or (data.get("root") != str(self.root.resolve()) and path.parent.resolve() != self.root.resolve())
-            or data.get("extensions") != list(self.extensions)
-        ):
-            return None
-        if data.get("root_entries") != _root_signature(self.root) or self.root.stat().st_mtime_ns > cache_mtime:
-            log.info("image-folder index %s is stale (the top level of %s changed): rebuilding", path, self.root)
-            return None
-        return data["identities"], data["files"]
-
-    def _write_cache(self, identities: list[str], files: list[list[str]], entries: int) -> Optional[Path]:
-        data = {
-            "format": _INDEX_FORMAT, "version": _INDEX_VERSION, "root": str(self.root.resolve()),
-            "extensions": list(self.extensions), "root_entries": entries, "identities": identities, "files": files,
-        }
-        for target in self._candidate_caches():
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "w", encoding="utf-8") as handle:
-                    json.dump(data, handle, separators=(",", ":"))
-                os.replace(tmp, target)
-                os.utime(target)  # newer than the rename's change to the folder's mtime
-                return target
-            except OSError as error:
-                log.info("cannot write the image-folder index to %s (%s)", target, error)
-                try:
-                    tmp.unlink()
-                except OSError:
-                    pass
-        return None
-
-    def _load_or_build_index(self, rebuild: bool) -> tuple[list[str], list[list[str]]]:
-        if not rebuild:
-            for path in self._candidate_caches():
-                cached = self._read_cache(path)
-                if cached is not None:
-                    log.info("image-folder index of %s read from %s", self.root, path)
-                    self.index_path = path
-                    return cached
-        started = time.perf_counter()
-        entries = _root_signature(self.root)
-        identities, files = scan_image_folder(self.root, self.extensions)
-        written = self._write_cache(identities, files, entries)
-        self.index_path = written
-        log.info(
-            "indexed %s: %d identities, %d images in %.1f s; index cached at %s", self.root, len(identities),
-            sum(len(f) for f in files), time.perf_counter() - started, written or "nowhere (no writable place)",
-        )
-        return identities, files
 
     # -- samples ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -496,6 +391,13 @@ class ImageFolderDataset(_FileDataset):
         path = self.path(index)
         try:
             data = path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptImageError(
+                f"{path}: no such file, yet the folder's index {self.index_path or '(not cached)'} lists it: the "
+                "folder changed while training ran. Restart to index it again.", source=str(path),
+            ) from None
+        except PermissionError as error:
+            raise CorruptImageError(str(unreadable("image", path, error)), source=str(path)) from None
         except OSError as error:
             raise CorruptImageError(f"{path}: cannot read: {error}", source=str(path)) from None
         return decode_image(data, str(path)), int(self._labels[index])

@@ -6,7 +6,9 @@ so a corrupt sample in a 5-million-image pack can be found (and cut out) without
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 
 class DatasetError(ValueError):
@@ -52,3 +54,46 @@ class RecordKeyError(DatasetError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+def unreadable(what: str, path: "os.PathLike[str] | str", error: OSError) -> DatasetError:
+    """The error for data the training process may not read: names the path and the fix.
+
+    Args:
+        what: What the path is, for the message (``"data root"``, ``"identity folder"``, ``"record file"`` ...).
+        path: The path that was being read; the message also names the error's own path when that is another
+            one (a file inside a data root, say).
+        error: The ``PermissionError`` (or other ``OSError``) that was raised.
+    """
+    reason = error.strerror or str(error)
+    if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
+        reason += f" ({error.filename})"
+    return DatasetError(
+        f"cannot read the {what} {path}: {reason}. Give the user running training read access to it (files need "
+        f"r, folders r and x, and every folder above it x), e.g. `chmod -R a+rX {path}` as its owner, or copy "
+        "the data to a place this user can read"
+    )
+
+
+@contextmanager
+def reading(what: str, path: "os.PathLike[str] | str") -> Iterator[None]:
+    """Turn a ``PermissionError`` raised inside into a :class:`DatasetError` from :func:`unreadable`."""
+    try:
+        yield
+    except PermissionError as error:
+        raise unreadable(what, path, error) from None
+
+
+@contextmanager
+def writing(what: str, path: "os.PathLike[str] | str") -> Iterator[None]:
+    """Turn a ``PermissionError`` raised inside into a :class:`DatasetError` naming the path and the fix."""
+    try:
+        yield
+    except PermissionError as error:
+        reason = error.strerror or str(error)
+        if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
+            reason += f" ({error.filename})"
+        raise DatasetError(
+            f"cannot write the {what} {path}: {reason}. Choose a place the user running this may write to, or "
+            f"give it write access (e.g. `chmod u+w {path}` as its owner)"
+        ) from None

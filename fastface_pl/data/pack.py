@@ -3,6 +3,7 @@
 Usage::
 
     python -m fastface_pl.data.pack SRC_FOLDER DST_DIR [--quality 95] [--workers 4] [--reencode] [--skip-corrupt]
+                                    [--overwrite]
     fastface-pack SRC_FOLDER DST_DIR            # the same, as an installed command
 
 The result has the InsightFace layout: key 0 a header record with labels ``(N + 1, N + 1 + C)``, keys ``1..N``
@@ -11,7 +12,8 @@ the images sorted by identity (label = position of the identity folder in sorted
 labels ``(first image key, last + 1)``, plus a ``property`` file ``C,H,W``. JPEG files are stored byte for byte
 (no generation loss) after a decode check; other formats, or all images with ``--reencode``, are encoded as JPEG
 at ``--quality``. Every image is decoded once: a broken one stops the packing with its path, or is skipped and
-counted with ``--skip-corrupt``.
+counted with ``--skip-corrupt``. An existing pack in ``DST_DIR`` is never replaced unless ``--overwrite`` is given
+(and then only once the new one is complete).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 from fastface_pl.data.datasets import IMAGE_EXTENSIONS, decode_image, scan_image_folder
-from fastface_pl.data.errors import CorruptImageError, DatasetError
+from fastface_pl.data.errors import CorruptImageError, DatasetError, reading, unreadable, writing
 from fastface_pl.data.recordio import RecordWriter, pack_header
 from fastface_pl.validation import check_int
 
@@ -47,13 +49,15 @@ class PackSummary:
 
 
 def _prepare(job: tuple[str, int, bool]) -> tuple[Optional[bytes], Optional[tuple[int, int]], Optional[str]]:
-    """Read one file, check that it decodes, re-encode when needed: (jpeg bytes, (H, W), error)."""
+    """Read one file, check that it decodes, re-encode when needed: (jpeg bytes, (H, W), what went wrong)."""
     path, quality, reencode = job
     try:
         data = Path(path).read_bytes()
         image = decode_image(data, path)
+    except PermissionError as error:
+        return None, None, str(unreadable("image", path, error))
     except (OSError, CorruptImageError) as error:
-        return None, None, str(error)
+        return None, None, f"corrupt image {path}: {error}"
     size = (int(image.shape[1]), int(image.shape[2]))
     if reencode or not path.lower().endswith((".jpg", ".jpeg")):
         from PIL import Image
@@ -76,32 +80,52 @@ def _mapped(jobs: Sequence[tuple[str, int, bool]], workers: int) -> Iterator:
 def pack_folder(
     src: Union[str, os.PathLike], dst: Union[str, os.PathLike], quality: int = 95, workers: int = 0,
     reencode: bool = False, skip_corrupt: bool = False, progress: bool = True,
-    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS, overwrite: bool = False,
 ) -> PackSummary:
     """Pack ``src`` into ``dst/train.rec`` + ``dst/train.idx`` (InsightFace layout; see the module docstring).
 
     Args:
         src: Image folder ``<src>/<identity>/<image>``.
-        dst: Output folder (created); existing ``train.rec``/``train.idx`` are replaced once packing succeeds.
+        dst: Output folder (created).
         quality: JPEG quality (1..100) for images that are (re-)encoded.
         workers: Processes reading and checking images (0: in this process).
         reencode: Re-encode JPEGs too (default: store them unchanged).
         skip_corrupt: Skip unreadable images (and count them) instead of stopping.
         progress: Show a progress bar.
         extensions: Image suffixes to pack.
+        overwrite: Replace a pack already in ``dst`` (once the new one is complete); without it an existing
+            ``train.rec`` or ``train.idx`` stops the packing before anything is read.
 
     Raises:
-        DatasetError: If ``src`` holds no images, or an image is corrupt and ``skip_corrupt`` is False.
+        DatasetError: If ``dst`` already holds a pack and ``overwrite`` is False, ``src`` holds no images, a
+            folder cannot be read or ``dst`` written, or an image is corrupt and ``skip_corrupt`` is False.
     """
     check_int("quality", quality, 1, 100)
     check_int("workers", workers, 0)
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise DatasetError(f"source folder {src} does not exist or is not a directory")
+    rec_path, idx_path = dst / "train.rec", dst / "train.idx"
+    with writing("pack folder", dst):
+        existing = [p.name for p in (rec_path, idx_path) if p.exists()]
+    if existing and not overwrite:
+        raise DatasetError(
+            f"{dst} already holds a pack ({', '.join(existing)}); pass --overwrite (overwrite=True) to replace it "
+            "once the new pack is complete, or choose another destination"
+        )
+    with reading("source folder", src):
+        if not src.is_dir():
+            raise DatasetError(f"source folder {src} does not exist or is not a directory")
     identities, files = scan_image_folder(src, tuple(extensions))
     total = sum(len(f) for f in files)
     if total == 0:
         raise DatasetError(f"{src} holds no images in <identity>/<image> folders ({', '.join(extensions)})")
+    with writing("pack folder", dst):
+        return _write_pack(src, dst, identities, files, total, quality, workers, reencode, skip_corrupt, progress)
+
+
+def _write_pack(
+    src: Path, dst: Path, identities: list[str], files: list[list[str]], total: int, quality: int, workers: int,
+    reencode: bool, skip_corrupt: bool, progress: bool,
+) -> PackSummary:
     dst.mkdir(parents=True, exist_ok=True)
     rec_path, idx_path = dst / "train.rec", dst / "train.idx"
     tmp_rec, tmp_idx = dst / "train.rec.partial", dst / "train.idx.partial"
@@ -125,9 +149,9 @@ def pack_folder(
                 if data is None:
                     if not skip_corrupt:
                         bar.close()
-                        raise DatasetError(f"corrupt image {path}: {error} (use --skip-corrupt to skip and count)")
+                        raise DatasetError(f"{error} (use --skip-corrupt to skip and count such images)")
                     skipped += 1
-                    log.warning("skipping corrupt image %s: %s", path, error)
+                    log.warning("skipping %s", error)
                     continue
                 image_size = image_size or size
                 if ranges[label][1] == 0:
@@ -174,11 +198,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reencode", action="store_true", help="re-encode JPEGs too (default: copy them as-is)")
     parser.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a pack already in DST (once the new one is complete); default: refuse")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         summary = pack_folder(args.src, args.dst, quality=args.quality, workers=args.workers, reencode=args.reencode,
-                              skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+                              skip_corrupt=args.skip_corrupt, progress=not args.no_progress,
+                              overwrite=args.overwrite)
     except (DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

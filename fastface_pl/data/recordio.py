@@ -43,7 +43,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from fastface_pl.data.errors import CorruptRecordError, DatasetError, RecordKeyError
+from fastface_pl.data.errors import CorruptRecordError, DatasetError, RecordKeyError, reading
 
 log = logging.getLogger(__name__)
 
@@ -261,15 +261,18 @@ class RecordFile:
     def __init__(self, rec_path: PathLike, idx_path: Optional[PathLike] = None) -> None:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
-        if not self.rec_path.is_file():
-            raise DatasetError(f"record file {self.rec_path} does not exist (or is not a file)")
-        if not self.idx_path.is_file():
-            raise DatasetError(
-                f"index file {self.idx_path} for {self.rec_path} does not exist; a .rec needs its .idx "
-                "('key<TAB>byte offset' per line, written by the packer)"
-            )
-        self.file_size = self.rec_path.stat().st_size
-        keys, offsets = _read_index(self.idx_path)
+        with reading("record file", self.rec_path):
+            if not self.rec_path.is_file():
+                raise DatasetError(f"record file {self.rec_path} does not exist (or is not a file)")
+            os.close(os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0)))  # readable? (say it now)
+            self.file_size = self.rec_path.stat().st_size
+        with reading("index file", self.idx_path):
+            if not self.idx_path.is_file():
+                raise DatasetError(
+                    f"index file {self.idx_path} for {self.rec_path} does not exist; a .rec needs its .idx "
+                    "('key<TAB>byte offset' per line, written by the packer)"
+                )
+            keys, offsets = _read_index(self.idx_path)
         if offsets.size:
             beyond = np.flatnonzero(offsets + 8 > self.file_size)
             if beyond.size:
@@ -347,7 +350,8 @@ class RecordFile:
                     os.close(self._fd)
                 except OSError:
                     pass
-            self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            with reading("record file", self.rec_path):
+                self._fd = os.open(self.rec_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._pid = pid
         return self._fd
 

@@ -1,0 +1,159 @@
+"""The cached index of an image folder follows the folder: images or identities added, removed or renamed
+after it was built are found at the next start (one ``stat`` per identity folder), only those folders are
+listed again, and a warning names them, instead of training failing later on a file that is gone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastface_pl.data import CorruptImageError, ImageFolderDataset
+from fastface_pl.data.folder_index import INDEX_CACHE_NAME, UNKNOWN_MTIME, scan_image_folder
+
+LOGGER = "fastface_pl.data.folder_index"
+HOUR_NS = 3600 * 10**9
+
+
+def make_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i:03d}.jpg")
+    return root
+
+
+def age(root: Path) -> None:
+    """Date the folder and its identity folders an hour back: a dataset prepared a while ago."""
+    for path in [*sorted(p for p in root.iterdir() if p.is_dir()), root]:
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - HOUR_NS))
+
+
+@pytest.fixture
+def listed(monkeypatch) -> list[str]:
+    """The folders listed with ``os.scandir`` from now on."""
+    calls: list[str] = []
+    real_scandir = os.scandir
+
+    def recording_scandir(path="."):
+        calls.append(os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", recording_scandir)
+    return calls
+
+
+def identity_folders_listed(calls: list[str], root: Path) -> list[str]:
+    return sorted(Path(c).name for c in calls if Path(c).parent == root)
+
+
+def test_an_unchanged_folder_is_read_from_the_cache_without_listing(tmp_path, listed, caplog):
+    folder = make_folder(tmp_path / "faces", {"a": 2, "b": 3, "c": 1})
+    age(folder)
+    first = ImageFolderDataset(folder)
+    listed.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        again = ImageFolderDataset(folder)
+    assert identity_folders_listed(listed, folder) == [] and "read from" in caplog.text
+    assert [again.path(i) for i in range(len(again))] == [first.path(i) for i in range(len(first))]
+
+
+@pytest.mark.parametrize("edit", ["remove", "add", "rename"])
+def test_images_changed_in_an_identity_folder_are_found(tmp_path, listed, caplog, edit):
+    """The issue's case: an error names a broken image, the user deletes it, the next start must not fail."""
+    folder = make_folder(tmp_path / "faces", {"a": 2, "b": 3, "c": 2})
+    age(folder)
+    ImageFolderDataset(folder)
+    if edit == "remove":
+        (folder / "b" / "001.jpg").unlink()
+    elif edit == "add":
+        make_folder(folder, {"b": 4}, seed=1)  # writes 000..003.jpg: one new file, three replaced in place
+    else:
+        (folder / "b" / "001.jpg").rename(folder / "b" / "001_renamed.jpg")
+    listed.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dataset = ImageFolderDataset(folder)
+    assert identity_folders_listed(listed, folder) == ["b"]  # the others are trusted from their stat
+    assert "out of date" in caplog.text and "1 identity folder(s) with images added, removed or renamed (b)" in \
+        caplog.text
+    identities, files = scan_image_folder(folder)
+    assert [dataset.path(i).relative_to(folder).as_posix() for i in range(len(dataset))] == [
+        f"{name}/{f}" for name, names in zip(identities, files) for f in names]
+    for i in range(len(dataset)):
+        dataset[i]  # every listed file exists: no "No such file" later
+    listed.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        ImageFolderDataset(folder)  # the cache was rewritten: the next start is quiet (b's change is recent,
+    assert "out of date" not in caplog.text  # so b alone is listed once more, to be sure of it)
+    assert identity_folders_listed(listed, folder) in ([], ["b"])
+
+
+def test_identity_folders_added_and_removed_are_found(tmp_path, listed, caplog):
+    folder = make_folder(tmp_path / "faces", {"a": 1, "b": 1, "c": 1})
+    age(folder)
+    ImageFolderDataset(folder)
+    for image in (folder / "b").iterdir():
+        image.unlink()
+    (folder / "b").rmdir()
+    make_folder(folder, {"d": 2, "aa": 1})
+    listed.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dataset = ImageFolderDataset(folder)
+    assert identity_folders_listed(listed, folder) == ["aa", "d"]
+    assert "2 identity folder(s) added (aa, d)" in caplog.text and "1 identity folder(s) removed (b)" in caplog.text
+    assert dataset.identities == ["a", "aa", "c", "d"] and [dataset.label(i) for i in range(len(dataset))] == [
+        0, 1, 2, 3, 3]  # labels are the positions in sorted order, as after a fresh walk
+    fresh = ImageFolderDataset(folder, rebuild_index=True)
+    assert [fresh.path(i) for i in range(len(fresh))] == [dataset.path(i) for i in range(len(dataset))]
+
+
+def test_a_folder_modified_just_before_the_walk_is_listed_again_once(tmp_path, listed, caplog):
+    """A change in the same clock tick as the recorded time would keep that time: such a folder is not trusted."""
+    folder = make_folder(tmp_path / "faces", {"a": 1, "b": 1})
+    age(folder)
+    (folder / "b" / "new.jpg").write_bytes((folder / "b" / "000.jpg").read_bytes())  # b: modified just now
+    ImageFolderDataset(folder)
+    recorded = dict(zip(*(json.loads((folder / INDEX_CACHE_NAME).read_text())[k]
+                          for k in ("identities", "folder_mtimes"))))
+    assert recorded["b"] == UNKNOWN_MTIME and recorded["a"] == (folder / "a").stat().st_mtime_ns
+    stat = (folder / "b").stat()
+    os.utime(folder / "b", ns=(stat.st_atime_ns, stat.st_mtime_ns - HOUR_NS))  # time passes
+    listed.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        ImageFolderDataset(folder)
+    assert identity_folders_listed(listed, folder) == ["b"] and "out of date" not in caplog.text  # same files
+    listed.clear()
+    ImageFolderDataset(folder)
+    assert identity_folders_listed(listed, folder) == []  # now known
+
+
+def test_a_cache_of_the_first_format_is_replaced(tmp_path, caplog):
+    folder = make_folder(tmp_path / "faces", {"a": 2})
+    age(folder)
+    cache = folder / INDEX_CACHE_NAME
+    (folder / "a" / "001.jpg").unlink()  # the old cache below still lists it, and cannot tell
+    cache.write_text(json.dumps({
+        "format": "fastface_pl.image_folder_index", "version": 1, "root": str(folder.resolve()),
+        "extensions": [".jpeg", ".jpg", ".png"], "root_entries": 1, "identities": ["a"],
+        "files": [["000.jpg", "001.jpg"]],
+    }))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        dataset = ImageFolderDataset(folder)
+    assert "older format" in caplog.text and len(dataset) == 1
+    assert json.loads(cache.read_text())["version"] == 2
+
+
+def test_a_file_gone_during_training_names_the_index(tmp_path):
+    folder = make_folder(tmp_path / "faces", {"a": 2})
+    dataset = ImageFolderDataset(folder)
+    (folder / "a" / "001.jpg").unlink()
+    with pytest.raises(CorruptImageError, match=r"001\.jpg: no such file, yet the folder's index .* lists it"):
+        dataset[1]
