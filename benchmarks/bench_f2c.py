@@ -20,7 +20,8 @@ Step time is the median of ``--steps`` steps after one warm-up. A (layer, C) who
 exceed ``--max-gib`` is skipped and listed as such (the full layer at 2M × 512 needs 12 GiB before a step).
 
 **Accuracy** (``--accuracy``): trains the CPU demo (``python -m fastface_pl.train``, synthetic identities) with
-``model.classifier=full`` and ``=dcp`` for the same epochs and prints both verification accuracies.
+``model.classifier=full`` and ``=dcp`` for the same epochs (both at once, one process each) and prints both
+verification accuracies.
 """
 
 from __future__ import annotations
@@ -116,19 +117,23 @@ def _run(layer: str, classes: int, batch: int, dim: int, sample_rate: float, poo
             "step_ms": 1000 * statistics.median(times), "loss": loss}
 
 
-def accuracy(epochs: int) -> dict[str, float]:
-    """Demo verification accuracy with the full layer and with dcp, same epochs, same seed."""
-    results = {}
-    for layer in ("full", "dcp"):
-        with tempfile.TemporaryDirectory() as run_dir:
+def accuracy(epochs: int) -> dict[str, tuple[dict, float]]:
+    """Demo verification accuracy with the full layer and with dcp, same epochs and seed, trained concurrently."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as root:
+        for layer in ("full", "dcp"):
             command = [sys.executable, "-m", "fastface_pl.train", f"model.classifier={layer}",
-                       f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}", "plot=false", "loggers=[csv]",
-                       "trainer.enable_progress_bar=false"]
-            start = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            summary = json.loads(Path(run_dir, "results.json").read_text())
-            results[layer] = (summary, seconds)
+                       f"trainer.max_epochs={epochs}", f"hydra.run.dir={root}/{layer}", "plot=false",
+                       "loggers=[csv]", "trainer.enable_progress_bar=false"]
+            runs[layer] = (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+                           time.perf_counter())
+        results = {}
+        for layer, (process, start) in runs.items():
+            _, errors = process.communicate()
+            if process.returncode:
+                raise RuntimeError(f"the {layer} demo failed:\n{errors[-3000:]}")
+            summary = json.loads(Path(root, layer, "results.json").read_text())
+            results[layer] = (summary, time.perf_counter() - start)
     return results
 
 
