@@ -125,7 +125,9 @@ def accuracy(epochs: int) -> dict[str, tuple[dict, float]]:
             command = [sys.executable, "-m", "fastface_pl.train", f"model.classifier={layer}",
                        f"trainer.max_epochs={epochs}", f"hydra.run.dir={root}/{layer}", "plot=false",
                        "loggers=[csv]", "trainer.enable_progress_bar=false"]
-            runs[layer] = (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+            env = dict(os.environ, OMP_NUM_THREADS="1")  # one core each: two runs at once, no oversubscription
+            runs[layer] = (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                            env=env),
                            time.perf_counter())
         results = {}
         for layer, (process, start) in runs.items():

@@ -265,7 +265,8 @@ class FaceRecognitionModule(pl.LightningModule):
             if self.hparams.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             features = self.gallery_backbone(images).float()
-            if self.trainer is not None and self.trainer.world_size > 1:
+            trainer = self._trainer  # None outside Trainer.fit (e.g. a step called by hand)
+            if trainer is not None and trainer.world_size > 1:
                 features = self.all_gather(features).reshape(-1, features.shape[1])
                 labels = self.all_gather(labels).reshape(-1)
         return features, labels
