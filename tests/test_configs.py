@@ -108,3 +108,16 @@ def test_resolved_experiments_are_what_the_recipe_says():
     assert (ms1m.model.margin, wf4m.model.margin) == ("arcface", "cosface")
     assert wf12m.model == dict(wf4m.model, num_classes=617970)
     assert r50.model == dict(wf12m.model, backbone="r50") and r50.data == wf12m.data
+
+
+def test_paper_run_with_the_f2c_pool_composes_and_builds():
+    cfg = _compose("+experiment=r100_webface12m", "model.classifier=dcp", "model.backbone=tiny",
+                   "model.backbone_kwargs.input_size=32")
+    assert (cfg.model.dcp_pool_fraction, cfg.model.dcp_momentum) == (0.01, 0.99)
+    assert cfg.model.dcp_pool_size is None and cfg.model.dcp_push_topk is None
+    assert cfg.data.identity_fraction is None
+    module = instantiate(cfg.model, lr_schedule=None, _convert_="all")
+    assert module.classifier.pool_size == 6180  # 1 % of 617,970 identities
+    assert module.classifier.push_topk == 3
+    assert module.needs_identity_pairs
+

@@ -153,3 +153,20 @@ def test_missing_checkpoint_stops_before_training(tmp_path):
     assert result.returncode == 2
     assert f"ckpt_path={missing} is not a file" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was built or trained
+
+
+def test_demo_trains_and_evaluates_with_the_f2c_pool(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, *SHORT_DEMO, "model.classifier=dcp")
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["global_step"] == 3 * 12
+    assert 0.5 <= summary["verification"]["synthetic"]["accuracy"] <= 1.0
+    config = (run_dir / "config.yaml").read_text()
+    assert "classifier: dcp" in config and "identity_fraction: null" in config
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, "-m", "fastface_pl.evaluate", str(run_dir / "checkpoints" / "last.ckpt"),
+                             "--num-workers", "0", "--json", str(out)], capture_output=True, text=True, env=_env(),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["synthetic"]["accuracy"] == pytest.approx(
+        summary["verification"]["synthetic"]["accuracy"])

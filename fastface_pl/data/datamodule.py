@@ -32,6 +32,7 @@ from fastface_pl.data.datasets import (
     SyntheticPairs,
 )
 from fastface_pl.data.errors import DatasetError, reading
+from fastface_pl.data.samplers import DEFAULT_IDENTITY_FRACTION, IdentityPairSampler, identity_index
 from fastface_pl.data.bin_format import load_bin
 from fastface_pl.validation import check_int
 
@@ -272,6 +273,9 @@ class FaceDataModule(pl.LightningDataModule):
         image_size: Resize images to this side (None: as stored, 112 for InsightFace data).
         train_transform: Extra augmentation applied to ``uint8 [3, H, W]`` after the flip, before normalisation.
         val_batch_size: Pairs per validation batch (default: ``batch_size``).
+        identity_fraction: Share of each training batch in identity pairs (F2C's dual loader,
+            :class:`~fastface_pl.data.samplers.IdentityPairSampler`); 0: plain shuffled batches; None: 0.5 when
+            the model asks for pairs (``needs_identity_pairs``, i.e. ``classifier="dcp"``), else 0.
 
     Raises:
         ValueError: On invalid arguments (at construction).
@@ -296,6 +300,7 @@ class FaceDataModule(pl.LightningDataModule):
         image_size: Optional[int] = None,
         train_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         val_batch_size: Optional[int] = None,
+        identity_fraction: Optional[float] = None,
     ) -> None:
         super().__init__()
         if not isinstance(root, (str, os.PathLike)) or not str(root):
@@ -323,6 +328,9 @@ class FaceDataModule(pl.LightningDataModule):
         self.index_cache = index_cache
         self.image_size = image_size
         self.train_transform = train_transform
+        if identity_fraction is not None and (isinstance(identity_fraction, bool) or not 0 <= identity_fraction <= 1):
+            raise ValueError(f"identity_fraction must be null or in [0, 1], got {identity_fraction!r}")
+        self.identity_fraction = identity_fraction
         unknown = set(synthetic or {}) - set(SYNTHETIC_DEFAULTS)
         if unknown:
             raise ValueError(f"synthetic has unknown keys {sorted(unknown)}; allowed: {sorted(SYNTHETIC_DEFAULTS)}")
@@ -462,11 +470,30 @@ class FaceDataModule(pl.LightningDataModule):
             "persistent_workers": self.persistent_workers and workers > 0,
         }
 
+    def _pair_fraction(self) -> float:
+        """Share of a batch in identity pairs: the configured one, else what the model asks for."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        wants_pairs = bool(getattr(module, "needs_identity_pairs", False))
+        if self.identity_fraction is None:
+            return DEFAULT_IDENTITY_FRACTION if wants_pairs else 0.0
+        if wants_pairs and not self.identity_fraction:
+            raise ValueError("the model (classifier=dcp) trains on identity pairs but identity_fraction=0; "
+                             "set data.identity_fraction to a value in (0, 1] or null")
+        return float(self.identity_fraction)
+
     def train_dataloader(self) -> DataLoader:
         dataset = self._train()
         world_size, rank = self._distributed()
+        pair_fraction = self._pair_fraction()
+        if pair_fraction:
+            if getattr(self, "_identity_index", None) is None:  # read once (a record pack: one record per identity)
+                self._identity_index = identity_index(dataset)
+            sampler: Sampler = IdentityPairSampler(self._identity_index, self.batch_size, pair_fraction, self.seed,
+                                                   flip=self.flip, num_replicas=world_size, rank=rank)
+        else:
+            sampler = SeededRandomSampler(len(dataset), self.seed, flip=self.flip,  # type: ignore[arg-type]
+                                          num_replicas=world_size, rank=rank)
         size = len(dataset)  # type: ignore[arg-type]
-        sampler = SeededRandomSampler(size, self.seed, flip=self.flip, num_replicas=world_size, rank=rank)
         # The position must be right before the loader is iterated: with workers, creating the iterator already
         # draws the first batches, and Lightning creates it before calling set_epoch (see _start_position).
         epoch, batches = self._start_position(len(sampler))

@@ -20,23 +20,27 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from fastface_pl.evaluation.verification import VerificationMetric
 from fastface_pl.models.backbones import build_backbone
 from fastface_pl.models.classifiers import CLASSIFIERS, FullClassifier, SampledClassifier
+from fastface_pl.models.dcp import DynamicClassPool, default_pool_size
 from fastface_pl.models.margins import build_margin
 from fastface_pl.models.optim import RowSparseSGD
 from fastface_pl.validation import check_positive_int
 
 __all__ = ["FaceRecognitionModule"]
 
+CLASSIFIER_NAMES = (*CLASSIFIERS, "dcp")
 _VAL_KEYS = ("accuracy", "accuracy_std", "threshold", "val_at_far", "val_at_far_std", "far", "xnorm")
 LR_SCHEDULES = ("polynomial", "step")
 
@@ -102,8 +106,15 @@ class FaceRecognitionModule(pl.LightningModule):
         embedding_size: embedding dimension D (512).
         margin: ``arcface`` (straight-through, the paper's), ``arcface_exact``, ``cosface`` or ``combined``.
         margin_kwargs: arguments of the margin head (``s=64``, ``m=0.5`` / ``m=0.4``, ``m1, m2, m3``).
-        classifier: ``full`` (all identities, the paper's) or ``sampled`` (Partial-FC-style).
+        classifier: ``full`` (all identities, the paper's), ``sampled`` (Partial-FC-style) or ``dcp`` (F2C's
+            Dynamic Class Pool with a gallery network, ``docs/f2c.md``; needs batches of identity pairs, which
+            :class:`~fastface_pl.data.datamodule.FaceDataModule` lays out by itself for it).
         sample_rate: fraction of classes per step for ``sampled``.
+        dcp_pool_fraction: ``dcp``: pool entries as a fraction of ``num_classes`` (1 %).
+        dcp_pool_size: ``dcp``: pool entries (overrides the fraction). Never fewer than the images of one
+            step's gallery view over all ranks: a smaller pool is enlarged at ``setup`` (a given size raises).
+        dcp_momentum: ``dcp``: EMA momentum of the gallery network (0.99).
+        dcp_push_topk: ``dcp``: k of the push-away loss (default 0.02 % of the pool, in [3, 10]).
         lr: learning rate η (0.02), the same for both parameter groups.
         momentum: SGD momentum (0.9).
         weight_decay: L2 weight decay λ (5e-4).
@@ -136,6 +147,10 @@ class FaceRecognitionModule(pl.LightningModule):
         margin_kwargs: dict[str, Any] | None = None,
         classifier: str = "full",
         sample_rate: float = 1.0,
+        dcp_pool_fraction: float = 0.01,
+        dcp_pool_size: int | None = None,
+        dcp_momentum: float = 0.99,
+        dcp_push_topk: int | None = None,
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -148,8 +163,14 @@ class FaceRecognitionModule(pl.LightningModule):
         super().__init__()
         check_positive_int("num_classes", num_classes)
         check_positive_int("embedding_size", embedding_size)
-        if classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+        if classifier not in CLASSIFIER_NAMES:
+            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIER_NAMES)}, got {classifier!r}")
+        _check_number("dcp_pool_fraction", dcp_pool_fraction, 0.0, 1.0, low_inclusive=False)
+        _check_number("dcp_momentum", dcp_momentum, 0.0, 1.0)
+        if dcp_pool_size is not None:
+            check_positive_int("dcp_pool_size", dcp_pool_size)
+        if dcp_push_topk is not None:
+            check_positive_int("dcp_push_topk", dcp_push_topk)
         _check_number("lr", lr, 0.0, low_inclusive=False)
         _check_number("momentum", momentum, 0.0, 1.0)
         _check_number("weight_decay", weight_decay, 0.0)
@@ -172,11 +193,19 @@ class FaceRecognitionModule(pl.LightningModule):
             raise ValueError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
         head = build_margin(margin, **(margin_kwargs or {}))
         if classifier == "sampled":
-            self.classifier: FullClassifier = SampledClassifier(embedding_size, num_classes, head, sample_rate)
+            self.classifier: nn.Module = SampledClassifier(embedding_size, num_classes, head, sample_rate)
+        elif classifier == "dcp":
+            pool_size = dcp_pool_size or default_pool_size(num_classes, dcp_pool_fraction)
+            self.classifier = DynamicClassPool(embedding_size, num_classes, pool_size, head, dcp_push_topk)
         else:
             self.classifier = FullClassifier(embedding_size, num_classes, head)
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        if classifier == "dcp":  # F2C's gallery network: an EMA of the backbone, never trained by gradients
+            self.gallery_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+            # Every rank writes the same gathered features into its pool: no need to broadcast it under DDP.
+            self._ddp_params_and_buffers_to_ignore = [f"classifier.{name}" for name, _ in
+                                                      self.classifier.named_buffers()]
         # Kept out of the module tree so state_dict keys stay "backbone.*" with or without compile.
         self._compiled_backbone = torch.compile(self.backbone) if compile else None
         self.val_metrics = nn.ModuleList()
@@ -210,18 +239,106 @@ class FaceRecognitionModule(pl.LightningModule):
         return torch.stack([first, flipped], dim=1)
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        embeddings = self(images)
+    @property
+    def needs_identity_pairs(self) -> bool:
+        """True for ``dcp``: training batches must hold identity pairs at positions (2i, 2i + 1)."""
+        return self.hparams.classifier == "dcp"
+
+    def _check_embeddings(self, embeddings: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.hparams.embedding_size:
             raise ValueError(
                 f"the backbone returned shape {list(embeddings.shape)} but embedding_size="
                 f"{self.hparams.embedding_size}; pass the backbone's output size as embedding_size"
             )
-        loss = self.classifier(embeddings, labels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        if self.hparams.classifier == "dcp":
+            loss = self._dcp_step(images, labels)
+        else:
+            embeddings = self(images)
+            self._check_embeddings(embeddings)
+            loss = self.classifier(embeddings, labels)
         # prog_bar=False: showing a per-step value would force a host-device sync at every refresh.
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=False)
         return loss
+
+    # ------------------------------------------------------------------ F2C (classifier="dcp")
+    def _gallery_features(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gallery features and labels of ``images``, gathered over all ranks (rank order), no gradient."""
+        with torch.no_grad():
+            if self.hparams.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            features = self.gallery_backbone(images).float()
+            trainer = self._trainer  # None outside Trainer.fit (e.g. a step called by hand)
+            if trainer is not None and trainer.world_size > 1:
+                features = self.all_gather(features).reshape(-1, features.shape[1])
+                labels = self.all_gather(labels).reshape(-1)
+        return features, labels
+
+    @torch.no_grad()
+    def _update_gallery(self) -> None:
+        """gallery ← m · gallery + (1 − m) · probe, parameter by parameter (BatchNorm statistics are the
+        gallery's own, as in the F2C reference)."""
+        m = float(self.hparams.dcp_momentum)
+        gallery = list(self.gallery_backbone.parameters())
+        probe = [p.detach() for p in self.backbone.parameters()]
+        torch._foreach_mul_(gallery, m)
+        torch._foreach_add_(gallery, probe, alpha=1.0 - m)
+
+    def _dcp_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """F2C's symmetric step: view A (even positions) is probe against the pool written from view B (odd
+        positions), with pool and LRU rolled back afterwards; then B is probe against A's gallery features,
+        which stay in the pool. The loss is the mean of the two passes."""
+        if images.shape[0] % 2:
+            raise ValueError(f"classifier='dcp' needs an even batch of identity pairs, got {images.shape[0]} images; "
+                             "use an even batch_size with FaceDataModule (it lays out the pairs itself)")
+        self._update_gallery()
+        view_a, view_b = images[0::2], images[1::2]
+        labels_a, labels_b = labels[0::2], labels[1::2]
+        probe_a = self(view_a)
+        self._check_embeddings(probe_a)
+        gallery_b, gallery_labels_b = self._gallery_features(view_b, labels_b)
+        loss_a, present_a = self.classifier(probe_a, labels_a, gallery_b, gallery_labels_b, rollback=True)
+        probe_b = self(view_b)
+        gallery_a, gallery_labels_a = self._gallery_features(view_a, labels_a)
+        loss_b, present_b = self.classifier(probe_b, labels_b, gallery_a, gallery_labels_a, rollback=False)
+        self.log("train/dcp_present", (present_a + present_b) / 2, on_step=True, on_epoch=False)
+        return (loss_a + loss_b) / 2
+
+    def setup(self, stage: str) -> None:
+        """``dcp``: enlarges the pool to hold one step's gallery view of all ranks (before a checkpoint loads)."""
+        if stage != "fit" or self.hparams.classifier != "dcp":
+            return
+        needed = self._dcp_gallery_batch()
+        if needed is None or needed <= self.classifier.pool_size:
+            return
+        if self.hparams.dcp_pool_size is not None:
+            raise ValueError(
+                f"dcp_pool_size={self.hparams.dcp_pool_size} is smaller than one step's gallery view ({needed} "
+                f"images over all ranks); set dcp_pool_size >= {needed} or leave it null"
+            )
+        rank_zero_info(f"F2C pool: {self.classifier.pool_size} entries ({self.hparams.dcp_pool_fraction:g} of "
+                       f"{self.hparams.num_classes} identities) raised to {needed}, the gallery images of one step")
+        self.classifier.resize(needed)
+        self.hparams["dcp_pool_size"] = needed  # checkpoints rebuild the same pool
+
+    def on_fit_start(self) -> None:
+        if self.hparams.classifier == "dcp":
+            needed = self._dcp_gallery_batch()
+            if needed is not None and needed > self.classifier.pool_size:
+                raise ValueError(
+                    f"the F2C pool has {self.classifier.pool_size} entries (from the checkpoint) but one step writes "
+                    f"{needed} gallery images over all ranks; resume with the batch size and devices it was "
+                    "trained with, or start a new run"
+                )
+
+    def _dcp_gallery_batch(self) -> int | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if not isinstance(batch_size, int):
+            return None
+        return (batch_size // 2) * max(1, int(self.trainer.world_size))
 
     def configure_optimizers(self) -> Any:
         """SGD (momentum, weight decay) with two parameter groups: ``backbone`` and ``classifier``.
@@ -236,6 +353,8 @@ class FaceRecognitionModule(pl.LightningModule):
             {"params": [p for p in self.backbone.parameters() if p.requires_grad], "name": "backbone"},
             {"params": [p for p in self.classifier.parameters() if p.requires_grad], "name": "classifier"},
         ]
+        if not groups[1]["params"]:  # dcp: the pool has no parameters
+            groups.pop()
         optimizer_class = RowSparseSGD if hp.classifier == "sampled" else torch.optim.SGD
         optimizer = optimizer_class(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         schedule = hp.get("lr_schedule")

@@ -1,0 +1,135 @@
+"""IdentityPairSampler (F2C's dual loader): batch layout, identity index of every data layout, purity in
+(seed, epoch, position), ranks, mid-epoch resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastface_pl.data import DatasetError, FaceDataModule
+from fastface_pl.data.datasets import ImageFolderDataset, RecordDataset, SyntheticFaces
+from fastface_pl.data.pack import pack_folder
+from fastface_pl.data.samplers import IdentityIndex, IdentityPairSampler, identity_index
+
+
+def make_folder(root: Path, counts: list[int], size: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    for k, count in enumerate(counts):
+        (root / f"id{k:02d}").mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"id{k:02d}" / f"{i}.jpg")
+    return root
+
+
+def labels_of(dataset) -> list[int]:
+    return [dataset[i][1] for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize("layout", ["synthetic", "image_folder", "record"])
+def test_identity_index_of_every_layout(tmp_path, layout):
+    counts = [3, 1, 4, 2]
+    if layout == "synthetic":
+        dataset, counts = SyntheticFaces(4, 3, 8, 0), [3, 3, 3, 3]
+    else:
+        folder = make_folder(tmp_path / "folder", counts)
+        if layout == "image_folder":
+            dataset = ImageFolderDataset(folder, index_cache=str(tmp_path / "index.json"))
+        else:
+            pack_folder(folder, tmp_path / "pack", progress=False)
+            dataset = RecordDataset(tmp_path / "pack")
+    index = identity_index(dataset)
+    assert index.counts.tolist() == counts
+    labels = labels_of(dataset)
+    for identity in range(len(index)):
+        members = index.indices[index.offsets[identity]:index.offsets[identity + 1]]
+        assert all(labels[i] == identity for i in members)
+
+
+def sampler(seed=3, epoch=0, rank=0, replicas=1, flip=False, batch=8, fraction=0.5):
+    index = IdentityIndex(np.repeat(np.arange(10), [5, 1, 4, 4, 2, 6, 3, 3, 5, 7]))
+    s = IdentityPairSampler(index, batch, fraction, seed=seed, flip=flip, num_replicas=replicas, rank=rank)
+    s.set_epoch(epoch)
+    return s, np.repeat(np.arange(10), [5, 1, 4, 4, 2, 6, 3, 3, 5, 7])
+
+
+def test_batches_start_with_pairs_of_distinct_images_of_one_identity():
+    s, labels = sampler()
+    batches = s.epoch_batches(0)
+    assert batches.shape == (40 // 8, 8) and s.num_pairs == 2 and s.num_instances == 4
+    for batch in batches.tolist():
+        for a, b in zip(batch[0:4:2], batch[1:4:2]):
+            assert labels[a] == labels[b] and a != b and labels[a] != 1  # identity 1 has one image
+    assert len(list(iter(s))) == len(s) == 40
+
+
+def test_order_is_a_pure_function_of_seed_epoch_and_position():
+    first, _ = sampler(seed=3, epoch=2, flip=True)
+    again, _ = sampler(seed=3, epoch=2, flip=True)
+    assert list(first) == list(again)
+    other_epoch, _ = sampler(seed=3, epoch=3, flip=True)
+    other_seed, _ = sampler(seed=4, epoch=2, flip=True)
+    assert list(other_epoch) != list(first) and list(other_seed) != list(first)
+    flips = [flip for _, flip in first]
+    assert 0 < sum(flips) < len(flips)
+
+
+def test_instances_cover_the_images_evenly_across_epochs():
+    s, _ = sampler(batch=8, fraction=0.25)  # 1 pair + 6 instances per batch, 5 batches per epoch
+    seen = np.concatenate([s.epoch_batches(e)[:, 2:].reshape(-1).numpy() for e in range(4)])
+    counts = np.bincount(seen, minlength=40)
+    assert counts.max() - counts.min() <= 1  # 120 instance draws over 40 images: 3 each
+
+
+def test_ranks_take_different_batches_of_the_same_global_order():
+    single, _ = sampler(batch=4, replicas=1)
+    rank0, _ = sampler(batch=4, replicas=2, rank=0)
+    rank1, _ = sampler(batch=4, replicas=2, rank=1)
+    assert len(rank0) == len(rank1) == 20
+    merged = torch.stack([rank0.epoch_batches(0), rank1.epoch_batches(0)], dim=1).reshape(-1, 4)
+    assert torch.equal(merged, single.epoch_batches(0))
+
+
+def test_set_position_resumes_mid_epoch_for_one_pass():
+    s, _ = sampler(flip=True, epoch=1)
+    whole = list(s)
+    s.set_position(1, 16)
+    s.set_epoch(1)  # Lightning calls set_epoch after creating the iterator: the same epoch keeps the position
+    assert list(s) == whole[16:]
+    assert list(s) == whole
+    s.set_position(1, 16)
+    s.set_epoch(2)  # a new epoch starts at its beginning
+    assert list(s)[:16] != whole[16:32]
+    with pytest.raises(ValueError, match="start must be in"):
+        s.set_position(1, len(s) + 1)
+
+
+def test_invalid_arguments():
+    index = IdentityIndex(np.array([0, 1, 2]))
+    with pytest.raises(DatasetError, match="at least two images"):
+        IdentityPairSampler(index, 4)
+    with pytest.raises(ValueError, match="even batch_size"):
+        IdentityPairSampler(IdentityIndex(np.array([0, 0])), 3)
+
+
+def test_datamodule_resume_mid_epoch_with_pairs():
+    options = dict(batch_size=4, num_workers=0, seed=9, identity_fraction=0.5,
+                   synthetic={"num_identities": 6, "images_per_identity": 4, "image_size": 16, "num_val_pairs": 10})
+    dm = FaceDataModule("synthetic", **options)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, IdentityPairSampler)
+    loader.sampler.set_epoch(1)
+    uninterrupted = [labels.tolist() for _, labels in loader]
+    assert len(uninterrupted) == 6 and all(b[0] == b[1] for b in uninterrupted)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), current_epoch=1, fit_loop=SimpleNamespace(
+        epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(processed=2),
+                                                                  is_last_batch=False))))
+    resumed = FaceDataModule("synthetic", **options)
+    resumed.load_state_dict(dm.state_dict())
+    loader = resumed.train_dataloader()
+    loader.sampler.set_epoch(1)
+    assert [labels.tolist() for _, labels in loader] == uninterrupted[2:]
