@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["CheckpointError", "SAFE_GLOBALS", "load_checkpoint", "load_lightning_checkpoint",
            "load_backbone_weights", "newest_checkpoint", "checkpoint_candidates",
-           "differing_hyperparameters"]
+           "differing_hyperparameters", "describe_load_error"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -212,6 +212,24 @@ def differing_hyperparameters(saved: dict[str, Any], current: dict[str, Any],
         elif not _same(a, b):
             out.append((key, a, b))
     return out
+
+
+def describe_load_error(err: Exception, limit: int = 3) -> str:
+    """A short form of ``load_state_dict``'s error: how many keys are missing/unexpected, the first mismatches."""
+    import re
+
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.?\s*$"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.?\s*$")):
+        for line in str(err).splitlines():
+            match = re.search(pattern, line.strip())
+            if match:
+                keys = re.findall(r'"([^"]+)"', match.group(1))
+                parts.append(f"{len(keys)} {label} key(s) ({', '.join(keys[:limit])}{', …' if len(keys) > limit else ''})")
+    sizes = [line.strip().rstrip(".") for line in str(err).splitlines() if "size mismatch" in line]
+    if sizes:
+        parts.append(f"{len(sizes)} size mismatch(es), e.g. {sizes[0]}")
+    return "; ".join(parts) if parts else str(err).strip().splitlines()[0]
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -157,9 +158,9 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
             f"model.num_classes={cfg.model.num_classes} but the data at {cfg.data.root} has "
             f"{datamodule.num_classes} identities: fix model.num_classes (or leave it null to take the data's)"
         )
-    if resume_from is not None:
-        _compare_with_checkpoint(cfg, resume_from, datamodule.num_classes)
     module = instantiate(cfg.model, **model_kwargs, _convert_="all")
+    if resume_from is not None:
+        _compare_with_checkpoint(resume_from, module, datamodule)
 
     checkpoint_dir = run_dir / "checkpoints"
     callbacks: list[Any] = [
@@ -181,30 +182,28 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
     return trainer, module, datamodule, lr_callback
 
 
-def _compare_with_checkpoint(cfg: DictConfig, checkpoint: dict[str, Any], data_classes: int) -> None:
+def _compare_with_checkpoint(checkpoint: dict[str, Any], module: Any, datamodule: Any) -> None:
     """Before a resume: refuse a model of other shapes, and say which changed settings win."""
     from fastface_pl.checkpoints import differing_hyperparameters
 
-    saved = dict(checkpoint.get("hyper_parameters") or {})
-    current = OmegaConf.to_container(cfg.model, resolve=True)
-    current = {k: v for k, v in current.items() if not k.startswith("_") and k in saved}
-    if current.get("num_classes") is None:
-        current["num_classes"] = data_classes
-    differences = differing_hyperparameters(saved, current)
+    def common(saved: Any, current: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        saved, current = dict(saved or {}), dict(current or {})
+        keys = set(saved) & set(current)
+        return {k: saved[k] for k in keys}, {k: current[k] for k in keys}
+
+    differences = differing_hyperparameters(*common(checkpoint.get("hyper_parameters"), module.hparams))
     shape = [d for d in differences if d[0].split(".")[0] in MODEL_SHAPE_KEYS]
     if shape:
         rows = "\n  ".join(f"model.{key}: checkpoint {a!r}, config {b!r}" for key, a, b in shape)
         raise UsageError(f"the checkpoint holds another model than this config builds:\n  {rows}\n"
                          "resume with the settings it was trained with (see config.yaml in its run folder)")
-    saved_data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    current_data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-                    if not k.startswith("_") and k in saved_data}
     rows = [(f"model.{key}", a, b, "checkpoint" if key in RESTORED_FROM_CHECKPOINT else "config")
             for key, a, b in differences]
-    rows += [(f"data.{key}", a, b, "config") for key, a, b in differing_hyperparameters(saved_data, current_data)]
+    rows += [(f"data.{key}", a, b, "config") for key, a, b in
+             differing_hyperparameters(*common(checkpoint.get("datamodule_hyper_parameters"), datamodule.hparams))]
     if rows:
         lines = "\n  ".join(f"{key}: checkpoint {a!r}, config {b!r} -> the {winner}'s value is used"
-                            + (" (the optimizer state is restored)" if winner == "checkpoint" else "")
+                            + (" (restored with the optimizer state)" if winner == "checkpoint" else "")
                             for key, a, b, winner in rows)
         log.warning("resuming with settings that differ from the checkpoint's:\n  %s", lines)
 
@@ -240,6 +239,36 @@ def resolve_checkpoint(ckpt_path: Optional[str], run_dir: Path) -> tuple[Optiona
         return folder, load_lightning_checkpoint(folder, what=f"ckpt_path={ckpt_path}:")
     except CheckpointError as err:
         raise UsageError(str(err)) from None
+
+
+def check_writable_folder(path: Path, what: str = "run folder") -> None:
+    """Raise :class:`UsageError` unless ``path`` is, or can be created as, a folder this process can write."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"the {what} {path} cannot be created: {existing} is a file, not a folder; "
+                         "give another hydra.run.dir=...")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the {what} {path}: {existing} is not writable (permission denied); "
+                         "give a writable hydra.run.dir=... or fix the folder's permissions")
+
+
+class RunFolderCheck(HydraCallback):
+    """Hydra callback: check that the run (or sweep) folder can be written before Hydra creates it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(folder: Any) -> None:
+        try:
+            check_writable_folder(Path(str(folder)))
+        except UsageError as err:
+            _fail(str(err), 2)
 
 
 RUN_FILES = ("config.yaml", "results.json", "schedule.png", "logs/metrics.csv")
@@ -389,7 +418,7 @@ def _fail(message: str, code: int) -> None:
 
 def _usage_message(err: Exception) -> Optional[str]:
     """The message of an error about the user's configuration or data (reported without a traceback), else None."""
-    from fastface_pl.checkpoints import CheckpointError
+    from fastface_pl.checkpoints import CheckpointError, describe_load_error
     from fastface_pl.data.errors import DatasetError
     from fastface_pl.safety import TrainingDiverged
 
@@ -402,9 +431,8 @@ def _usage_message(err: Exception) -> Optional[str]:
             message = message.splitlines()[-1]
         return message
     if "Error(s) in loading state_dict" in message or "size mismatch" in message:  # a checkpoint of another model
-        lines = [line.strip() for line in message.splitlines() if line.strip()]
-        return ("the checkpoint does not fit the model this config builds (" + "; ".join(lines[:4])
-                + "): resume with the model settings it was trained with (see config.yaml in its run folder)")
+        return (f"the checkpoint does not fit the model this config builds ({describe_load_error(err)}): resume "
+                "with the model settings it was trained with (see config.yaml in its run folder)")
     if type(err).__module__.startswith(("lightning", "torch")) and isinstance(err, ValueError):
         return message  # Lightning and torch check the arguments the config passed them
     return None
