@@ -123,12 +123,15 @@ class DivergenceGuard(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Refuse to write a checkpoint of non-finite weights: raising here aborts the save before any file."""
         self._module = pl_module
-        self._flush()
+        not_written = f"the checkpoint of step {trainer.global_step} was not written"
+        try:
+            self._flush()
+        except TrainingDiverged as err:
+            raise TrainingDiverged(err.step, f"{err.reason}; {not_written}") from None
         tensors = [t for t in checkpoint.get("state_dict", {}).values() if isinstance(t, torch.Tensor)]
         if not _all_finite(tensors):
             step = self._streak_start if self._streak_start is not None else int(trainer.global_step)
-            raise TrainingDiverged(step, "the model's weights are non-finite (NaN/inf); the checkpoint of step "
-                                         f"{trainer.global_step} was not written")
+            raise TrainingDiverged(step, f"the model's weights are non-finite (NaN/inf); {not_written}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"streak": self._streak, "streak_start": self._streak_start}
