@@ -88,7 +88,7 @@ def check_arguments(section: Mapping[str, Any], target: Callable, prefix: str) -
     """
     parameters, hints = _signature(target)
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    name = getattr(target, "__qualname__", str(target))
+    name = getattr(target, "__name__", str(target))
     problems = []
     for key, value in section.items():
         if key.startswith("_"):

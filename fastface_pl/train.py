@@ -75,13 +75,15 @@ def validate_config(cfg: DictConfig) -> None:
 
     problems: list[str] = []
     for group in ("trainer", "model", "data", "scheduler"):
-        try:
-            section = OmegaConf.to_container(cfg[group], resolve=True)
-        except OmegaConfBaseException as err:
-            problems.append(f"{group}: {str(err).splitlines()[0]}")
-            continue
-        if group == "trainer":
-            section.pop("default_root_dir", None)  # Hydra's run folder
+        section = {}
+        for key in cfg[group]:
+            if group == "trainer" and key == "default_root_dir":
+                continue  # Hydra's run folder
+            try:
+                value = OmegaConf.select(cfg[group], str(key), throw_on_resolution_failure=True)
+                section[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            except OmegaConfBaseException as err:
+                problems.append(f"{group}.{key}: {str(err).splitlines()[0]}")
         if group == "model" and section.get("num_classes") is None:
             section.pop("num_classes", None)  # taken from the data
         try:
