@@ -330,7 +330,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir), "status": "running",
                                "resumed_from": str(ckpt_path) if ckpt_path else None}
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        import torch
+
+        from fastface_pl.checkpoints import SAFE_GLOBALS
+
+        with torch.serialization.safe_globals(SAFE_GLOBALS):  # Lightning's own load: weights-only, same allow-list
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as err:
         summary.update(global_step=int(trainer.global_step), **_fault_summary(err, run_dir))
         if trainer.is_global_zero and summary["status"] != "running":
