@@ -84,6 +84,7 @@ class DivergenceGuard(Callback):
         self._streak = 0
         self._streak_start: Optional[int] = None
         self._module: Optional[LightningModule] = None
+        self._trainer: Optional[Trainer] = None
 
     @property
     def state_key(self) -> str:
@@ -94,7 +95,7 @@ class DivergenceGuard(Callback):
         loss = _loss_of(outputs)
         if loss is None:
             return
-        self._module = pl_module
+        self._module, self._trainer = pl_module, trainer
         self._pending.append(loss.detach().float().reshape(()))
         self._pending_steps.append(int(trainer.global_step))
         if len(self._pending) >= self.check_every_n_steps:
@@ -103,7 +104,11 @@ class DivergenceGuard(Callback):
     def _flush(self) -> None:
         if not self._pending:
             return
-        finite = torch.isfinite(torch.stack(self._pending)).tolist()  # the one host sync of the block
+        flags = torch.isfinite(torch.stack(self._pending)).float()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank decides alike (a bad loss on any rank)
+            flags = trainer.strategy.reduce(flags, reduce_op="mean")
+        finite = [f == 1.0 for f in flags.tolist()]  # the one host sync of the block
         steps, self._pending, self._pending_steps = self._pending_steps, [], []
         for ok, step in zip(finite, steps):
             if ok:
@@ -122,7 +127,7 @@ class DivergenceGuard(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Refuse to write a checkpoint of non-finite weights: raising here aborts the save before any file."""
-        self._module = pl_module
+        self._module, self._trainer = pl_module, trainer
         not_written = f"the checkpoint of step {trainer.global_step} was not written"
         try:
             self._flush()

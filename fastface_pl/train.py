@@ -411,7 +411,10 @@ def _hydra_main(cfg: DictConfig) -> None:
         _fail(f"permission denied: {err.filename or err}: fix its permissions, or point the config elsewhere "
               "(data.root=..., hydra.run.dir=...)", 2)
     except BaseException as err:
-        _exit_on_fault(err, list(HydraConfig.get().overrides.task))  # a diverged or interrupted run
+        try:
+            _exit_on_fault(err, list(HydraConfig.get().overrides.task))  # a diverged or interrupted run
+        except _JobDiverged:
+            return
         message = _usage_message(err) if isinstance(err, (ValueError, RuntimeError)) else None
         if message is None:
             raise
@@ -455,13 +458,20 @@ def _exit_on_fault(err: BaseException, overrides: list[str]) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if isinstance(err, TrainingDiverged):
+        from hydra.types import RunMode
+
         newest = checkpoint_candidates(run_dir)
         keep = (f"The newest checkpoint, {newest[0]}, holds finite weights (checkpoints of non-finite weights "
                 "are never written); to resume from it, change model.lr (or trainer.precision) in:\n  "
                 f"{resume_command(overrides, newest[0])}") if newest else "No checkpoint was written before it."
-        _fail(f"{err}.\nTry a lower learning rate (model.lr=...), bf16 instead of fp16 "
-              f"(trainer.precision=bf16-mixed), or gradient clipping (model.clip_grad_norm=...).\n{keep}\n"
-              f"results.json in {run_dir} records it.", EXIT_DIVERGED)
+        message = (f"{err}.\nTry a lower learning rate (model.lr=...), bf16 instead of fp16 "
+                   f"(trainer.precision=bf16-mixed), or gradient clipping (model.clip_grad_norm=...).\n{keep}\n"
+                   f"results.json in {run_dir} records it.")
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the other jobs of the sweep still run; exit 3 at the end
+            print(f"fastface_pl.train: error: {message}", file=sys.stderr)
+            _DIVERGED_RUNS.append(str(run_dir))
+            raise _JobDiverged from None
+        _fail(message, EXIT_DIVERGED)
     if isinstance(err, (TrainingInterrupted, SIGTERMException, KeyboardInterrupt)):
         signum = getattr(err, "signum", signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM)
         checkpoint = getattr(err, "checkpoint", None)
@@ -477,9 +487,22 @@ def _exit_on_fault(err: BaseException, overrides: list[str]) -> None:
         sys.exit(128 + int(signum))
 
 
+class _JobDiverged(Exception):
+    """A job of a multirun sweep diverged (reported); the sweep goes on."""
+
+
+_DIVERGED_RUNS: list[str] = []
+
+
 def main() -> None:
     """Console entry point (``fastface-train``)."""
     _hydra_main()
+    if _DIVERGED_RUNS:  # a sweep finished with diverged jobs
+        from fastface_pl.safety import EXIT_DIVERGED
+
+        print(f"fastface_pl.train: {len(_DIVERGED_RUNS)} run(s) of the sweep diverged: {', '.join(_DIVERGED_RUNS)}",
+              file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":
