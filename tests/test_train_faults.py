@@ -201,3 +201,14 @@ def test_an_unusable_run_folder_is_a_message(tmp_path):
     result = _train(tmp_path / "a_file" / "run", *TINY)
     assert result.returncode == 2, _explain(result)
     assert "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_diverged_job_of_a_sweep_lets_the_others_run_and_exits_3(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastface_pl.train", "-m", f"hydra.sweep.dir={sweep}", *TINY, "validate_at_end=false",
+         "scheduler=constant", "model.lr=1e6,0.1"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 3, _explain(result)
+    assert _strict_json(sweep / "0" / "results.json")["status"] == "diverged"
+    assert _strict_json(sweep / "1" / "results.json")["status"] == "completed"
+    assert f"1 run(s) of the sweep diverged: {sweep / '0'}" in result.stderr
