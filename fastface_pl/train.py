@@ -472,17 +472,22 @@ def _exit_on_fault(err: BaseException, overrides: list[str]) -> None:
             _DIVERGED_RUNS.append(str(run_dir))
             raise _JobDiverged from None
         _fail(message, EXIT_DIVERGED)
-    if isinstance(err, (TrainingInterrupted, SIGTERMException, KeyboardInterrupt)):
-        signum = getattr(err, "signum", signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM)
+    # a second Ctrl+C: Lightning's KeyboardInterrupt path ignores SIGINT from then on and exits 1
+    stopped_at_once = (isinstance(err, SystemExit) and not isinstance(err, SIGTERMException) and err.code == 1
+                       and signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+    if stopped_at_once or isinstance(err, (TrainingInterrupted, SIGTERMException, KeyboardInterrupt)):
+        signum = getattr(err, "signum", signal.SIGTERM if isinstance(err, SIGTERMException) else signal.SIGINT)
         checkpoint = getattr(err, "checkpoint", None)
+        where = "the state of the step reached is in"
         if checkpoint is None:
             candidates = checkpoint_candidates(run_dir)
             checkpoint = candidates[0] if candidates else None
+            where = "the step in flight was not saved; the newest checkpoint is"
         name = signal.Signals(signum).name
         if checkpoint is None:
             print(f"fastface_pl.train: stopped by {name}; no checkpoint had been written yet", file=sys.stderr)
         else:
-            print(f"fastface_pl.train: stopped by {name}; the state of the step reached is in\n  {checkpoint}\n"
+            print(f"fastface_pl.train: stopped by {name}; {where}\n  {checkpoint}\n"
                   f"Resume with:\n  {resume_command(overrides, Path(checkpoint))}", file=sys.stderr)
         sys.exit(128 + int(signum))
 
