@@ -1,11 +1,15 @@
-"""Evaluate a checkpoint on verification sets (LFW, CFP-FP, AgeDB-30, ... or synthetic pairs).
+"""Evaluate a checkpoint, or raw backbone weights, on verification sets (LFW, CFP-FP, AgeDB-30 … or synthetic pairs).
 
     python -m fastface_pl.evaluate runs/<date>/<time>/checkpoints/last.ckpt
     python -m fastface_pl.evaluate model.ckpt --data /data/ms1m-retinaface-t1 --sets lfw cfp_fp agedb_30
+    python -m fastface_pl.evaluate backbone.pth --backbone r100 --data /data/faces_emore --sets lfw
     python -m fastface_pl.evaluate model.ckpt --ijb /data/IJB_release/IJBC        # IJB-C 1:1 TAR at FAR
 
-Without ``--data`` the data module the checkpoint was trained with is rebuilt from its saved arguments
-(e.g. the demo's synthetic pairs). Prints one row per set: 10-fold accuracy ± std, VAL@FAR=1e-3 ± std, XNorm.
+Only the verification files are read: ``--data`` may be a folder that holds nothing but ``lfw.bin``. Without
+``--data`` the sets the checkpoint was validated on are used (the demo's synthetic pairs, or the ``.bin`` files
+beside its training data). Raw weights (arcface_torch's ``backbone.pth``, a state dict) need ``--backbone``.
+Every file is read weights-only (fastface_pl.checkpoints): none can run code. Prints one row per set: 10-fold
+accuracy ± std, VAL@FAR=1e-3 ± std, XNorm.
 """
 
 from __future__ import annotations
@@ -14,16 +18,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
+
+LAYOUT_SYNTHETIC = "synthetic"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastface_pl.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="a checkpoint written by fastface_pl.train (or Trainer.fit)")
+    p.add_argument("checkpoint", type=Path,
+                   help="a checkpoint written by fastface_pl.train (or Trainer.fit), or raw backbone weights "
+                        "(a state dict such as arcface_torch's backbone.pth; give --backbone)")
+    p.add_argument("--backbone", default=None,
+                   help="backbone of raw weights: r18 r34 r50 r100 r200 mbf … (a checkpoint names its own)")
+    p.add_argument("--embedding-size", type=int, default=None,
+                   help="embedding size of raw weights (default: read from the weights, else 512)")
+    p.add_argument("--input-size", type=int, default=112, help="image side of raw weights (default 112)")
     p.add_argument("--data", default=None,
-                   help="dataset folder holding the .bin sets, or 'synthetic' (default: the checkpoint's own data)")
+                   help="folder holding the .bin sets, or 'synthetic' (default: the checkpoint's own sets)")
     p.add_argument("--sets", nargs="*", default=None,
-                   help="verification set names (.bin files in --data), e.g. lfw cfp_fp agedb_30")
+                   help="verification set names (<name>.bin in --data) or .bin paths, e.g. lfw cfp_fp agedb_30 "
+                        "(default: the checkpoint's, else every .bin in --data)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--accelerator", default="auto", help="cpu | gpu | auto")
@@ -47,44 +61,126 @@ def evaluate_ijb_command(args: argparse.Namespace, backbone: Any) -> dict[str, A
                         num_workers=args.num_workers, device=accelerator, precision=args.precision)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    import lightning.pytorch as pl
+def load_model(path: Path, backbone: Optional[str] = None, embedding_size: Optional[int] = None,
+               input_size: int = 112) -> tuple[Any, dict[str, Any]]:
+    """The model to evaluate and the data settings it was trained with (``{}`` for raw weights).
+
+    ``path`` is a Lightning checkpoint (its hyper-parameters name the backbone) or raw backbone weights, loaded
+    strictly into ``build_backbone(backbone, embedding_size, input_size=input_size)``.
+
+    Raises:
+        CheckpointError: the file is refused, corrupt, or its weights do not fit the backbone.
+    """
     import torch
 
-    from fastface_pl.data.datamodule import FaceDataModule
+    from fastface_pl.checkpoints import SAFE_GLOBALS, CheckpointError, describe_load_error, load_checkpoint
     from fastface_pl.models.module import FaceRecognitionModule
-    from fastface_pl.evaluation.report import format_results
 
-    if not args.checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist: give the path of a .ckpt file")
+    content = load_checkpoint(path)  # weights-only, memory-mapped: the weights are read once, below
+    if isinstance(content, dict) and "state_dict" in content and "hyper_parameters" in content:
+        data_settings = dict(content.get("datamodule_hyper_parameters") or {})
+        del content
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                module = FaceRecognitionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True,
+                                                                    val_set_names=None)
+        except (RuntimeError, TypeError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {path} does not rebuild a FaceRecognitionModule: "
+                                  f"{describe_load_error(err)}") from None
+        return module, data_settings
+    from fastface_pl.checkpoints import load_backbone_weights
+
+    del content
+    state, _ = load_backbone_weights(path)
+    if backbone is None:
+        raise CheckpointError(f"{path} holds raw weights (a state dict), which do not say their backbone: "
+                              "give --backbone (e.g. --backbone r100)")
+    if embedding_size is None:
+        embedding_size = int(state["fc.weight"].shape[0]) if "fc.weight" in state else 512
+    module = FaceRecognitionModule(num_classes=1, backbone=backbone, embedding_size=embedding_size,
+                                   backbone_kwargs={"input_size": input_size})
+    try:
+        module.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"the weights in {path} do not fit --backbone {backbone} (embedding "
+                              f"{embedding_size}, input {input_size}): {describe_load_error(err)}") from None
+    return module, {}
+
+
+def verification_sets(data: Optional[str], sets: Optional[Sequence[str]], data_settings: dict[str, Any],
+                      image_size: Optional[int]) -> list[Any]:
+    """The verification datasets to evaluate on; only the ``.bin`` files (or synthetic pairs) are read.
+
+    ``.bin`` names are looked up in the data folder and the folder above it (an image folder keeps them there).
+    """
+    from fastface_pl.data.bin_format import load_bin
+    from fastface_pl.data.datasets import FaceTransform
+    from fastface_pl.data.errors import DatasetError
+
+    root = data if data is not None else data_settings.get("root")
+    if not root:
+        raise DatasetError("the checkpoint does not say which data it was trained on: pass --data /path/to/bins")
+    if str(root) == LAYOUT_SYNTHETIC:
+        from fastface_pl.data.datamodule import FaceDataModule
+
+        synthetic = data_settings.get("synthetic") if data_settings.get("root") == LAYOUT_SYNTHETIC else None
+        datamodule = FaceDataModule(root=LAYOUT_SYNTHETIC, image_size=image_size,
+                                    **({"synthetic": synthetic} if synthetic else {}))
+        datamodule.setup("validate")
+        return list(datamodule.val_datasets)
+    base = Path(root)
+    if base.is_file():
+        base = base.parent
+    if not base.is_dir():
+        raise DatasetError(f"--data {root} is not a folder: give the folder that holds the .bin sets")
+    places = [base, base.parent]
+    names = list(sets) if sets is not None else (list(data_settings.get("val_sets") or []) if data is None else [])
+    if not names:
+        names = sorted(p.name for p in base.glob("*.bin"))
+        if not names:
+            raise DatasetError(f"no .bin verification sets in {base}: give --data the folder that holds them")
+    transform = FaceTransform(image_size=image_size)
+    datasets, missing = [], []
+    for name in names:
+        candidates = [Path(name)] if name.endswith(".bin") and Path(name).is_file() else \
+            [place / (name if name.endswith(".bin") else f"{name}.bin") for place in places]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            missing.append(" or ".join(str(c) for c in candidates))
+        else:
+            datasets.append(load_bin(found, transform=transform))
+    if missing:
+        available = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.bin")})
+        raise DatasetError(f"verification set(s) not found: {'; '.join(missing)}. Available in {base} and "
+                           f"{base.parent}: {available or 'none'}")
+    return datasets
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from fastface_pl.evaluation.report import format_results
+    from fastface_pl.safety import finite_or_none
+
+    module, data_settings = load_model(args.checkpoint, args.backbone, args.embedding_size, args.input_size)
     if args.ijb is not None:
-        module = FaceRecognitionModule.load_from_checkpoint(args.checkpoint, map_location="cpu", val_set_names=None)
         ijb_result = evaluate_ijb_command(args, module.backbone)
         if args.data is None and args.sets is None:
             return {"ijb": ijb_result}
-    # mmap: only the small data-module entry is read here; the weights are loaded once, below
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    data_kwargs: dict[str, Any] = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    if args.data is not None:  # other data, the same preprocessing (image size) as in training
-        data_kwargs = {"root": args.data, "image_size": data_kwargs.get("image_size"),
-                       **({"synthetic": data_kwargs.get("synthetic")} if args.data == "synthetic" else {})}
-    if not data_kwargs.get("root"):
-        raise ValueError("the checkpoint does not say which data it was trained on: pass --data /path/to/dataset")
-    if args.sets is not None:
-        data_kwargs["val_sets"] = list(args.sets)
-    data_kwargs.update(batch_size=args.batch_size, num_workers=args.num_workers)
-    datamodule = FaceDataModule(**data_kwargs)
-    datamodule.prepare_data()
-    datamodule.setup("validate")
-
-    module = FaceRecognitionModule.load_from_checkpoint(args.checkpoint, map_location="cpu", val_set_names=None)
+    image_size = data_settings.get("image_size") or module.hparams.get("backbone_kwargs", {}).get("input_size")
+    datasets = verification_sets(args.data, args.sets, data_settings, image_size)
+    names = [getattr(d, "name", None) or LAYOUT_SYNTHETIC for d in datasets]
+    module.hparams.val_set_names = names
+    loaders = [DataLoader(d, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False)
+               for d in datasets]
     trainer = pl.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False,
                          enable_checkpointing=False, enable_model_summary=False)
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    results = trainer.validate(module, dataloaders=loaders, verbose=False)
     table, per_set = format_results(results)
     print(f"\n{args.checkpoint}\n{table}")
     if args.json is not None:
-        args.json.write_text(json.dumps(per_set, indent=2))
+        args.json.write_text(json.dumps(finite_or_none(per_set), indent=2, allow_nan=False))
     return per_set
 
 
@@ -92,7 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         evaluate(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except PermissionError as err:
+        print(f"fastface_pl.evaluate: error: permission denied: {err.filename or err}: fix its permissions",
+              file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # CheckpointError, DatasetError, argument checks
         print(f"fastface_pl.evaluate: error: {err}", file=sys.stderr)
         return 2
     return 0

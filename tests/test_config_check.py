@@ -1,0 +1,96 @@
+"""The composed config is checked against the classes it configures before any data or model is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from fastface_pl.config_check import check_arguments, describe_type, value_matches
+from fastface_pl.train import UsageError, check_writable_folder, claim_run_folder, validate_config
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="fastface_pl.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("value, annotation, expected", [
+    (3, Optional[int], True), ("abc", Optional[int], False), (None, Optional[int], True), (True, int, False),
+    (2, float, True), ("16-mixed", Union[Literal["16-mixed", "32-true"], int], True),
+    ("17", Union[Literal["16-mixed", "32-true"], int], False), ([1, 2], list[int], True), ({"a": 1}, dict, True),
+    (object(), Path, None),
+])
+def test_value_matches(value, annotation, expected):
+    assert value_matches(value, annotation) is expected
+
+
+def test_describe_type():
+    assert describe_type(Optional[int]) == "an integer or null"
+    assert describe_type(Union[Literal["a", "b"], None]) == "one of 'a', 'b' or null"
+
+
+def test_unknown_keys_and_bad_types_are_named():
+    def target(depth: int, rate: float = 0.1, name: Optional[str] = None) -> None: ...
+
+    problems = check_arguments({"_target_": "x", "depth": "deep", "rate": 1, "colour": "red"}, target, "model")
+    assert problems == ["model.depth='deep': expected an integer",
+                        "model.colour: unknown key (target takes depth, rate, name)"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_shipped_config_passes(name):
+    validate_config(_compose(f"+experiment={name}", "data.root=/data/somewhere"))
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "step", "polynomial", "moving_haar", "fastface_demo"])
+def test_the_demo_with_every_scheduler_passes(scheduler):
+    validate_config(_compose(f"scheduler={scheduler}"))
+
+
+@pytest.mark.parametrize("override, named", [
+    ("trainer.max_epochs=abc", "trainer.max_epochs='abc': expected an integer or null"),
+    ("trainer.precision=17", "trainer.precision=17: expected one of"),
+    ("model.lr=fast", "model.lr='fast': expected a number"),
+    ("+model.dropout=0.1", "model.dropout: unknown key"),
+    ("data.batch_size=1.5", "data.batch_size=1.5: expected an integer"),
+    ("checkpoint_every_n_steps=0", "checkpoint_every_n_steps=0: expected an integer >= 1"),
+    ("divergence.max_nonfinite_steps=-1", "divergence.max_nonfinite_steps=-1"),
+])
+def test_a_bad_value_is_named(override, named):
+    with pytest.raises(UsageError, match="invalid configuration") as info:
+        validate_config(_compose(override))
+    assert named in str(info.value)
+
+
+def test_run_folder_checks(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        check_writable_folder(tmp_path / "a_file" / "run")
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as a user without write permission (even as root)
+    with pytest.raises(UsageError, match="not writable"):
+        check_writable_folder(tmp_path / "new" / "run")
+
+
+def test_claiming_a_run_folder(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    claim_run_folder(run, resume_in_place=False)
+    (run / "config.yaml").write_text("first")
+    (run / "logs").mkdir()
+    (run / "logs" / "metrics.csv").write_text("step\n1\n")
+    with pytest.raises(UsageError, match="already holds a run"):
+        claim_run_folder(run, resume_in_place=False)
+    claim_run_folder(run, resume_in_place=True)  # ckpt_path=last: the earlier files are renamed, not lost
+    assert (run / "config.1.yaml").read_text() == "first" and not (run / "config.yaml").exists()
+    assert (run / "logs" / "metrics.1.csv").read_text() == "step\n1\n"
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(UsageError, match="permission denied"):
+        claim_run_folder(tmp_path / "other", resume_in_place=False)

@@ -1,0 +1,214 @@
+"""Faults injected into ``python -m fastface_pl.train`` as a user meets them (subprocesses, CPU, a tiny demo):
+divergence, SIGTERM/SIGINT and the resume that follows, resumes from a run folder and in place, run-folder
+collisions, bad checkpoints, a checkpoint of another model, config errors, an unwritable run folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastface_pl.checkpoints import load_lightning_checkpoint
+
+pytestmark = pytest.mark.slow
+
+# 24 identities x 8 images, batch 16: 12 optimizer steps per epoch
+TINY = [
+    "data.synthetic.num_identities=24", "data.synthetic.images_per_identity=8", "data.synthetic.unseen_identities=6",
+    "data.synthetic.num_val_pairs=40", "data.batch_size=16", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=5", "plot=false", "loggers=[csv]",
+]
+# one epoch of 48 steps, long enough to be interrupted in the middle
+LONG = [o for o in TINY if not o.startswith("data.synthetic.num_identities")] + ["data.synthetic.num_identities=96"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "FASTFACE_DATA_ROOT"}
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _command(run_dir: Path | None, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "fastface_pl.train", *([f"hydra.run.dir={run_dir}"] if run_dir else []),
+            *overrides]
+
+
+def _train(run_dir: Path | None, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(run_dir, *overrides), capture_output=True, text=True, env=_env(), timeout=600,
+                          cwd=cwd)
+
+
+def _explain(result) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}: not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _losses(run_dir: Path) -> dict[int, str]:
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_divergence_stops_with_exit_3_and_keeps_good_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    result = _train(run, *TINY, "model.lr=1e6", "scheduler=constant", "checkpoint_every_n_steps=2")
+    assert result.returncode == 3, _explain(result)
+    assert "training diverged at optimizer step" in result.stderr and "Traceback" not in result.stderr
+    assert "model.lr" in result.stderr and "trainer.precision=bf16-mixed" in result.stderr
+    summary = _strict_json(run / "results.json")
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] >= 1
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert checkpoints and summary["last_good_checkpoint"] in map(str, checkpoints)
+    for path in checkpoints:  # every checkpoint written holds finite weights
+        state = load_lightning_checkpoint(path)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path
+
+
+def _interrupt(run: Path, signum: int, *overrides: str) -> subprocess.CompletedProcess:
+    """Start a run, wait for its step-5 checkpoint (a progress marker, not a sleep), send ``signum``."""
+    process = subprocess.Popen(_command(run, *overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=_env())
+    marker = run / "checkpoints" / "step0000005.ckpt"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("full") / "run"
+    result = _train(run, *LONG, "validate_at_end=false")
+    assert result.returncode == 0, _explain(result)
+    return run
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_the_step_and_the_printed_command_resumes_exactly(tmp_path, uninterrupted, signum,
+                                                                               code):
+    run = tmp_path / "run"
+    result = _interrupt(run, signum, *LONG, "validate_at_end=false")
+    assert result.returncode == code, _explain(result)
+    saved = sorted((run / "checkpoints").glob("interrupted-step*.ckpt"))
+    assert len(saved) == 1, _explain(result)
+    step = int(saved[0].stem.split("step")[1])
+    assert 5 <= step < 48 and load_lightning_checkpoint(saved[0])["global_step"] == step
+    assert f"stopped by {signal.Signals(signum).name}" in result.stderr and str(saved[0]) in result.stderr
+    summary = _strict_json(run / "results.json")
+    assert summary["status"] == "interrupted" and summary["checkpoint"] == str(saved[0])
+    if signum != signal.SIGTERM:
+        return  # the same checkpoint and resume path as SIGTERM's (resumed below)
+    # run the printed command (in a new run folder): it continues from that step, on the same batches
+    command = shlex.split(result.stderr.split("Resume with:")[1].strip().splitlines()[0])
+    assert command[:3] == ["python", "-m", "fastface_pl.train"] and command[-1] == f"ckpt_path={saved[0]}"
+    resumed_dir = tmp_path / "resumed"
+    resumed = _train(resumed_dir, *command[3:])
+    assert resumed.returncode == 0, _explain(resumed)
+    assert _strict_json(resumed_dir / "results.json")["global_step"] == 48
+    after = _losses(resumed_dir)
+    assert min(after) == step + 1 or min(after) == step  # logging starts where the checkpoint stood
+    full = _losses(uninterrupted)
+    assert {k: v for k, v in full.items() if k in after} == after and max(after) == max(full)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    result = _train(run, *TINY, "validate_at_end=false")
+    assert result.returncode == 0, _explain(result)
+    return run
+
+
+def test_resume_from_a_run_folder_names_the_changed_settings(tmp_path, tiny_run):
+    first = tiny_run
+    result = _train(tmp_path / "second", *TINY, f"ckpt_path={first}", "trainer.max_epochs=2", "model.lr=0.05",
+                    "model.margin_kwargs.m=0.3")
+    assert result.returncode == 0, _explain(result)
+    log = result.stdout + result.stderr
+    assert "resuming from" in log and str(first / "checkpoints") in log
+    assert "model.lr: checkpoint 0.1, config 0.05 -> the checkpoint's value is used" in log
+    assert "model.margin_kwargs.m: checkpoint 0.35, config 0.3 -> the config's value is used" in log
+    assert _strict_json(tmp_path / "second" / "results.json")["global_step"] == 24
+
+
+def test_ckpt_path_last_resumes_in_place_and_keeps_the_earlier_files(tmp_path):
+    run = tmp_path / "run"
+    fresh = _train(run, *TINY, "ckpt_path=last")  # nothing there yet: a fresh start (a requeued job's first start)
+    assert fresh.returncode == 0, _explain(fresh)
+    assert "no checkpoint in" in fresh.stdout + fresh.stderr
+    again = _train(run, *TINY)  # the same folder without a resume: refused, nothing overwritten
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "ckpt_path=last" in again.stderr
+    resumed = _train(run, *TINY, "ckpt_path=last", "trainer.max_epochs=2")
+    assert resumed.returncode == 0, _explain(resumed)
+    assert _strict_json(run / "results.json")["global_step"] == 24
+    assert _strict_json(run / "results.1.json")["global_step"] == 12  # the first start's files, renamed
+    assert (run / "config.1.yaml").is_file() and (run / "logs" / "metrics.1.csv").is_file()
+
+
+def test_two_runs_started_together_get_two_folders(tmp_path):
+    overrides = [*TINY, "validate_at_end=false"]
+    processes = [subprocess.Popen(_command(None, *overrides), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors
+    folders = sorted(p.parent for p in tmp_path.glob("runs/*/*/results.json"))
+    assert len(folders) == 2 and all((f / "config.yaml").is_file() for f in folders)
+    assert len({_strict_json(f / "results.json")["run_dir"] for f in folders}) == 2
+
+
+@pytest.mark.parametrize("kind", ["crafted"])  # every kind of bad file: test_checkpoints.py, test_evaluate.py
+def test_a_bad_checkpoint_is_one_message_and_exit_2(tmp_path, kind):
+    from test_checkpoints import bad_files
+
+    path, phrase = bad_files(tmp_path)[kind]
+    result = _train(tmp_path / "run", *TINY, f"ckpt_path={path}")
+    assert result.returncode == 2, _explain(result)
+    assert phrase in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_of_another_model_size_is_a_message(tmp_path, tiny_run):
+    result = _train(tmp_path / "other", *TINY, f"ckpt_path={tiny_run / 'checkpoints' / 'last.ckpt'}",
+                    "model.embedding_size=64")
+    assert result.returncode == 2, _explain(result)
+    assert "model.embedding_size: checkpoint 128, config 64" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_config_value_stops_before_the_data_is_built(tmp_path):
+    result = _train(tmp_path / "run", *TINY, "trainer.max_epochs=abc")
+    assert result.returncode == 2, _explain(result)
+    assert "trainer.max_epochs='abc': expected an integer or null" in result.stderr
+    assert "Traceback" not in result.stderr and "FaceDataModule" not in result.stdout + result.stderr
+
+
+def test_an_unusable_run_folder_is_a_message(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    result = _train(tmp_path / "a_file" / "run", *TINY)
+    assert result.returncode == 2, _explain(result)
+    assert "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_diverged_job_of_a_sweep_lets_the_others_run_and_exits_3(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastface_pl.train", "-m", f"hydra.sweep.dir={sweep}", *TINY, "validate_at_end=false",
+         "scheduler=constant", "model.lr=1e6,0.1"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 3, _explain(result)
+    assert _strict_json(sweep / "0" / "results.json")["status"] == "diverged"
+    assert _strict_json(sweep / "1" / "results.json")["status"] == "completed"
+    assert f"1 run(s) of the sweep diverged: {sweep / '0'}" in result.stderr
