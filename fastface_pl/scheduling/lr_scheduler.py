@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from fastface_pl.scheduling.auto import AutoFastFaceDetector
 from fastface_pl.scheduling.detectors import Detector, FastFaceDetector, MovingHaarDetector
 
 __all__ = ["FastFaceLR"]
@@ -62,8 +63,9 @@ class FastFaceLR:
                  min_lr: float | Sequence[float] | None = None, on_nonfinite: str = "skip") -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(detector, (FastFaceDetector, MovingHaarDetector)):
-            raise ValueError(f"`detector` must be a FastFaceDetector or MovingHaarDetector (see build_detector), "
+        if not isinstance(detector, (FastFaceDetector, MovingHaarDetector, AutoFastFaceDetector)):
+            raise ValueError(f"`detector` must be a FastFaceDetector, MovingHaarDetector or AutoFastFaceDetector "
+                             f"(see build_detector), "
                              f"got {type(detector).__name__}")
         if on_nonfinite not in _NONFINITE_CHOICES:
             raise ValueError(f"`on_nonfinite` can be {' or '.join(_NONFINITE_CHOICES)}, got {on_nonfinite!r}")
