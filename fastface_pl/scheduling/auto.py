@@ -53,7 +53,7 @@ WINDOW_RUN_FRACTION = 1.0 / (PAPER_ALPHA * PAPER_TOTAL_STEPS)
 NOISE_MARGIN = 3.0
 #: The calibration window: this fraction of the run, at least MIN_CALIBRATION steps (never more than P).
 CALIBRATION_FRACTION = 0.01
-MIN_CALIBRATION = 20
+MIN_CALIBRATION = 50
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _patience(total_steps: int, patience_fraction: float) -> int:
 
 
 def calibration_steps(total_steps: int, patience_fraction: float = PAPER_PATIENCE_FRACTION) -> int:
-    """How many first losses the auto rule reads: 1 % of T, at least 20, never more than P = int(τ·T).
+    """How many first losses the auto rule reads: 1 % of T, at least 50, never more than P = int(τ·T).
 
     Never more than P, so no decision can fall inside the calibration window.
     """
@@ -105,13 +105,19 @@ def calibration_steps(total_steps: int, patience_fraction: float = PAPER_PATIENC
 
 
 def estimate_noise(losses: Sequence[float]) -> float:
-    """Per-step noise σ of a loss stream: 1.4826 · MAD of its first differences / √2 (robust to the trend)."""
+    """Per-step noise σ of a loss stream, from its first differences (robust to the trend and to spikes).
+
+    A difference of two steps carries √2·σ of white noise. The differences are centred on their median
+    (the trend), winsorised at 3 robust standard deviations (1.4826 · MAD), and their root mean square / √2
+    is returned.
+    """
     if len(losses) < 3:
         return 0.0
     differences = [b - a for a, b in zip(losses, losses[1:])]
     centre = statistics.median(differences)
-    mad = statistics.median(abs(d - centre) for d in differences)
-    return 1.4826 * mad / math.sqrt(2.0)
+    limit = 3.0 * 1.4826 * statistics.median(abs(d - centre) for d in differences)
+    clipped = [max(-limit, min(limit, d - centre)) for d in differences]
+    return math.sqrt(statistics.fmean(d * d for d in clipped) / 2.0)
 
 
 def fastface_auto_settings(total_steps: int, early_losses: Sequence[float],
