@@ -158,3 +158,18 @@ def test_fastface_lr_drives_the_optimizer_with_the_auto_detector():
         scheduler.step(torch.tensor(2.0))  # a flat loss: stationary from step 2, P = 20
     assert scheduler.decisions[0][0] == 22
     assert optimizer.param_groups[0]["lr"] < 0.1
+
+
+def test_auto_detector_resolves_again_for_a_new_run_length():
+    """A resumed run that is longer gets the settings of its new T, from the saved calibration losses."""
+    losses = _synthetic_curve(2000, level=8.0, noise=0.3, plateau_at=0.3, seed=4)
+    first = AutoFastFaceDetector(2000)
+    replay(first, losses[:500])
+    state = first.state_dict()
+    state["total_steps"] = 4000
+    resumed = AutoFastFaceDetector(2000)
+    resumed.load_state_dict(state)
+    expected = fastface_auto_settings(4000, losses[: first.calibration_steps])
+    assert resumed.total_steps == 4000 and resumed.settings == expected
+    assert resumed.patience == 200 and resumed.threshold == pytest.approx(first.threshold / 2)
+    assert resumed.steps_seen == 500 and resumed.signal == first.signal  # the stream continues

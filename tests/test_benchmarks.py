@@ -79,6 +79,7 @@ def test_convergence_tiny_mode_end_to_end(convergence, tmp_path, capsys):
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # six Trainer.fit runs (about 20 s on an idle 2-core machine)
 def test_gpu_check_cpu_smoke(tmp_path):
     gpu_check = _load("gpu_check")
     report_path = tmp_path / "gpu.json"

@@ -197,9 +197,15 @@ class AutoFastFaceDetector:
         self.decay = _check_real("decay", decay, low=1.0, allowed="(1, inf) (finite)")
         self.max_decays = _check_int("max_decays", max_decays, minimum=0, allow_none=True, none_means="unlimited")
         self.calibration_steps = calibration_steps(self.total_steps, self.patience_fraction)
-        self._pending: list[float] = []
+        self._calibration: list[float] = []  # the first losses; kept, so a new T can re-resolve the settings
         self.settings: FastFaceSettings | None = None
         self.detector: FastFaceDetector | None = None
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments (the resolved α, β, λ, P are in :attr:`settings`)."""
+        return {"total_steps": self.total_steps, "patience_fraction": self.patience_fraction, "decay": self.decay,
+                "max_decays": self.max_decays}
 
     def update(self, loss: float) -> float:
         """Feeds one optimizer step's loss; returns the LR factor (1.0, or 1/δ on a decision)."""
@@ -207,20 +213,19 @@ class AutoFastFaceDetector:
             return self.detector.update(loss)
         loss = float(loss)
         if not math.isfinite(loss):
-            raise ValueError(f"`loss` must be finite, got {loss!r} at step {len(self._pending) + 1}")
-        self._pending.append(loss)
-        if len(self._pending) < max(3, self.calibration_steps):
+            raise ValueError(f"`loss` must be finite, got {loss!r} at step {len(self._calibration) + 1}")
+        self._calibration.append(loss)
+        if len(self._calibration) < max(3, self.calibration_steps):
             return 1.0
         self._resolve()
+        for value in self._calibration:
+            self.detector.update(value)
         return self.detector.lr_scale  # 1.0 unless the window held a decision (only when P < 3)
 
     def _resolve(self) -> None:
-        self.settings = fastface_auto_settings(self.total_steps, self._pending, self.patience_fraction)
+        self.settings = fastface_auto_settings(self.total_steps, self._calibration, self.patience_fraction)
         self.detector = FastFaceDetector(**self.settings.detector_kwargs(), decay=self.decay,
                                          max_decays=self.max_decays)
-        for loss in self._pending:
-            self.detector.update(loss)
-        self._pending = []
 
     def __getattr__(self, name: str) -> Any:
         # threshold, signal, smoothed_loss, stationary_count, decisions … of the resolved detector
@@ -229,12 +234,12 @@ class AutoFastFaceDetector:
         detector = self.__dict__.get("detector")
         if detector is not None:
             return getattr(detector, name)
-        if name in ("decisions",):
+        if name == "decisions":
             return []
         if name in ("num_decisions", "stationary_count"):
             return 0
         if name == "steps_seen":
-            return len(self.__dict__.get("_pending", ()))
+            return len(self.__dict__.get("_calibration", ()))
         if name == "lr_scale":
             return 1.0
         if name in ("threshold", "signal", "smoothed_loss", "alpha", "beta", "patience"):
@@ -242,27 +247,30 @@ class AutoFastFaceDetector:
         raise AttributeError(name)
 
     def state_dict(self) -> dict[str, Any]:
-        """The pending losses before calibration, the resolved settings and detector state after it."""
+        """Hyperparameters, the calibration losses and, once resolved, the settings and the detector's state."""
         return {
-            "type": type(self).__name__, "version": 1, "total_steps": self.total_steps,
-            "patience_fraction": self.patience_fraction, "decay": self.decay, "max_decays": self.max_decays,
-            "pending": list(self._pending),
+            "type": type(self).__name__, "version": 1, **self.hyperparameters,
+            "calibration": list(self._calibration),
             "settings": None if self.settings is None else self.settings.as_dict(),
             "detector": None if self.detector is None else self.detector.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict`. A state whose ``total_steps`` (or τ) was changed re-resolves the
+        settings for the new run length from the saved calibration losses and continues the detector's
+        stream under them."""
         if not isinstance(state, dict) or state.get("type") != type(self).__name__:
             found = state.get("type") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state was saved by {found!r}, not {type(self).__name__}; "
                              "pass a dict from AutoFastFaceDetector.state_dict()")
-        self.__init__(state["total_steps"], state["patience_fraction"], state["decay"], state["max_decays"])
-        self._pending = [float(v) for v in state.get("pending", [])]
-        if state.get("settings") is not None:
-            self.settings = FastFaceSettings(**state["settings"])
-            self.detector = FastFaceDetector(**self.settings.detector_kwargs(), decay=self.decay,
-                                             max_decays=self.max_decays)
-            self.detector.load_state_dict(state["detector"])
+        self.__init__(*(state.get(key, value) for key, value in self.hyperparameters.items()))
+        self._calibration = [float(v) for v in state.get("calibration", [])]
+        if state.get("detector") is None:
+            return
+        self._resolve()
+        inner = dict(state["detector"])
+        inner.update(self.settings.detector_kwargs())  # the same values, or those of a new run length
+        self.detector.load_state_dict(inner)
 
     def __repr__(self) -> str:
         inner = repr(self.detector) if self.detector is not None else \
