@@ -17,6 +17,7 @@ _EXPORTS = {
     "FastFaceDetector": "fastface_pl.scheduling.detectors",
     "MovingHaarDetector": "fastface_pl.scheduling.detectors",
     "build_detector": "fastface_pl.scheduling.detectors",
+    "NonFiniteLossError": "fastface_pl.scheduling.detectors",
     "FastFaceLRCallback": "fastface_pl.scheduling.callback",
     "FastFaceLR": "fastface_pl.scheduling.lr_scheduler",
     "FaceRecognitionModule": "fastface_pl.models.module",

@@ -1,4 +1,4 @@
-"""Backbones: IResNet parameter counts (REFERENCE.md §3), shapes, input sizes, knobs, MobileFaceNet, tiny runs."""
+"""Backbones: IResNet parameter counts (docs/models.md), shapes, input sizes, knobs, MobileFaceNet, tiny runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastface_pl.models.backbones import BACKBONES, IResNet, MobileFaceNet, build_backbone, count_parameters
 
-# REFERENCE.md §3, in millions; they count every parameter (with the frozen BatchNorm1d weight: 512 of them,
+# docs/models.md, in millions; they count every parameter (with the frozen BatchNorm1d weight: 512 of them,
 # which does not change the rounding at two decimals; the test checks both).
 PUBLISHED_MILLIONS = {"r18": 24.03, "r34": 34.14, "r50": 43.59, "r100": 65.16, "r200": 118.83}
 

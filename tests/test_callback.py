@@ -19,11 +19,12 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastface_pl.scheduling.callback import FastFaceLRCallback
-from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector, build_detector
+from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector, NonFiniteLossError, build_detector
 
 LR0 = 0.1
 FASTFACE = {"alpha": 0.5, "beta": 0.5, "threshold": 1e-3, "patience": 4}
 MOVING_HAAR = {"window": 3, "threshold": 0.01, "patience": 4}
+FASTFACE_NO_PATIENCE = {key: value for key, value in FASTFACE.items() if key != "patience"}
 
 # Lightning's chatter about tiny dataloaders, non-resumable loaders and logging intervals is expected here.
 pytestmark = [
@@ -54,6 +55,19 @@ def replay(name: str, kwargs: dict, values: list[float]) -> list[tuple[int, floa
     return detector.decisions
 
 
+class RecordingSGD(torch.optim.SGD):
+    """SGD that reports the LR of its first group from inside ``step``: the LR the step really used (after any
+    optimizer step pre-hook, e.g. the callback's scale under compose_with_step_schedulers)."""
+
+    def __init__(self, params, lr, record) -> None:
+        super().__init__(params, lr=lr)
+        self.record = record
+
+    def step(self, closure=None):
+        self.record(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
 class ScriptedModule(LightningModule):
     """``training_step`` returns ``losses[total batch index]`` exactly, with a gradient on a parameter.
 
@@ -73,14 +87,14 @@ class ScriptedModule(LightningModule):
         # (w − w.detach()) is exactly 0 with gradient 1: the loss is the scripted value to the bit.
         return (self.weight - self.weight.detach()).sum() + value
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.lrs.append(optimizer.param_groups[0]["lr"])
+    def record_lr(self, lr: float) -> None:
+        self.lrs.append(lr)
 
     def train_dataloader(self):
         return DataLoader(TensorDataset(torch.zeros(self.batches_per_epoch, 1)), batch_size=1)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=LR0)
+        optimizer = RecordingSGD(self.parameters(), lr=LR0, record=self.record_lr)
         if self.scheduler is None:
             return optimizer
         lr_scheduler = dict(self.scheduler, scheduler=self.scheduler["scheduler"](optimizer))
@@ -199,8 +213,8 @@ def test_partial_block_is_flushed_at_train_end():
 class ResumableModule(ScriptedModule):
     """Records (optimizer step, LR) so a resumed run can be compared step by step."""
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.lrs.append((self.trainer.global_step + 1, optimizer.param_groups[0]["lr"]))
+    def record_lr(self, lr: float) -> None:
+        self.lrs.append((self.trainer.global_step + 1, lr))
 
 
 def step_means(losses: list[float], batches_per_epoch: int, n_accumulate: int) -> list[float]:
@@ -263,7 +277,8 @@ def test_state_dict_round_trip_and_tolerates_missing_keys():
 
     other = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, sync_every_n_steps=3, verbose=False)
     other.load_state_dict(state)
-    assert other.decisions == []  # applied when training starts, after Lightning has restored everything
+    assert other.decisions == callback.decisions and other.detector.steps_seen == 40  # visible at once
+    assert other.state_dict()["scheduler"] == state["scheduler"]
     extended = losses + [losses[-1]]
     make_trainer(max_steps=1, callbacks=[other]).fit(ScriptedModule(extended[40:]))
     assert other.steps_observed == 41 and other.detector.steps_seen == 41
@@ -276,14 +291,32 @@ def test_state_dict_round_trip_and_tolerates_missing_keys():
     assert partial.steps_observed == 8 and partial.detector.steps_seen == 1 and partial.lr_scale == 1.0
 
 
-def test_state_key_tells_instances_apart():
+def test_state_key_is_the_detector_type_and_name_not_the_settings():
     a = FastFaceLRCallback("fastface", detector_kwargs={"threshold": 1e-4}, patience=10)
-    b = FastFaceLRCallback("fastface", detector_kwargs={"threshold": 2e-4}, patience=10)
+    b = FastFaceLRCallback("fastface", detector_kwargs={"threshold": 2e-4, "alpha": 0.1}, patience_fraction=0.2)
+    assert a.state_key == b.state_key  # a resume with changed settings finds its state
     c = FastFaceLRCallback("moving_haar", detector_kwargs={"window": 10})
-    d = FastFaceLRCallback("fastface", patience_fraction=0.1)
-    keys = {x.state_key for x in (a, b, c, d)}
-    assert len(keys) == 4
-    assert a.state_key == FastFaceLRCallback("fastface", detector_kwargs={"threshold": 1e-4}, patience=10).state_key
+    d = FastFaceLRCallback(FastFaceDetector(patience=3))
+    e = FastFaceLRCallback("fastface", name="backbone")
+    f = FastFaceLRCallback("fastface", name="head")
+    assert len({x.state_key for x in (a, c, d, e, f)}) == 5
+
+
+def test_two_instances_of_one_detector_type_coexist_when_named(tmp_path):
+    # Two FastFace detector instances that differ only in alpha: Lightning refuses duplicate keys, a name tells
+    # them apart, and each restores its own state.
+    losses = staircase_losses(30)
+    make = lambda alpha, name=None: FastFaceLRCallback(  # noqa: E731
+        FastFaceDetector(alpha=alpha, beta=0.5, threshold=1e-3, patience=4), verbose=False, name=name)
+    with pytest.raises(RuntimeError, match="state_key"):
+        make_trainer(max_steps=30, callbacks=[make(0.5), make(0.6)])
+    first, second = make(0.5, "a"), make(0.6, "b")
+    trainer = make_trainer(tmp_path, max_steps=30, callbacks=[first, second], enable_checkpointing=True)
+    trainer.fit(ScriptedModule(losses))
+    states = torch.load(trainer.checkpoint_callback.best_model_path or
+                        next((tmp_path).rglob("*.ckpt")), weights_only=False)["callbacks"]
+    assert states[first.state_key]["scheduler"]["detector"]["alpha"] == 0.5
+    assert states[second.state_key]["scheduler"]["detector"]["alpha"] == 0.6
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,7 +345,7 @@ def test_nonfinite_loss_raises_naming_the_step_when_asked():
     losses = staircase_losses(30)
     losses[11] = float("nan")
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, on_nonfinite="raise", verbose=False)
-    with pytest.raises(FloatingPointError, match=r"optimizer step 12 is nan.*on_nonfinite='skip'"):
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 12 is nan.*on_nonfinite='skip'"):
         make_trainer(max_steps=30, callbacks=[callback]).fit(ScriptedModule(losses))
 
 
@@ -504,20 +537,19 @@ def test_steps_without_a_loss_are_skipped_with_one_warning():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(detector="adam"), "detector must be one of fastface, moving_haar"),
-        (dict(detector=3.0), "detector must be one of"),
-        (dict(patience=-1), "patience must be an integer >= 0"),
-        (dict(patience=2.5), "patience must be an integer >= 0"),
-        (dict(patience_fraction=0.0), r"patience_fraction \(τ\) must be in \(0, 1\]"),
-        (dict(patience_fraction=1.5), r"patience_fraction \(τ\) must be in \(0, 1\]"),
+        (dict(detector="adam"), "Unknown detector 'adam'"),
+        (dict(patience=-1), "patience must be an int >= 0"),
+        (dict(patience=2.5), "patience must be an int >= 0"),
+        (dict(patience_fraction=0.0), r"patience_fraction must be a finite number in \(0, 1\]"),
+        (dict(patience_fraction=1.5), r"patience_fraction must be a finite number in \(0, 1\]"),
         (dict(patience=10, patience_fraction=0.1), "either patience .* or patience_fraction"),
         (dict(detector_kwargs={"patience": 3}, patience=4), "patience is given twice"),
-        (dict(min_lr=-1e-3), "min_lr must be a finite number >= 0"),
-        (dict(sync_every_n_steps=0), r"sync_every_n_steps \(k\) must be an integer >= 1"),
-        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of skip, raise"),
+        (dict(min_lr=-1e-3), r"min_lr must be a finite number in \[0, inf\)"),
+        (dict(sync_every_n_steps=0), "sync_every_n_steps must be an int >= 1"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of 'skip', 'raise'"),
         (dict(verbose="yes"), "verbose must be True or False"),
-        (dict(detector_kwargs={"alpha": 2.0}), "alpha"),
-        (dict(detector="moving_haar", detector_kwargs={"window": 1}), "window"),
+        (dict(detector_kwargs={"alpha": 2.0}), "alpha must be"),
+        (dict(detector="moving_haar", detector_kwargs={"window": 1}), "window must be an int >= 2"),
         (dict(detector=FastFaceDetector(patience=3), patience=5), "carries its own patience"),
         (dict(detector=MovingHaarDetector(window=4), patience_fraction=0.1), "carries its own patience"),
         (dict(detector=FastFaceDetector(patience=3), detector_kwargs={"alpha": 0.1}), "detector_kwargs only apply"),
@@ -525,6 +557,16 @@ def test_steps_without_a_loss_are_skipped_with_one_warning():
 )
 def test_invalid_arguments_raise_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        FastFaceLRCallback(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(detector=3.0), "detector must be 'fastface', 'moving_haar' or a detector instance"),
+    (dict(detector_kwargs=[("alpha", 0.1)]), "detector_kwargs must be a dict"),
+    (dict(name=3), "name must be a string"),
+])
+def test_arguments_of_the_wrong_type_raise_type_errors(kwargs, message):
+    with pytest.raises(TypeError, match=message):
         FastFaceLRCallback(**kwargs)
 
 
@@ -541,3 +583,183 @@ def test_infinite_run_length_needs_patience_in_steps():
     callback = FastFaceLRCallback("fastface", patience_fraction=0.05)
     with pytest.raises(MisconfigurationException, match=r"estimated_stepping_batches is -1 .*max_steps"):
         make_trainer(max_epochs=1, callbacks=[callback]).fit(EndlessModule(staircase_losses(5)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 11: LR bugs found by using the callback in ordinary Lightning setups (each test fails on the old code).
+def sequential_warmup_cosine(optimizer):
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[1])
+
+
+@pytest.mark.parametrize("make, culprit", [
+    (sequential_warmup_cosine, r"SequentialLR\(LinearLR, CosineAnnealingLR\)"),
+    (lambda opt: torch.optim.lr_scheduler.ChainedScheduler(
+        [torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, 2)]),
+     r"ChainedScheduler\(StepLR, CosineAnnealingWarmRestarts\)"),
+])
+def test_epoch_interval_wrapper_that_recomputes_the_lr_is_refused(make, culprit):
+    scheduler = {"scheduler": make, "interval": "epoch"}
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE)
+    with pytest.raises(MisconfigurationException, match=rf"owns the learning rate, but a {culprit}.*LinearLR"):
+        make_trainer(max_steps=5, callbacks=[callback]).fit(ScriptedModule(staircase_losses(5), scheduler=scheduler))
+
+
+def test_chained_multiplicative_schedulers_compose_as_they_are():
+    chained = lambda opt: torch.optim.lr_scheduler.ChainedScheduler(  # noqa: E731
+        [torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)])
+    losses = staircase_losses(60)
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
+    model = ScriptedModule(losses, scheduler={"scheduler": chained, "interval": "epoch"})
+    make_trainer(max_steps=60, callbacks=[callback]).fit(model)
+    scale = expected_lrs(replay("fastface", FASTFACE, losses), 60)
+    assert model.lrs == pytest.approx([scale[i] * 0.45 ** (i // 20) for i in range(60)], rel=1e-12)
+
+
+def test_composed_sequential_lr_keeps_the_decisions_at_its_milestone():
+    # Old code: the epoch-interval SequentialLR was accepted and, at its milestone, reset the LR to its base value.
+    losses = staircase_losses(100)
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, compose_with_step_schedulers=True,
+                                  verbose=False)
+    model = ScriptedModule(losses, batches_per_epoch=20,
+                           scheduler={"scheduler": sequential_warmup_cosine, "interval": "epoch"})
+    make_trainer(max_steps=100, callbacks=[callback]).fit(model)
+    decided = replay("fastface", FASTFACE, losses)
+    assert len(decided) >= 3
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR0)
+    sequential, own = sequential_warmup_cosine(reference), []
+    for epoch in range(5):
+        own += [reference.param_groups[0]["lr"]] * 20
+        sequential.step()
+    scale = [lr / LR0 for lr in expected_lrs(decided, 100)]
+    assert model.lrs == pytest.approx([o * s for o, s in zip(own, scale)], rel=1e-12)
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt: torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=10),
+    lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=25, gamma=0.5),
+])
+def test_compose_with_a_multiplicative_step_scheduler_does_not_compound_the_scale(make):
+    # Old code: the cumulative scale was re-applied every step after the first decision (0.05, 0.025, ... 6e-267).
+    losses = staircase_losses(90)
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, sync_every_n_steps=2,
+                                  compose_with_step_schedulers=True, verbose=False)
+    model = ScriptedModule(losses, scheduler={"scheduler": make, "interval": "step"})
+    make_trainer(max_steps=90, callbacks=[callback]).fit(model)
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR0)
+    scheduler, own = make(reference), []
+    for _ in range(90):
+        own.append(reference.param_groups[0]["lr"])
+        reference.step()
+        scheduler.step()
+    decided = replay("fastface", FASTFACE, losses)
+    assert len(decided) >= 2
+    scale = [lr / LR0 for lr in expected_lrs(decided, 90, delay_to_block=2)]
+    assert model.lrs == pytest.approx([o * s for o, s in zip(own, scale)], rel=1e-12)
+    # The optimizer keeps the scheduler's own LR between steps (what a checkpoint stores).
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("limits", [dict(max_epochs=1), dict(max_epochs=5, max_steps=120)])
+def test_patience_fraction_counts_the_steps_the_detector_sees_under_manual_optimization(limits):
+    # Two optimizers step per batch: global_step advances by 2, the detector sees one value per batch (60 here).
+    # Old code: P = int(0.1 · estimated_stepping_batches) = 12 with max_steps=120, 6 with max_epochs=1.
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE_NO_PATIENCE, patience_fraction=0.1,
+                                  verbose=False)
+    trainer = make_trainer(callbacks=[callback], **limits)
+    trainer.fit(TwoOptimizerModule(staircase_losses(60)))
+    assert trainer.global_step == 120 and callback.steps_observed == 60
+    assert callback.detector.patience == 6
+
+
+def test_state_loaded_into_a_run_that_is_already_done_is_kept(tmp_path):
+    # Old code: fit(ckpt_path=...) at max_steps never reached on_train_start, and state_dict() wrote an empty detector.
+    losses = staircase_losses(40)
+    first = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
+    trainer = make_trainer(tmp_path, max_steps=40, callbacks=[first], enable_checkpointing=True)
+    trainer.fit(ScriptedModule(losses))
+    ckpt = tmp_path / "done.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert first.decisions
+
+    second = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
+    trainer = make_trainer(tmp_path, max_steps=40, callbacks=[second], enable_checkpointing=True)
+    trainer.fit(ScriptedModule(losses), ckpt_path=ckpt)
+    assert second.decisions == first.decisions and second.detector.steps_seen == 40
+    trainer.save_checkpoint(tmp_path / "again.ckpt")
+    state = torch.load(tmp_path / "again.ckpt", weights_only=False)["callbacks"][second.state_key]
+    assert state["steps"] == 40 and state["scheduler"]["detector"]["steps_seen"] == 40
+    assert [tuple(d) for d in state["scheduler"]["decisions"]] == first.decisions
+
+
+def test_resume_with_a_changed_setting_continues_the_detector_under_the_new_value(tmp_path, caplog):
+    # Old code: the key held every setting, so the detector silently restarted from scratch.
+    losses = staircase_losses(60)
+    first = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
+    trainer = make_trainer(tmp_path, max_steps=30, callbacks=[first], enable_checkpointing=True)
+    trainer.fit(ScriptedModule(losses))
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+
+    changed = dict(FASTFACE, threshold=2e-3)
+    second = FastFaceLRCallback("fastface", detector_kwargs=changed, verbose=False)
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, max_steps=60, callbacks=[second]).fit(ScriptedModule(losses),
+                                                                     ckpt_path=tmp_path / "half.ckpt")
+    assert "threshold 0.001 -> 0.002" in caplog.text
+    assert second.detector.steps_seen == 60 and second.detector.threshold == 2e-3
+    expected = build_detector("fastface", **FASTFACE)
+    for value in losses[:30]:
+        expected.update(value)
+    expected.load_state_dict(dict(expected.state_dict(), threshold=2e-3))
+    for value in losses[30:60]:
+        expected.update(value)
+    assert [(s, f) for s, f, _ in second.decisions] == expected.decisions
+
+
+def test_resume_with_a_longer_run_recomputes_the_patience_and_says_so(tmp_path, caplog):
+    losses = staircase_losses(120)
+    kwargs = dict(detector="fastface", detector_kwargs=FASTFACE_NO_PATIENCE, patience_fraction=0.1, verbose=False)
+    first = FastFaceLRCallback(**kwargs)
+    trainer = make_trainer(tmp_path, max_steps=40, callbacks=[first], enable_checkpointing=True)
+    trainer.fit(ScriptedModule(losses))
+    assert first.detector.patience == 4
+    trainer.save_checkpoint(tmp_path / "short.ckpt")
+
+    second = FastFaceLRCallback(**kwargs)
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, max_steps=120, callbacks=[second]).fit(ScriptedModule(losses),
+                                                                      ckpt_path=tmp_path / "short.ckpt")
+    assert second.detector.patience == 12 and second.detector.steps_seen == 120
+    assert "this run is T = 120 optimizer steps" in caplog.text
+    assert "is now 12 (the checkpoint had T = 40, P = 4)" in caplog.text
+
+
+def test_logged_lr_is_the_lr_each_step_ran_with(tmp_path):
+    # Old code: with k > 1 a decision's new LR was logged for steps of its block that still ran with the old one.
+    losses = staircase_losses(80)
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, sync_every_n_steps=8, verbose=False)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    model = ScriptedModule(losses)
+    make_trainer(tmp_path, max_steps=80, logger=logger, log_every_n_steps=1, callbacks=[callback]).fit(model)
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        logged = {int(row["step"]) + 1: float(row["fastface/lr"]) for row in csv.DictReader(handle)
+                  if row.get("fastface/lr")}
+    assert sorted(logged) == list(range(1, 81))
+    assert any(s % 8 for s, _, _ in callback.decisions)  # some decision inside a block
+    assert [logged[step] for step in range(1, 81)] == model.lrs
+
+
+def test_a_nonfinite_loss_raises_the_same_error_at_every_entry_point():
+    from fastface_pl.scheduling.lr_scheduler import FastFaceLR
+
+    with pytest.raises(NonFiniteLossError):
+        FastFaceDetector(patience=1).update(math.nan)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR0)
+    with pytest.raises(NonFiniteLossError):
+        FastFaceLR(optimizer, FastFaceDetector(patience=1), on_nonfinite="raise").step(math.inf)
+    losses = staircase_losses(10)
+    losses[3] = math.nan
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, on_nonfinite="raise", verbose=False)
+    with pytest.raises(NonFiniteLossError):
+        make_trainer(max_steps=10, callbacks=[callback]).fit(ScriptedModule(losses))

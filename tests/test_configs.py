@@ -28,7 +28,7 @@ def test_paper_experiment_has_the_papers_settings(name):
     assert cfg.model.backbone == backbone
     assert cfg.model.margin == margin
     assert cfg.model.margin_kwargs.s == 64.0 and cfg.model.margin_kwargs.m == m
-    assert cfg.model.num_classes == num_classes
+    assert cfg.model.num_classes == cfg.data.num_classes == num_classes  # written once, in the experiment
     assert cfg.model.embedding_size == 512 and cfg.model.classifier == "full"
     assert cfg.model.lr == 0.02 and cfg.model.momentum == 0.9 and cfg.model.weight_decay == 5e-4
     assert cfg.model.clip_grad_norm == 5.0
@@ -91,3 +91,20 @@ def test_configs_ship_inside_the_package():
     conf = resources.files("fastface_pl.conf")
     assert conf.joinpath("train.yaml").is_file()
     assert {p.name for p in conf.joinpath("experiment").iterdir()} >= {f"{n}.yaml" for n in PAPER_RUNS}
+
+
+@pytest.mark.parametrize("name", ["r50", "mbf"])
+def test_smaller_models_differ_from_r100_only_in_the_backbone(name):
+    r100, other = _compose("model=r100").model, _compose(f"model={name}").model
+    assert other.backbone == name
+    assert {key: value for key, value in other.items() if key != "backbone"} == {
+        key: value for key, value in r100.items() if key != "backbone"}
+
+
+def test_resolved_experiments_are_what_the_recipe_says():
+    """The chain r100_ms1mv3 -> r100_webface4m -> 8m/12m -> r50_webface12m changes one thing at a time."""
+    ms1m, wf4m, wf12m, r50 = (_compose(f"+experiment={n}") for n in
+                              ("r100_ms1mv3", "r100_webface4m", "r100_webface12m", "r50_webface12m"))
+    assert (ms1m.model.margin, wf4m.model.margin) == ("arcface", "cosface")
+    assert wf12m.model == dict(wf4m.model, num_classes=617970)
+    assert r50.model == dict(wf12m.model, backbone="r50") and r50.data == wf12m.data

@@ -242,7 +242,7 @@ def test_synthetic_pairs_half_genuine_and_held_out():
 
 def test_opencv_encoded_bgr_decodes_to_rgb():
     # InsightFace packed with cv2.imencode from BGR arrays; such a JPEG must decode to RGB with no swap.
-    cv2 = pytest.importorskip("cv2")
+    import cv2  # opencv-python-headless is in the test extra: this runs in CI
     bgr = np.zeros((16, 16, 3), np.uint8)
     bgr[..., 2] = 255  # red, in OpenCV's channel order
     ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector
+from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector, NonFiniteLossError
 from fastface_pl.scheduling.lr_scheduler import FastFaceLR
 
 
@@ -57,18 +57,20 @@ def test_min_lr_floors_decays_but_not_restarts():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(min_lr=-1.0), "min_lr"),
     (dict(min_lr=[0.1]), "min_lr.*2"),
-    (dict(on_nonfinite="ignore"), "on_nonfinite.*skip or raise.*'ignore'"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite must be one of 'skip', 'raise', got 'ignore'"),
 ])
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FastFaceLR(make_optimizer(), raw_detector(), **kwargs)
 
 
-def test_rejects_non_detectors():
-    with pytest.raises(ValueError, match="detector"):
+def test_wrong_types_are_type_errors():
+    with pytest.raises(TypeError, match="detector must be 'fastface', 'moving_haar' or a detector instance"):
         FastFaceLR(make_optimizer(), object())
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         FastFaceLR(object(), raw_detector())
+    with pytest.raises(TypeError, match="loss must be a real number"):
+        FastFaceLR(make_optimizer(), raw_detector()).step("3.0x")
 
 
 def test_nonfinite_losses_are_skipped_counted_and_warned_once():
@@ -87,7 +89,7 @@ def test_nonfinite_losses_are_skipped_counted_and_warned_once():
 def test_nonfinite_losses_can_raise():
     scheduler = FastFaceLR(make_optimizer(), raw_detector(), on_nonfinite="raise")
     scheduler.step(1.0)
-    with pytest.raises(ValueError, match="non-finite loss inf at optimizer step 2"):
+    with pytest.raises(NonFiniteLossError, match="optimizer step 2 is inf"):
         scheduler.step(math.inf)
     assert scheduler.detector.steps_seen == 1
 
@@ -137,3 +139,85 @@ def test_decay_never_raises_a_group_already_below_min_lr():
     factors = [scheduler.step(3.0) for _ in range(3)]
     assert factors[-1] == 0.5
     assert scheduler.get_last_lr() == [1e-4, 0.05]
+
+
+# --------------------------------------------------------------------------------------------------
+# What the three entry points share lives in FastFaceLR: patience from τ and T, reconfiguration, composition.
+def test_named_detector_with_patience_fraction_resolves_p_from_the_run_length():
+    scheduler = FastFaceLR(make_optimizer(), "fastface", {"alpha": 0.5}, total_steps=1000)
+    assert scheduler.patience_fraction == 0.05 and scheduler.detector.patience == 50  # the paper's τ by default
+    assert scheduler.detector.alpha == 0.5
+    assert FastFaceLR(make_optimizer(), "moving_haar", {"window": 10}).detector.patience == 20  # 2·m, no T needed
+    assert FastFaceLR(make_optimizer(), "fastface", patience=7).detector.patience == 7
+    with pytest.raises(ValueError, match="patience_fraction=0.05 needs the run length: pass total_steps"):
+        FastFaceLR(make_optimizer(), "fastface")
+
+
+def test_set_total_steps_recomputes_p_and_keeps_the_running_state():
+    scheduler = FastFaceLR(make_optimizer(), "fastface", {"alpha": 1.0, "beta": 1.0, "threshold": 0.5},
+                           patience_fraction=0.1, total_steps=40)
+    for _ in range(3):
+        scheduler.step(3.0)
+    assert scheduler.detector.patience == 4 and scheduler.detector.stationary_count == 2
+    assert scheduler.set_total_steps(100) == {"patience": (4, 10)}
+    assert scheduler.detector.patience == 10 and scheduler.detector.stationary_count == 2
+    assert scheduler.detector.steps_seen == 3 and scheduler.set_total_steps(100) == {}
+
+
+def test_reconfigure_names_unknown_settings():
+    scheduler = FastFaceLR(make_optimizer(), raw_detector())
+    assert scheduler.reconfigure(threshold=0.25) == {"threshold": (0.5, 0.25)}
+    with pytest.raises(ValueError, match="FastFaceDetector has no setting window"):
+        scheduler.reconfigure(window=3)
+
+
+def test_several_optimizers_share_one_decision_and_the_floor_is_per_group():
+    first, second = make_optimizer((0.1, 0.01)), make_optimizer((0.002,))
+    scheduler = FastFaceLR([first, second], raw_detector(patience=0), min_lr=[0.0, 0.008, 0.0])
+    scheduler.step(3.0)
+    assert scheduler.step(3.0) == 0.5
+    assert scheduler.get_last_lr() == [0.05, 0.008, 0.001]
+    assert scheduler.decisions == [(2, 0.5, 0.05)]
+
+
+class SuperCallingSGD(torch.optim.SGD):
+    """An optimizer subclass whose step() calls super().step(): torch runs the step hooks twice."""
+
+    def step(self, closure=None):
+        self.seen = self.param_groups[0]["lr"]
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, SuperCallingSGD])
+def test_compose_scales_another_schedulers_lr_while_the_optimizer_steps(optimizer_class):
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # hooks SGD.step too (as any earlier SGD does)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = optimizer_class([weight], lr=0.1)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=5)
+    scheduler = FastFaceLR(optimizer, raw_detector(patience=0), compose=True)
+    used = []
+    for step in range(8):
+        weight.grad = torch.ones(1)
+        before = weight.item()
+        optimizer.step()
+        used.append(before - weight.item())  # gradient 1, no momentum: the parameter moved by the LR in effect
+        warmup.step()
+        scheduler.step(3.0)
+    own = [0.1 * min(1.0, 0.1 + 0.9 * s / 5) for s in range(8)]
+    scale = [1.0, 1.0] + [0.5 ** (s - 1) for s in range(2, 8)]  # decisions from step 2 on, each applied next step
+    assert used == pytest.approx([o * s for o, s in zip(own, scale)], rel=1e-5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the warm-up's own LR, untouched
+    assert scheduler.get_last_lr() == pytest.approx([0.1 * scheduler.lr_scale])
+    scheduler.close()
+    weight.grad = torch.ones(1)
+    before = weight.item()
+    optimizer.step()
+    assert before - weight.item() == pytest.approx(0.1, rel=1e-5)  # hooks gone
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from fastface_pl.scheduling import lr_scheduler
+
+    assert doctest.testmod(lr_scheduler).failed == 0

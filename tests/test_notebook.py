@@ -106,7 +106,7 @@ def test_notebook_executes_and_shows_check_figures(tmp_path, monkeypatch):
               if output.output_type == "error"]
     assert not errors
     text = output_texts(notebook)
-    # ALGORITHM.md's check figure: FastFace defaults, T = 202,320 -> first decision on step 94,269.
+    # docs/scheduler.md's check figure: FastFace defaults, T = 202,320 -> first decision on step 94,269.
     assert "FastFace: first decision at optimizer step 94269" in text
     assert "the defaults λ = 5e-5, τ = 0.05 give step 94269" in text
     # The Moving Haar replay reproduces the logged LR changes (11 of 12 on the exact log row).

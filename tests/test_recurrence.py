@@ -1,4 +1,4 @@
-"""The O(1) detectors equal their direct definitions (ALGORITHM.md) on random and real streams."""
+"""The O(1) detectors equal their direct definitions (docs/scheduler.md) on random and real streams."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def direct_signal(averages, t, m):
 
 
 def direct_moving_haar(losses, m, threshold, patience, decay=2.0, restart_after=3):
-    """Signals and decisions of the Moving Haar rule, O(m) per step, written from ALGORITHM.md."""
+    """Signals and decisions of the Moving Haar rule, O(m) per step, written from docs/scheduler.md."""
     averages = [direct_average(losses, t, m) if t >= m - 1 else None for t in range(len(losses))]
     signals, decisions, count, run = [], [], 0, 0
     for t in range(len(losses)):

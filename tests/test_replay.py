@@ -1,4 +1,4 @@
-"""The real MS1MV3/ResNet100 curve: both detectors reproduce the check figures of ALGORITHM.md."""
+"""The real MS1MV3/ResNet100 curve: both detectors reproduce the check figures of docs/scheduler.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The 10-fold verification protocol (REFERENCE.md §7): hand-computed cases and an independent loop version."""
+"""The 10-fold verification protocol (docs/evaluation.md): hand-computed cases and an independent loop version."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from fastface_pl.data.datasets import FaceTransform, decode_image
 from fastface_pl.data.errors import DatasetError
+from fastface_pl.validation import check_int
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -130,11 +131,6 @@ def load_bin(
     return VerificationPairs(encoded, issame, name=path.stem, image_size=image_size, transform=transform)
 
 
-def _check_quality(quality: Any) -> None:
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
-
-
 def _encode(image: Any, quality: int, position: int) -> bytes:
     if isinstance(image, (bytes, bytearray)):
         return bytes(image)
@@ -168,7 +164,7 @@ def write_bin(
     Returns:
         The path written. The pickle uses protocol 2, which Python 2 and 3 both read.
     """
-    _check_quality(quality)
+    check_int("quality", quality, 1, 100)
     issame = [bool(x) for x in issame]
     if len(images_or_encoded) != 2 * len(issame):
         raise ValueError(

@@ -29,10 +29,10 @@ from fastface_pl.data.datasets import (
     RecordDataset,
     SyntheticFaces,
     SyntheticPairs,
-    _check_int,
 )
 from fastface_pl.data.errors import DatasetError
 from fastface_pl.data.bin_format import load_bin
+from fastface_pl.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +262,14 @@ class FaceDataModule(pl.LightningDataModule):
         if not isinstance(root, (str, os.PathLike)) or not str(root):
             raise ValueError(f"root must be 'synthetic' or a path, got {root!r}")
         self.root = str(root)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.val_batch_size = _check_int("val_batch_size", val_batch_size, 1) if val_batch_size is not None else None
-        self.num_workers = _check_int("num_workers", num_workers, 0)
-        self.seed = _check_int("seed", seed, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.val_batch_size = check_int("val_batch_size", val_batch_size, 1) if val_batch_size is not None else None
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.seed = check_int("seed", seed, 0)
         if num_classes is not None:
-            _check_int("num_classes", num_classes, 1)
+            check_int("num_classes", num_classes, 1)
         if image_size is not None:
-            _check_int("image_size", image_size, 1)
+            check_int("image_size", image_size, 1)
         if val_sets is None:
             val_sets = ()
         if isinstance(val_sets, str) or not all(isinstance(v, (str, os.PathLike)) for v in val_sets):

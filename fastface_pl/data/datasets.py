@@ -39,6 +39,7 @@ from fastface_pl.data.recordio import (
     read_identity_range,
     unpack_header,
 )
+from fastface_pl.validation import check_int, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +536,7 @@ class SyntheticFaceGenerator:
     """
 
     def __init__(self, image_size: int = 112, seed: int = 0, noise: float = 8.0) -> None:
-        _check_int("image_size", image_size, 8)
+        check_int("image_size", image_size, 8)
         if not noise >= 0:
             raise ValueError(f"noise must be >= 0, got {noise!r}")
         self.image_size = image_size
@@ -583,18 +584,6 @@ class SyntheticFaceGenerator:
         return image.clamp_(0, 255).add_(0.5).to(torch.uint8)  # round half up (torch.round is slow on CPU here)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 class SyntheticFaces(Dataset):
     """Seeded synthetic identities generated on the fly (no files): the demo's and the tests' training set.
 
@@ -619,8 +608,8 @@ class SyntheticFaces(Dataset):
         self, num_identities: int = 100, images_per_identity: int = 20, image_size: int = 112, seed: int = 0,
         transform: Optional[Callable[[torch.Tensor], Any]] = None, noise: float = 8.0,
     ) -> None:
-        self.num_identities = _check_positive("num_identities", num_identities)
-        self.images_per_identity = _check_positive("images_per_identity", images_per_identity)
+        self.num_identities = check_positive_int("num_identities", num_identities)
+        self.images_per_identity = check_positive_int("images_per_identity", images_per_identity)
         self.generator = SyntheticFaceGenerator(image_size, seed, noise)
         self.transform = transform if transform is not None else FaceTransform()
 
@@ -667,10 +656,10 @@ class SyntheticPairs(Dataset):
         seed: int = 0, unseen_identities: int = 0, transform: Optional[Callable[[torch.Tensor], Any]] = None,
         noise: float = 8.0,
     ) -> None:
-        self.num_pairs = _check_positive("num_pairs", num_pairs)
-        self.num_identities = _check_positive("num_identities", num_identities)
-        self.images_per_identity = _check_positive("images_per_identity", images_per_identity)
-        _check_int("unseen_identities", unseen_identities, 0)
+        self.num_pairs = check_positive_int("num_pairs", num_pairs)
+        self.num_identities = check_positive_int("num_identities", num_identities)
+        self.images_per_identity = check_positive_int("images_per_identity", images_per_identity)
+        check_int("unseen_identities", unseen_identities, 0)
         if num_identities + unseen_identities < 2:
             raise ValueError("impostor pairs need at least 2 identities in num_identities + unseen_identities")
         self.unseen_identities = unseen_identities

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from fastface_pl.data.datasets import IMAGE_EXTENSIONS, _check_int, decode_image, scan_image_folder
+from fastface_pl.data.datasets import IMAGE_EXTENSIONS, decode_image, scan_image_folder
 from fastface_pl.data.errors import CorruptImageError, DatasetError
 from fastface_pl.data.recordio import RecordWriter, pack_header
-from fastface_pl.data.bin_format import _check_quality
+from fastface_pl.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ def pack_folder(
     Raises:
         DatasetError: If ``src`` holds no images, or an image is corrupt and ``skip_corrupt`` is False.
     """
-    _check_quality(quality)
-    _check_int("workers", workers, 0)
+    check_int("quality", quality, 1, 100)
+    check_int("workers", workers, 0)
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DatasetError(f"source folder {src} does not exist or is not a directory")

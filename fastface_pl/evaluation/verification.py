@@ -1,6 +1,6 @@
 """Face verification on image pairs (LFW, CFP-FP, AgeDB-30 …) with InsightFace's 10-fold protocol.
 
-REFERENCE.md §7: embeddings are L2-normalised, pairs scored by squared L2 distance (0 … 4); the pairs are
+docs/evaluation.md: embeddings are L2-normalised, pairs scored by squared L2 distance (0 … 4); the pairs are
 split into 10 consecutive folds (no shuffling; the first ``P mod 10`` folds get one pair more, as
 scikit-learn's ``KFold``); for each fold the threshold in {0, 0.01, …, 3.99} with the best accuracy on the
 other 9 folds (the first one on ties) gives the accuracy on that fold ("same" when distance < threshold).

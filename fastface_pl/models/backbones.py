@@ -4,7 +4,7 @@ Every backbone maps RGB images normalised as ``(x / 255 - 0.5) / 0.5`` (``float[
 *unnormalised* embedding ``float[B, embedding_size]``; the classification layer and
 :meth:`FaceRecognitionModule.embed` normalise it.
 
-The IResNet follows InsightFace's ``arcface_torch`` (REFERENCE.md §3) layer for layer, so parameter counts
+The IResNet follows InsightFace's ``arcface_torch`` (docs/models.md) layer for layer, so parameter counts
 are identical: r18 24.03M, r34 34.14M, r50 43.59M, r100 65.16M, r200 118.83M at 112×112 input and embedding
 512. Those counts include the frozen weight of the final ``BatchNorm1d`` (512 parameters that never train),
 as ``sum(p.numel() for p in model.parameters())`` does.
@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fastface_pl.validation import check_positive_int
 
 __all__ = ["IResNet", "MobileFaceNet", "build_backbone", "BACKBONES", "count_parameters"]
 
@@ -49,12 +51,6 @@ def _check_input_size(input_size: int) -> int:
             "use 112 for InsightFace crops or 32 for quick CPU demos"
         )
     return input_size
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class IBasicBlock(nn.Module):
@@ -85,7 +81,7 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    """The IResNet of ArcFace / InsightFace ``arcface_torch`` (REFERENCE.md §3).
+    """The IResNet of ArcFace / InsightFace ``arcface_torch`` (docs/models.md).
 
     Stem conv3×3 (3→w₀, no bias) → BN → PReLU; four stages whose first block has stride 2 and a
     1×1 stride-2 conv + BN shortcut (H → H/16); head BN2d → flatten → dropout → Linear → BatchNorm1d whose
@@ -121,7 +117,7 @@ class IResNet(nn.Module):
             raise ValueError(f"width_multiplier must be > 0, got {width_multiplier!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        _check_positive_int("embedding_size", embedding_size)
+        check_positive_int("embedding_size", embedding_size)
         self.input_size = _check_input_size(input_size)
         self.embedding_size = embedding_size
         self.depths = tuple(depths)
@@ -225,8 +221,8 @@ class MobileFaceNet(nn.Module):
     def __init__(self, embedding_size: int = 512, input_size: int = 112, blocks: Sequence[int] = (1, 4, 6, 2),
                  scale: int = 2) -> None:
         super().__init__()
-        _check_positive_int("embedding_size", embedding_size)
-        _check_positive_int("scale", scale)
+        check_positive_int("embedding_size", embedding_size)
+        check_positive_int("scale", scale)
         if len(blocks) != 4 or any(not isinstance(b, int) or b < 1 for b in blocks):
             raise ValueError(f"blocks must be four positive integers, got {tuple(blocks)!r}")
         self.input_size = _check_input_size(input_size)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface_pl.models.backbones import _check_positive_int
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
+from fastface_pl.validation import check_positive_int
 
 __all__ = ["margin_cross_entropy", "FullClassifier", "SampledClassifier", "build_classifier", "CLASSIFIERS"]
 
@@ -172,8 +172,8 @@ class FullClassifier(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str = "arcface",
                  check_labels: bool = False) -> None:
         super().__init__()
-        _check_positive_int("embedding_size", embedding_size)
-        _check_positive_int("num_classes", num_classes)
+        check_positive_int("embedding_size", embedding_size)
+        check_positive_int("num_classes", num_classes)
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.margin = build_margin(margin) if isinstance(margin, str) else margin
         self.check_labels = check_labels

@@ -1,4 +1,4 @@
-"""Margin heads: from cosine logits and labels to the scaled logits of a margin softmax (REFERENCE.md §4).
+"""Margin heads: from cosine logits and labels to the scaled logits of a margin softmax (docs/models.md).
 
 Each head changes only the *target* logit cos θ_y of every sample and multiplies all logits by the scale s:
 

@@ -1,6 +1,6 @@
 """FaceRecognitionModule: backbone + margin softmax layer, trained as in the FastFace paper.
 
-The paper's recipe (REFERENCE.md §2): SGD lr 0.02, momentum 0.9, weight decay 5e-4, batch 128, fp16 mixed
+The paper's recipe (docs/paper_runs.md): SGD lr 0.02, momentum 0.9, weight decay 5e-4, batch 128, fp16 mixed
 precision, gradient-norm clipping at 5 on the backbone only, embedding 512, s = 64, full classification
 layer; the LR schedule comes from :class:`fastface_pl.scheduling.callback.FastFaceLRCallback`, which reads
 the loss that ``training_step`` returns.
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastface_pl.evaluation.verification import VerificationMetric
-from fastface_pl.models.backbones import _check_positive_int, build_backbone
+from fastface_pl.models.backbones import build_backbone
 from fastface_pl.models.classifiers import CLASSIFIERS, FullClassifier, SampledClassifier
 from fastface_pl.models.margins import build_margin
 from fastface_pl.models.optim import RowSparseSGD
+from fastface_pl.validation import check_positive_int
 
 __all__ = ["FaceRecognitionModule"]
 
@@ -144,8 +145,8 @@ class FaceRecognitionModule(pl.LightningModule):
         lr_schedule: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("embedding_size", embedding_size)
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("embedding_size", embedding_size)
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
         _check_number("lr", lr, 0.0, low_inclusive=False)

@@ -32,7 +32,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from fastface_pl.scheduling.detectors import FastFaceDetector, _check_int, _check_real
+from fastface_pl.scheduling.detectors import FastFaceDetector
+from fastface_pl.validation import check_int, check_real
 
 __all__ = ["FastFaceSettings", "AutoFastFaceDetector", "fastface_auto_settings", "calibration_steps",
            "PAPER_TOTAL_STEPS", "PAPER_LOSS_SCALE"]
@@ -98,8 +99,8 @@ def calibration_steps(total_steps: int, patience_fraction: float = PAPER_PATIENC
 
     Never more than P, so no decision can fall inside the calibration window.
     """
-    total_steps = _check_int("total_steps", total_steps, minimum=1)
-    patience_fraction = _check_real("patience_fraction", patience_fraction, low=0.0, high=1.0, allowed="(0, 1]")
+    total_steps = check_int("total_steps", total_steps, 1)
+    patience_fraction = check_real("patience_fraction", patience_fraction, 0.0, 1.0)
     wanted = max(MIN_CALIBRATION, round(CALIBRATION_FRACTION * total_steps))
     return max(1, min(wanted, _patience(total_steps, patience_fraction)))
 
@@ -137,8 +138,8 @@ def fastface_auto_settings(total_steps: int, early_losses: Sequence[float],
         ValueError: T or τ out of range, fewer than 3 losses, a non-finite loss, or a loss level ≤ 0 (the rule
             scales λ by the loss level; pass α, β and λ yourself for a loss that is not positive).
     """
-    total_steps = _check_int("total_steps", total_steps, minimum=1)
-    patience_fraction = _check_real("patience_fraction", patience_fraction, low=0.0, high=1.0, allowed="(0, 1]")
+    total_steps = check_int("total_steps", total_steps, 1)
+    patience_fraction = check_real("patience_fraction", patience_fraction, 0.0, 1.0)
     losses = [float(v) for v in early_losses]
     if len(losses) < 3:
         raise ValueError(f"early_losses needs at least 3 losses of the first optimizer steps, got {len(losses)}")
@@ -191,11 +192,10 @@ class AutoFastFaceDetector:
 
     def __init__(self, total_steps: int, patience_fraction: float = PAPER_PATIENCE_FRACTION, decay: float = 2.0,
                  max_decays: int | None = 8) -> None:
-        self.total_steps = _check_int("total_steps", total_steps, minimum=1)
-        self.patience_fraction = _check_real("patience_fraction", patience_fraction, low=0.0, high=1.0,
-                                             allowed="(0, 1]")
-        self.decay = _check_real("decay", decay, low=1.0, allowed="(1, inf) (finite)")
-        self.max_decays = _check_int("max_decays", max_decays, minimum=0, allow_none=True, none_means="unlimited")
+        self.total_steps = check_int("total_steps", total_steps, 1)
+        self.patience_fraction = check_real("patience_fraction", patience_fraction, 0.0, 1.0)
+        self.decay = check_real("decay", decay, 1.0)
+        self.max_decays = check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited")
         self.calibration_steps = calibration_steps(self.total_steps, self.patience_fraction)
         self._calibration: list[float] = []  # the first losses; kept, so a new T can re-resolve the settings
         self.settings: FastFaceSettings | None = None

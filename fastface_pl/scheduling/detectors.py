@@ -4,7 +4,7 @@ Both detectors are pure arithmetic: they import neither torch nor Lightning (nor
 be read, tested and reused in any training loop. Feed them one training loss per *optimizer* step;
 ``update`` returns the factor by which to multiply the learning rate (LR) from the next step on.
 
-The exact method is specified in ``docs/ALGORITHM.md`` of the project (FastFace, arXiv 2404.11118):
+The exact method is specified in ``docs/scheduler.md`` of the project (FastFace, arXiv 2404.11118):
 
 * :class:`FastFaceDetector`: loss EMA (α) → Haar difference → EMA (β), computed with the paper's
   O(1) recurrence; stationary while the signal D^E_t is below λ; decays the LR by δ after more than
@@ -28,64 +28,88 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
-from typing import Any, Union
+from typing import Any, Mapping, Protocol, runtime_checkable
 
-__all__ = ["FastFaceDetector", "MovingHaarDetector", "build_detector", "Detector", "DETECTOR_NAMES"]
+from fastface_pl.validation import check_int, check_real
+
+__all__ = ["Detector", "FastFaceDetector", "MovingHaarDetector", "NonFiniteLossError", "build_detector",
+           "detector_class", "DETECTOR_NAMES"]
 
 STATE_VERSION = 1
 
 
-# --------------------------------------------------------------------------------------------------
-# Argument checks (shared)
-# --------------------------------------------------------------------------------------------------
-def _check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_open: bool = True, high_open: bool = False, allowed: str) -> float:
-    """Returns ``value`` as a finite float inside the given interval, else raises ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a real number in {allowed}, got {value!r}")
-    number = float(value)
-    ok = math.isfinite(number)
-    if ok and low is not None:
-        ok = number > low if low_open else number >= low
-    if ok and high is not None:
-        ok = number < high if high_open else number <= high
-    if not ok:
-        raise ValueError(f"`{name}` must be a finite number in {allowed}, got {value!r}")
-    return number
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """A NaN or infinite training loss reached a detector, :class:`FastFaceLR` or the callback (set to raise).
+
+    The one exception type for this condition at all three entry points. It is a ``FloatingPointError``
+    (the run diverged) and, for code written against older versions, a ``ValueError``.
+    """
 
 
-def _check_int(name: str, value: Any, *, minimum: int, allow_none: bool = False,
-               none_means: str = "") -> int | None:
-    """Returns ``value`` as an int ≥ ``minimum`` (or None where allowed), else raises ValueError."""
-    if value is None and allow_none:
-        return None
-    allowed = f"an integer >= {minimum}" + (f" or None ({none_means})" if allow_none else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-    return int(value)
+@runtime_checkable
+class Detector(Protocol):
+    """What :class:`~fastface_pl.scheduling.lr_scheduler.FastFaceLR` and the callback need from a detector.
+
+    ``update`` takes the loss of one optimizer step and returns the factor for the LR from the next step
+    on (1.0 when nothing is decided). The read-only signals are logged; ``hyperparameters`` are the
+    constructor arguments, which ``state_dict`` also holds, so that ``load_state_dict`` of a state with
+    some of them replaced continues the stream under the new settings.
+    """
+
+    def update(self, loss: float) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]: ...
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
+    def patience(self) -> int: ...
+
+    @property
+    def steps_seen(self) -> int: ...
+
+    @property
+    def smoothed_loss(self) -> float | None: ...
+
+    @property
+    def signal(self) -> float | None: ...
+
+    @property
+    def stationary_count(self) -> int: ...
+
+    @property
+    def num_decisions(self) -> int: ...
+
+    @property
+    def decisions(self) -> list[tuple[int, float]]: ...
 
 
 def _as_loss(loss: Any) -> float:
-    """Converts a loss to float (slow path: anything that is not already a Python float)."""
-    try:
-        return float(loss)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"`loss` must be a real number (a Python float, int or 0-d array/tensor), got {loss!r}; "
-            "convert it with float(...) first"
-        ) from error
+    """``loss`` as a finite float: TypeError when it is no number, NonFiniteLossError when NaN or infinite."""
+    if type(loss) is not float:
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"loss must be a real number (a Python float, int or 0-d array/tensor), got {loss!r}; "
+                "convert it with float(...) first"
+            ) from error
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss must be finite, got {loss!r}; the detector state is unchanged. Filter non-finite losses "
+            "before calling update() (FastFaceLR and FastFaceLRCallback skip them by default)."
+        )
+    return loss
 
 
-def _nonfinite_error(loss: float, steps_seen: int) -> ValueError:
-    return ValueError(
-        f"`loss` must be finite, got {loss!r} at step {steps_seen + 1}; the detector state is unchanged. "
-        "Filter non-finite losses before calling update() (FastFaceLR and FastFaceLRCallback skip them)."
-    )
-
-
-def _check_state_header(state: dict, expected_type: str) -> int:
-    if not isinstance(state, dict):
+def _check_state_header(state: Any, expected_type: str) -> None:
+    if not isinstance(state, Mapping):
         raise ValueError(f"state must be a dict from {expected_type}.state_dict(), got {type(state).__name__}")
     found = state.get("type")
     if found != expected_type:
@@ -99,33 +123,27 @@ def _check_state_header(state: dict, expected_type: str) -> int:
             f"state version {version!r} is not supported (this fastface_pl reads versions 1..{STATE_VERSION}); "
             "upgrade fastface_pl to load it"
         )
-    return version
 
 
-def _read_only(attribute: str, doc: str) -> Any:
-    """A read-only property that returns ``self.<attribute>`` (a C-level getter, no Python frame)."""
-    return property(operator.attrgetter(attribute), doc=doc)
-
-
-def _decisions_from_state(value: Any) -> list[tuple[int, float]]:
-    return [(int(step), float(factor)) for step, factor in (value or [])]
+def _finite_or_none(state: Mapping[str, Any], key: str, required: bool) -> float | None:
+    value = state.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"state[{key!r}] must be a finite number here, got {value!r}; the state is corrupt")
+    return float(value)
 
 
 # --------------------------------------------------------------------------------------------------
-# What both detectors share: read-only properties, state plumbing, pickling and repr
+# What both detectors share: common state, read-only properties, state plumbing, pickling and repr
 # --------------------------------------------------------------------------------------------------
 class _StationarityDetector:
-    """What both detectors share: common state, read-only properties, state_dict, pickling, repr.
+    """Common state (steps, stationary count, decisions, LR scale), read-only views and state plumbing.
 
-    A subclass sets ``_HYPERPARAMETERS`` (its constructor arguments in order, each with a same-named
-    property) and implements ``_configure`` (validation), ``_reset_state`` (calling this one),
-    ``update``, ``_state_body`` and ``_load_state_body`` (its own state: steps_seen, stationary_count,
-    decisions and lr_scale are saved and loaded here, before it). Its docstring says what
-    ``threshold``, ``smoothed_loss`` and ``signal`` stand for there.
+    A subclass lists its constructor arguments in ``_HYPERPARAMETERS`` (each readable as a property),
+    and implements ``_configure`` (check and store them), ``_reset_state`` (calling this one), ``update``,
+    ``_state_body`` and ``_load_state_body`` (its own running state).
     """
-
-    __slots__ = ("_threshold", "_patience", "_decay", "_max_decays", "_decay_factor",
-                 "_steps", "_smoothed", "_signal", "_count", "_decisions", "_scale")
 
     _HYPERPARAMETERS: tuple[str, ...] = ()
 
@@ -137,25 +155,51 @@ class _StationarityDetector:
         self._decisions: list[tuple[int, float]] = []
         self._scale = 1.0
 
-    # ---------------------------------------------------------------------------------------------
-    # Read-only views of the state; see the subclass docstrings for the symbols (λ/θ, L^E_t/a_t, D^E_t/S_t).
-    threshold = _read_only("_threshold", "λ (FastFace) or θ (Moving Haar): a step with signal below it is "
-                                         "stationary.")
-    patience = _read_only("_patience", "P: consecutive stationary steps tolerated before a decision "
-                                       "(Moving Haar: 2·m by default).")
-    decay = _read_only("_decay", "δ: a decision that decays the LR multiplies it by 1/δ.")
-    max_decays = _read_only("_max_decays", "The most LR reductions (1/δ decisions) ever made (None: unlimited); "
-                                           "K for FastFace, whose decisions are all reductions.")
-    steps_seen = _read_only("_steps", "Number of losses fed so far.")
-    smoothed_loss = _read_only("_smoothed", "FastFace: L^E_t, the loss EMA (None before the first update). "
-                                            "Moving Haar: a_t, the moving average of the last m losses "
-                                            "(None before m losses).")
-    signal = _read_only("_signal", "FastFace: D^E_t, the smoothed Haar difference (None before the second "
-                                   "update). Moving Haar: S_t, the latest Haar signal (None during the first "
-                                   "2·m steps).")
-    stationary_count = _read_only("_count", "Consecutive stationary steps since the last reset or decision.")
-    lr_scale = _read_only("_scale", "Product of all factors returned so far (the LR relative to its starting "
-                                    "value).")
+    # Read-only views; the subclass docstrings say what the symbols stand for (λ/θ, L^E_t/a_t, D^E_t/S_t).
+    @property
+    def threshold(self) -> float:
+        """λ (FastFace) or θ (Moving Haar): a step whose signal is below it is stationary."""
+        return self._threshold
+
+    @property
+    def patience(self) -> int:
+        """P: consecutive stationary steps tolerated before a decision."""
+        return self._patience
+
+    @property
+    def decay(self) -> float:
+        """δ: a decision that decays the LR multiplies it by 1/δ."""
+        return self._decay
+
+    @property
+    def max_decays(self) -> int | None:
+        """The most LR reductions ever made (None: unlimited)."""
+        return self._max_decays
+
+    @property
+    def steps_seen(self) -> int:
+        """Number of losses fed so far."""
+        return self._steps
+
+    @property
+    def smoothed_loss(self) -> float | None:
+        """FastFace: L^E_t, the loss EMA. Moving Haar: a_t, the mean of the last m losses. None before."""
+        return self._smoothed
+
+    @property
+    def signal(self) -> float | None:
+        """FastFace: D^E_t, the smoothed Haar difference. Moving Haar: S_t, the Haar signal. None before."""
+        return self._signal
+
+    @property
+    def stationary_count(self) -> int:
+        """Consecutive stationary steps since the last reset or decision."""
+        return self._count
+
+    @property
+    def lr_scale(self) -> float:
+        """Product of all factors returned so far (the LR relative to its starting value)."""
+        return self._scale
 
     @property
     def num_decisions(self) -> int:
@@ -167,16 +211,20 @@ class _StationarityDetector:
         """(1-based step of the deciding update, factor) for every decision so far (a copy)."""
         return list(self._decisions)
 
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments, by name (patience resolved)."""
+        return {name: getattr(self, name) for name in self._HYPERPARAMETERS}
+
     # ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, as plain Python values (JSON- and pickle-able).
+        """Everything a resume needs, as plain Python values (JSON- and pickle-able), hyperparameters included.
 
         Moving Haar stores its ring buffers and running sums as they are, so a resumed detector
         continues bit for bit like an uninterrupted one.
         """
         state: dict[str, Any] = {"type": type(self).__name__, "version": STATE_VERSION}
-        for name in self._HYPERPARAMETERS:
-            state[name] = getattr(self, name)
+        state.update(self.hyperparameters)
         state["steps_seen"] = self._steps
         state["stationary_count"] = self._count
         state.update(self._state_body())
@@ -184,7 +232,7 @@ class _StationarityDetector:
         state["lr_scale"] = self._scale
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores a :meth:`state_dict`, hyperparameters included, so the stream continues exactly.
 
         Raises:
@@ -192,11 +240,11 @@ class _StationarityDetector:
                 invalid value (for Moving Haar: buffers that do not match its window).
         """
         _check_state_header(state, type(self).__name__)
-        self._configure(*(state.get(name, getattr(self, name)) for name in self._HYPERPARAMETERS))
+        self._configure(**{name: state.get(name, getattr(self, name)) for name in self._HYPERPARAMETERS})
         self._reset_state()
-        self._steps = _check_int("steps_seen", state.get("steps_seen", 0), minimum=0)
-        self._count = _check_int("stationary_count", state.get("stationary_count", 0), minimum=0)
-        self._decisions = _decisions_from_state(state.get("decisions"))
+        self._steps = check_int("state['steps_seen']", state.get("steps_seen", 0), 0)
+        self._count = check_int("state['stationary_count']", state.get("stationary_count", 0), 0)
+        self._decisions = [(int(step), float(factor)) for step, factor in state.get("decisions") or []]
         self._scale = float(state.get("lr_scale", math.prod(f for _, f in self._decisions)))
         self._load_state_body(state)
 
@@ -204,11 +252,11 @@ class _StationarityDetector:
         return self.state_dict()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._configure(*(state[name] for name in self._HYPERPARAMETERS))
+        self._configure(**{name: state[name] for name in self._HYPERPARAMETERS})
         self.load_state_dict(state)
 
     def __repr__(self) -> str:
-        arguments = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._HYPERPARAMETERS)
+        arguments = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters.items())
         return (f"{type(self).__name__}({arguments}) [steps_seen={self._steps}, "
                 f"stationary_count={self._count}, num_decisions={len(self._decisions)}]")
 
@@ -250,9 +298,6 @@ class FastFaceDetector(_StationarityDetector):
         loss is stationary but nothing more is decided.
     """
 
-    __slots__ = ("_alpha", "_beta", "_one_minus_alpha", "_c1", "_c2", "_alpha_beta", "_decisions_left",
-                 "_last_loss", "_signal_prev")
-
     _HYPERPARAMETERS = ("alpha", "beta", "threshold", "patience", "decay", "max_decays")
 
     def __init__(self, alpha: float = 1e-3, beta: float = 1e-3, threshold: float = 5e-5, *,
@@ -261,25 +306,17 @@ class FastFaceDetector(_StationarityDetector):
         self._reset_state()
 
     def _configure(self, alpha, beta, threshold, patience, decay, max_decays) -> None:
-        self._alpha = _check_real("alpha", alpha, low=0.0, high=1.0, allowed="(0, 1]")
-        self._beta = _check_real("beta", beta, low=0.0, high=1.0, allowed="(0, 1]")
-        self._threshold = _check_real("threshold", threshold, allowed="(-inf, inf) (finite)")
-        self._patience = _check_int("patience", patience, minimum=0)
-        self._decay = _check_real("decay", decay, low=1.0, allowed="(1, inf) (finite)")
-        self._max_decays = _check_int("max_decays", max_decays, minimum=0, allow_none=True,
-                                      none_means="unlimited")
-        a, b = self._alpha, self._beta
-        self._one_minus_alpha = 1.0 - a
-        self._c1 = 2.0 - a - b
-        self._c2 = (1.0 - a) * (1.0 - b)
-        self._alpha_beta = a * b
-        self._decay_factor = 1.0 / self._decay
+        self._alpha = check_real("alpha", alpha, 0.0, 1.0)
+        self._beta = check_real("beta", beta, 0.0, 1.0)
+        self._threshold = check_real("threshold", threshold)
+        self._patience = check_int("patience", patience, 0)
+        self._decay = check_real("decay", decay, 1.0)
+        self._max_decays = check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited")
 
     def _reset_state(self) -> None:
         super()._reset_state()
-        self._last_loss: float | None = None
-        self._signal_prev: float | None = None
-        self._decisions_left = -1 if self._max_decays is None else self._max_decays
+        self._last_loss: float | None = None  # L_{t-1}
+        self._signal_prev: float | None = None  # D^E_{t-2}
 
     # ---------------------------------------------------------------------------------------------
     def update(self, loss: float) -> float:
@@ -292,45 +329,49 @@ class FastFaceDetector(_StationarityDetector):
             The factor for the LR from the next step on: 1.0, or 1/δ on a decision.
 
         Raises:
-            ValueError: ``loss`` is NaN or infinite (the state is left unchanged).
+            NonFiniteLossError: ``loss`` is NaN or infinite (the state is left unchanged).
+            TypeError: ``loss`` is not a number.
         """
-        if loss.__class__ is not float:
+        if type(loss) is not float or not math.isfinite(loss):  # the common case skips a call
             loss = _as_loss(loss)
-        if loss - loss != 0.0:  # NaN or ±inf
-            raise _nonfinite_error(loss, self._steps)
-        steps = self._steps + 1
-        self._steps = steps
-        if steps > 2:
-            previous = self._signal
-            signal = (self._c1 * previous - self._c2 * self._signal_prev
-                      + self._alpha_beta * (self._last_loss - loss))
-            self._signal_prev = previous
-        elif steps == 2:  # consistent seed: D^E_0 = D^E_1 = α·(L_0 − L_1)
-            signal = self._alpha * (self._last_loss - loss)
-            self._signal_prev = signal
-        else:
+        self._steps += 1
+        alpha, beta = self._alpha, self._beta
+        if self._steps == 1:
             self._smoothed = self._last_loss = loss
             return 1.0
-        self._signal = signal
-        self._last_loss = loss
-        self._smoothed = self._alpha * loss + self._one_minus_alpha * self._smoothed
-        if signal < self._threshold:
-            count = self._count + 1
-            if count > self._patience and self._decisions_left:
-                self._count = 0
-                self._decisions_left -= 1
-                factor = self._decay_factor
-                self._scale *= factor
-                self._decisions.append((steps, factor))
-                return factor
-            self._count = count
+        if self._steps == 2:  # consistent seed: D^E_0 = D^E_1 = α·(L_0 − L_1)
+            signal = previous = alpha * (self._last_loss - loss)
         else:
+            previous = self._signal
+            signal = ((2.0 - alpha - beta) * previous - (1.0 - alpha) * (1.0 - beta) * self._signal_prev
+                      + alpha * beta * (self._last_loss - loss))
+        self._signal_prev, self._signal = previous, signal
+        self._last_loss = loss
+        self._smoothed = alpha * loss + (1.0 - alpha) * self._smoothed
+        if signal >= self._threshold:
             self._count = 0
-        return 1.0
+            return 1.0
+        self._count += 1
+        decays_left = self._max_decays is None or len(self._decisions) < self._max_decays
+        if self._count <= self._patience or not decays_left:
+            return 1.0
+        return self._decide(1.0 / self._decay)
 
-    # ---------------------------------------------------------------------------------------------
-    alpha = _read_only("_alpha", "α, smoothing of the loss EMA.")
-    beta = _read_only("_beta", "β, smoothing of the Haar difference.")
+    def _decide(self, factor: float) -> float:
+        self._count = 0
+        self._scale *= factor
+        self._decisions.append((self._steps, factor))
+        return factor
+
+    @property
+    def alpha(self) -> float:
+        """α, smoothing of the loss EMA."""
+        return self._alpha
+
+    @property
+    def beta(self) -> float:
+        """β, smoothing of the Haar difference."""
+        return self._beta
 
     # ---------------------------------------------------------------------------------------------
     def _state_body(self) -> dict[str, Any]:
@@ -341,20 +382,13 @@ class FastFaceDetector(_StationarityDetector):
             "signal_prev": self._signal_prev,
         }
 
-    def _load_state_body(self, state: dict[str, Any]) -> None:
-        steps = self._steps
-        needed = ("smoothed_loss", "last_loss") if steps >= 1 else ()
-        needed += ("signal", "signal_prev") if steps >= 2 else ()
-        for key in needed:
-            if not isinstance(state.get(key), numbers.Real) or not math.isfinite(state[key]):
-                raise ValueError(f"state[{key!r}] must be a finite number after {steps} steps, "
-                                 f"got {state.get(key)!r}")
-        self._smoothed = None if steps < 1 else float(state["smoothed_loss"])
-        self._last_loss = None if steps < 1 else float(state["last_loss"])
-        self._signal = None if steps < 2 else float(state["signal"])
-        self._signal_prev = None if steps < 2 else float(state["signal_prev"])
-        if self._max_decays is not None:
-            self._decisions_left = max(self._max_decays - len(self._decisions), 0)
+    def _load_state_body(self, state: Mapping[str, Any]) -> None:
+        if self._steps >= 1:
+            self._smoothed = _finite_or_none(state, "smoothed_loss", required=True)
+            self._last_loss = _finite_or_none(state, "last_loss", required=True)
+        if self._steps >= 2:
+            self._signal = _finite_or_none(state, "signal", required=True)
+            self._signal_prev = _finite_or_none(state, "signal_prev", required=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,9 +431,6 @@ class MovingHaarDetector(_StationarityDetector):
         runs). With an odd window the newer half holds one average more than the older one.
     """
 
-    __slots__ = ("_window", "_half", "_restart_after", "_start", "_losses", "_loss_pos", "_loss_sum",
-                 "_averages", "_avg_pos", "_num_averages", "_sum_old", "_sum_new", "_run", "_reductions")
-
     _HYPERPARAMETERS = ("window", "threshold", "patience", "decay", "restart_after", "max_decays")
 
     def __init__(self, window: int, threshold: float = 0.06, patience: int | None = None,
@@ -408,19 +439,16 @@ class MovingHaarDetector(_StationarityDetector):
         self._reset_state()
 
     def _configure(self, window, threshold, patience, decay, restart_after, max_decays) -> None:
-        self._window = _check_int("window", window, minimum=2)
+        self._window = check_int("window", window, 2)
         self._half = self._window // 2
-        self._start = 2 * self._window
-        self._threshold = _check_real("threshold", threshold, allowed="(-inf, inf) (finite)")
-        self._patience = _check_int("patience", patience, minimum=0, allow_none=True, none_means="2*window")
+        self._threshold = check_real("threshold", threshold)
+        self._patience = check_int("patience", patience, 0, allow_none=True, none_means="2*window")
         if self._patience is None:
             self._patience = 2 * self._window
-        self._decay = _check_real("decay", decay, low=1.0, allowed="(1, inf) (finite)")
-        self._decay_factor = 1.0 / self._decay
-        self._restart_after = _check_int("restart_after", restart_after, minimum=1, allow_none=True,
-                                         none_means="never restart")
-        self._max_decays = _check_int("max_decays", max_decays, minimum=0, allow_none=True,
-                                      none_means="unlimited")
+        self._decay = check_real("decay", decay, 1.0)
+        self._restart_after = check_int("restart_after", restart_after, 1, allow_none=True,
+                                        none_means="never restart")
+        self._max_decays = check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited")
 
     def _reset_state(self) -> None:
         super()._reset_state()
@@ -447,89 +475,67 @@ class MovingHaarDetector(_StationarityDetector):
             The factor for the LR from the next step on: 1.0, 1/δ, or δ^(r−1) on a restart.
 
         Raises:
-            ValueError: ``loss`` is NaN or infinite (the state is left unchanged).
+            NonFiniteLossError: ``loss`` is NaN or infinite (the state is left unchanged).
+            TypeError: ``loss`` is not a number.
         """
-        t = self._steps
-        if loss.__class__ is not float:
+        if type(loss) is not float or not math.isfinite(loss):  # the common case skips a call
             loss = _as_loss(loss)
-        if loss - loss != 0.0:  # NaN or ±inf
-            raise _nonfinite_error(loss, t)
-        self._steps = t + 1
+        t = self._steps  # 0-based index of this loss
+        self._steps += 1
+        m = self._window
         # S_t from the averages a_{t−m} … a_{t−1}, before y_t enters.
-        if t >= self._start:
-            signal = self._signal = (self._sum_old - self._sum_new) / self._window
-        else:
-            signal = None
+        signal = (self._sum_old - self._sum_new) / m if t >= 2 * m else None
+        if signal is not None:
+            self._signal = signal
 
         # y_t enters the loss window; a_t enters the average window.
-        losses = self._losses
-        pos = self._loss_pos
-        total = self._loss_sum + (loss - losses[pos])
+        losses, pos = self._losses, self._loss_pos
+        self._loss_sum += loss - losses[pos]
         losses[pos] = loss
-        pos += 1
-        if pos == self._window:
-            pos = 0
-            total = math.fsum(losses)  # exact refresh once per window: no drift
+        pos = (pos + 1) % m
         self._loss_pos = pos
-        self._loss_sum = total
-        if t >= self._window - 1:
-            self._push_average(total / self._window)
-
-        if signal is None:
-            return 1.0
-        if signal < self._threshold:
-            count = self._count + 1
-            if count > self._patience:
-                return self._decide(count)
-            self._count = count
-            return 1.0
-        self._count = 0
-        self._run = 0
-        return 1.0
-
-    def _push_average(self, average: float) -> None:
-        self._smoothed = average
-        averages = self._averages
-        m = self._window
-        pos = self._avg_pos
-        if self._num_averages < m:
-            averages[pos] = average
-            self._num_averages += 1
+        if pos == 0:
+            self._loss_sum = math.fsum(losses)  # exact refresh once per window: no drift
+        if t >= m - 1:  # a_t enters the ring of the last m averages; the two Haar half-sums follow it
+            average = self._smoothed = self._loss_sum / m
+            averages, pos = self._averages, self._avg_pos
             if self._num_averages == m:
-                self._refresh_haar_sums(0)
-            self._avg_pos = pos + 1 if pos + 1 < m else 0
-            return
-        # a_{t−m} leaves the older half, a_{t−m+h} moves from the newer to the older half.
-        oldest = averages[pos]
-        middle = pos + self._half
-        if middle >= m:
-            middle -= m
-        moving = averages[middle]
-        averages[pos] = average
-        pos += 1
-        if pos == m:
-            self._avg_pos = 0
-            self._refresh_haar_sums(0)
-        else:
+                # a_{t−m} leaves the older half; a_{t−m+h} moves from the newer half to the older one.
+                oldest, moving = averages[pos], averages[(pos + self._half) % m]
+                self._sum_old += moving - oldest
+                self._sum_new += average - moving
+            else:
+                self._num_averages += 1
+            averages[pos] = average
+            pos = (pos + 1) % m
             self._avg_pos = pos
-            self._sum_old += moving - oldest
-            self._sum_new += average - moving
+            if pos == 0:
+                self._refresh_haar_sums(0)  # exact sums once per window (and when the ring first fills)
+
+        if signal is None:  # the first 2·m steps neither count nor reset
+            return 1.0
+        if signal >= self._threshold:
+            self._count = 0
+            self._run = 0
+            return 1.0
+        self._count += 1
+        if self._count <= self._patience:
+            return 1.0
+        return self._decide()
 
     def _refresh_haar_sums(self, oldest_pos: int) -> None:
         ordered = self._averages[oldest_pos:] + self._averages[:oldest_pos]
         self._sum_old = math.fsum(ordered[:self._half])
         self._sum_new = math.fsum(ordered[self._half:])
 
-    def _decide(self, count: int) -> float:
+    def _decide(self) -> float:
         if self._max_decays is not None and self._reductions >= self._max_decays:
-            self._count = count  # no reduction left: no decision at all, restart included
-            return 1.0
-        restart_after = self._restart_after
-        if restart_after is not None and self._run >= restart_after:
+            return 1.0  # no reduction left: no decision at all, restart included
+        if self._restart_after is not None and self._run >= self._restart_after:
             factor = self._decay ** (self._run - 1)
             self._run = 0
         else:
-            factor = self._decay_factor
+            factor = 1.0 / self._decay
             self._run += 1
             self._reductions += 1
         self._count = 0
@@ -537,11 +543,20 @@ class MovingHaarDetector(_StationarityDetector):
         self._decisions.append((self._steps, factor))
         return factor
 
-    # ---------------------------------------------------------------------------------------------
-    window = _read_only("_window", "m: losses per moving average and averages per Haar kernel.")
-    restart_after = _read_only("_restart_after", "R: decays within one stationary run before the restart "
-                                                 "(None: never).")
-    run_decays = _read_only("_run", "r: decays in the current unbroken stationary run since the last restart.")
+    @property
+    def window(self) -> int:
+        """m: losses per moving average and averages per Haar kernel."""
+        return self._window
+
+    @property
+    def restart_after(self) -> int | None:
+        """R: decays within one stationary run before the restart (None: never)."""
+        return self._restart_after
+
+    @property
+    def run_decays(self) -> int:
+        """r: decays in the current unbroken stationary run since the last restart."""
+        return self._run
 
     # ---------------------------------------------------------------------------------------------
     def _state_body(self) -> dict[str, Any]:
@@ -560,7 +575,7 @@ class MovingHaarDetector(_StationarityDetector):
             "num_reductions": self._reductions,
         }
 
-    def _load_state_body(self, state: dict[str, Any]) -> None:
+    def _load_state_body(self, state: Mapping[str, Any]) -> None:
         m = self._window
         losses = [float(x) for x in state.get("losses", self._losses)]
         averages = [float(x) for x in state.get("averages", self._averages)]
@@ -571,9 +586,9 @@ class MovingHaarDetector(_StationarityDetector):
             raise ValueError("state buffers contain non-finite values; the state is corrupt")
         self._losses = losses
         self._averages = averages
-        self._loss_pos = _check_int("loss_pos", state.get("loss_pos", 0), minimum=0) % m
-        self._avg_pos = _check_int("average_pos", state.get("average_pos", 0), minimum=0) % m
-        self._num_averages = min(_check_int("num_averages", state.get("num_averages", 0), minimum=0), m)
+        self._loss_pos = check_int("state['loss_pos']", state.get("loss_pos", 0), 0) % m
+        self._avg_pos = check_int("state['average_pos']", state.get("average_pos", 0), 0) % m
+        self._num_averages = min(check_int("state['num_averages']", state.get("num_averages", 0), 0), m)
         self._loss_sum = float(state.get("loss_sum", math.fsum(losses)))
         self._sum_old = float(state.get("sum_old", 0.0))
         self._sum_new = float(state.get("sum_new", 0.0))
@@ -582,14 +597,21 @@ class MovingHaarDetector(_StationarityDetector):
         smoothed, signal = state.get("smoothed_loss"), state.get("signal")
         self._smoothed = None if smoothed is None else float(smoothed)
         self._signal = None if signal is None else float(signal)
-        self._run = _check_int("run_decays", state.get("run_decays", 0), minimum=0)
+        self._run = check_int("state['run_decays']", state.get("run_decays", 0), 0)
         self._reductions = int(state.get("num_reductions", sum(f < 1.0 for _, f in self._decisions)))
 
 
-Detector = Union[FastFaceDetector, MovingHaarDetector]
-
 _DETECTORS = {"fastface": FastFaceDetector, "moving_haar": MovingHaarDetector}
 DETECTOR_NAMES = tuple(_DETECTORS)
+
+
+def detector_class(name: str) -> type:
+    """The detector class of a name (``"fastface"``, ``"moving_haar"``; ``-`` and case are forgiven)."""
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in _DETECTORS:
+        raise ValueError(f"Unknown detector {name!r}. Only {', '.join(repr(n) for n in DETECTOR_NAMES)} "
+                         "are supported.")
+    return _DETECTORS[key]
 
 
 def build_detector(name: str, **kwargs: Any) -> Detector:
@@ -604,8 +626,4 @@ def build_detector(name: str, **kwargs: Any) -> Detector:
         >>> build_detector("moving_haar", window=4000)
         MovingHaarDetector(window=4000, threshold=0.06, patience=8000, decay=2.0, restart_after=3, max_decays=None) [steps_seen=0, stationary_count=0, num_decisions=0]
     """
-    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
-    if key not in _DETECTORS:
-        raise ValueError(f"Unknown detector {name!r}. Only {', '.join(repr(n) for n in DETECTOR_NAMES)} "
-                         "are supported.")
-    return _DETECTORS[key](**kwargs)
+    return detector_class(name)(**kwargs)

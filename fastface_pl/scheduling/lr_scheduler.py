@@ -1,47 +1,111 @@
-"""FastFaceLR: the FastFace / Moving Haar schedule for plain PyTorch loops (no Lightning).
+"""FastFaceLR: the one owner of the learning rate for the FastFace / Moving Haar schedules.
 
 It works like ``torch.optim.lr_scheduler.ReduceLROnPlateau``, but is stepped once per *optimizer*
 step with that step's training loss::
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
-    scheduler = FastFaceLR(optimizer, FastFaceDetector(patience=int(0.05 * total_steps)))
+    scheduler = FastFaceLR(optimizer, "fastface", total_steps=total_steps)   # P = int(0.05 · T)
     for images, labels in loader:
         loss = criterion(model(images), labels)
         optimizer.zero_grad(); loss.backward(); optimizer.step()
         scheduler.step(loss.detach())   # reads the loss to the host: a CPU-GPU sync point
 
 To avoid the sync on every step, collect the losses on the device and call ``step`` for each value
-of a block read with one ``.tolist()`` (the decisions are the same, applied up to a block later).
+of a block read with one ``.tolist()`` (the decisions are the same, applied up to a block later);
+:class:`~fastface_pl.scheduling.callback.FastFaceLRCallback` does exactly that under Lightning.
+
+Everything the three entry points share lives here: the detector's settings (patience P from τ and
+the run length T, in :meth:`FastFaceLR.run_length_settings`), a factor applied to every parameter
+group with the ``min_lr`` floor, the non-finite-loss policy, the decisions and the state.
+See docs/scheduler.md for the method and docs/lightning.md for the callback.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from fastface_pl.scheduling.auto import AutoFastFaceDetector
-from fastface_pl.scheduling.detectors import Detector, FastFaceDetector, MovingHaarDetector
+from fastface_pl.scheduling.detectors import Detector, NonFiniteLossError, build_detector, detector_class
+from fastface_pl.validation import check_choice, check_int, check_real
 
-__all__ = ["FastFaceLR"]
+__all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "NONFINITE_POLICIES"]
 
-_STATE_VERSION = 1
-_NONFINITE_CHOICES = ("skip", "raise")
+DEFAULT_PATIENCE_FRACTION = 0.05  # τ of the FastFace paper (docs/scheduler.md)
+NONFINITE_POLICIES = ("skip", "raise")
+_STATE_VERSION = 2
+#: Giving any of these to "fastface" selects explicit settings; without them the auto rule resolves them.
+EXPLICIT_FASTFACE_SETTINGS = ("alpha", "beta", "threshold", "patience")
+
+
+def uses_auto_settings(name: str | None, kwargs: Mapping[str, Any]) -> bool:
+    """Whether a named detector gets α, β, λ and P from the auto rule (docs/auto_settings.md): ``"fastface"``
+    given none of them (the other arguments, δ and K, may be given)."""
+    return name == "fastface" and not any(key in kwargs for key in EXPLICIT_FASTFACE_SETTINGS)
+
+
+def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] | None, patience: Any,
+                             patience_fraction: Any) -> tuple[str | None, dict[str, Any], float | None]:
+    """Checks how a detector is asked for; returns (name or None for an instance, kwargs, τ or None).
+
+    A named detector gets ``patience`` (steps) or ``patience_fraction`` (τ, resolved once the run
+    length is known; default 0.05 for ``"fastface"``, whose patience has no default). A detector
+    instance carries its own settings. Raises TypeError for wrong types, ValueError for bad values.
+    """
+    if detector_kwargs is not None and not isinstance(detector_kwargs, Mapping):
+        raise TypeError(f"detector_kwargs must be a dict or None, got {type(detector_kwargs).__name__}")
+    kwargs = dict(detector_kwargs or {})
+    if patience is not None and patience_fraction is not None:
+        raise ValueError(f"give either patience (optimizer steps) or patience_fraction (τ), not both; "
+                         f"got patience={patience!r}, patience_fraction={patience_fraction!r}")
+    check_int("patience", patience, 0, allow_none=True, none_means="see patience_fraction")
+    check_real("patience_fraction", patience_fraction, 0.0, 1.0, allow_none=True)
+    if isinstance(detector, str):
+        cls = detector_class(detector)
+        name = next(key for key in ("fastface", "moving_haar") if detector_class(key) is cls)
+        if "patience" in kwargs and (patience is not None or patience_fraction is not None):
+            raise ValueError("patience is given twice: in detector_kwargs and as patience/patience_fraction; keep one")
+        if patience is not None:
+            kwargs["patience"] = int(patience)
+        if name == "fastface" and "patience" not in kwargs and patience_fraction is None:
+            patience_fraction = DEFAULT_PATIENCE_FRACTION
+        build_detector(name, **{"patience": 0, **kwargs})  # bad detector arguments fail here, not hours later
+        return name, kwargs, None if patience_fraction is None else float(patience_fraction)
+    if not isinstance(detector, Detector):
+        raise TypeError(f"detector must be 'fastface', 'moving_haar' or a detector instance (update, state_dict, "
+                        f"load_state_dict and the signals of fastface_pl.scheduling.detectors.Detector), "
+                        f"got {type(detector).__name__}")
+    if kwargs:
+        raise ValueError("detector_kwargs only apply to a detector given by name; got a detector instance")
+    if patience is not None or patience_fraction is not None:
+        raise ValueError("a detector instance carries its own patience; do not pass patience or patience_fraction "
+                         f"with it (got patience={patience!r}, patience_fraction={patience_fraction!r})")
+    return None, kwargs, None
 
 
 class FastFaceLR:
     """Scales the LR of every parameter group by the detector's factor after each optimizer step.
 
     Args:
-        optimizer: the wrapped optimizer; all its parameter groups get the same factor (ratios kept).
-        detector: a :class:`~fastface_pl.scheduling.detectors.FastFaceDetector` or
-            :class:`~fastface_pl.scheduling.detectors.MovingHaarDetector`.
-        min_lr: floor for the LR: a float for every group or one per group (None: no floor).
-            A restart (factor > 1) is never capped.
-        on_nonfinite: ``"skip"``: a NaN/inf loss is not fed to the detector, counted in
-            ``num_nonfinite`` and reported with one warning; ``"raise"``: it raises ValueError.
+        optimizer: the optimizer, or several: every parameter group of each gets the same factor.
+        detector: ``"fastface"``, ``"moving_haar"`` or a detector instance (which carries its own settings).
+        detector_kwargs: the named detector's arguments (α, β, λ, δ, K, or m, θ, R ...).
+        patience: P in optimizer steps (a named detector only).
+        patience_fraction: τ: P = int(τ·T) with T = ``total_steps`` (default 0.05 for ``"fastface"``).
+        total_steps: T, the optimizer steps of the whole run; needed when the patience is a fraction.
+        min_lr: floor for the LR: one float or one per parameter group (all optimizers, in order); None:
+            no floor. A decay never takes a group below it (a group already below is left alone); a
+            Moving Haar restart (factor > 1) is never capped.
+        on_nonfinite: ``"skip"``: a NaN/inf loss is not fed to the detector, counted in ``num_nonfinite``
+            (one warning, unless ``warn_nonfinite=False``); ``"raise"``: NonFiniteLossError.
+        compose: optimizers whose LR another scheduler sets (True: all). Their group LRs are left to that
+            scheduler; the decisions are applied as a scale on top of it while the optimizer steps
+            (optimizer step hooks), so any scheduler composes exactly. Call :meth:`close` to remove them.
+        warn_nonfinite: warn at the first skipped non-finite loss.
 
     Example::
 
@@ -59,25 +123,208 @@ class FastFaceLR:
         the new LR applies from the next optimizer step.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, detector: Detector,
-                 min_lr: float | Sequence[float] | None = None, on_nonfinite: str = "skip") -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(detector, (FastFaceDetector, MovingHaarDetector, AutoFastFaceDetector)):
-            raise ValueError(f"`detector` must be a FastFaceDetector, MovingHaarDetector or AutoFastFaceDetector "
-                             f"(see build_detector), "
-                             f"got {type(detector).__name__}")
-        if on_nonfinite not in _NONFINITE_CHOICES:
-            raise ValueError(f"`on_nonfinite` can be {' or '.join(_NONFINITE_CHOICES)}, got {on_nonfinite!r}")
-        self.optimizer = optimizer
-        self.detector = detector
-        self.on_nonfinite = on_nonfinite
-        self.min_lrs = self._resolve_min_lr(min_lr, len(optimizer.param_groups))
+    def __init__(self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+                 detector: Detector | str = "fastface", detector_kwargs: Mapping[str, Any] | None = None, *,
+                 patience: int | None = None, patience_fraction: float | None = None,
+                 total_steps: int | None = None, min_lr: float | Sequence[float] | None = None,
+                 on_nonfinite: str = "skip", compose: bool | Sequence[torch.optim.Optimizer] = False,
+                 warn_nonfinite: bool = True) -> None:
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        for item in optimizers:
+            if not isinstance(item, torch.optim.Optimizer):
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a list of them), "
+                                f"got {type(item).__name__}")
+        if not optimizers:
+            raise ValueError("optimizer: got an empty list; pass the optimizer(s) whose LR FastFaceLR owns")
+        self.optimizers = optimizers
+        name, kwargs, fraction = check_detector_arguments(detector, detector_kwargs, patience, patience_fraction)
+        self.patience_fraction = fraction
+        self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True, none_means="unknown")
+        self.auto_settings = uses_auto_settings(name, kwargs)
+        if name is None:
+            self.detector: Detector = detector
+        elif self.auto_settings:
+            self.detector = AutoFastFaceDetector(**self.run_length_settings(self.total_steps),
+                                                 patience_fraction=fraction, **kwargs)
+        else:
+            self.detector = build_detector(name, **kwargs, **self.run_length_settings(self.total_steps))
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        self.warn_nonfinite = warn_nonfinite
+        self.min_lrs = self._resolve_min_lr(min_lr, len(self._groups()))
         self.last_step = 0
         self.num_nonfinite = 0
+        self.first_nonfinite_step: int | None = None
+        self.lr_scale = 1.0
         self.decisions: list[tuple[int, float, float]] = []
-        self._warned = False
-        self._last_lr = [float(group["lr"]) for group in optimizer.param_groups]
+        composed = optimizers if compose is True else list(compose or [])
+        if any(all(item is not other for other in optimizers) for item in composed):
+            raise ValueError("compose: every optimizer listed must be one of those FastFaceLR owns")
+        self._own_lrs: dict[int, list[Any]] = {}
+        self._hook_depth: dict[int, int] = {}
+        self._composed = [(item, self._hook(item)) for item in composed]
+        self._first_composed = any(item is optimizers[0] for item in composed)
+
+    # ------------------------------------------------------------------ settings from the run length
+    def run_length_settings(self, total_steps: int | None) -> dict[str, Any]:
+        """The detector settings that follow from the run length T: P = int(τ·T) when τ is set, or T itself
+        for the auto rule (which derives α, β, λ and P from it and the first losses; docs/auto_settings.md).
+
+        The one place where a run length turns into detector hyperparameters (at construction, and
+        again through :meth:`set_total_steps` when a resumed run is longer or shorter).
+        """
+        if self.patience_fraction is None:
+            return {}
+        if total_steps is None:
+            raise ValueError(f"patience_fraction={self.patience_fraction} needs the run length: pass total_steps "
+                             "(the optimizer steps of the whole run) or give patience in steps")
+        if getattr(self, "auto_settings", False):
+            return {"total_steps": int(total_steps)}
+        return {"patience": int(self.patience_fraction * total_steps)}
+
+    def set_total_steps(self, total_steps: int) -> dict[str, tuple[Any, Any]]:
+        """Re-resolves the run-length settings for a new T; returns ``{name: (old, new)}`` of what changed."""
+        self.total_steps = check_int("total_steps", total_steps, 1)
+        return self.reconfigure(**self.run_length_settings(total_steps))
+
+    def reconfigure(self, **hyperparameters: Any) -> dict[str, tuple[Any, Any]]:
+        """Changes detector settings in place, keeping its running state; returns ``{name: (old, new)}``."""
+        current = self.detector.hyperparameters
+        unknown = sorted(set(hyperparameters) - set(current))
+        if unknown:
+            raise ValueError(f"{type(self.detector).__name__} has no setting {', '.join(unknown)}; "
+                             f"it has {', '.join(current)}")
+        changes = {key: (current[key], value) for key, value in hyperparameters.items() if current[key] != value}
+        if changes:
+            state = self.detector.state_dict()
+            state.update({key: new for key, (_, new) in changes.items()})
+            self.detector.load_state_dict(state)
+        return changes
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, loss: float | torch.Tensor, step: int | None = None) -> float:
+        """Feeds the loss of one optimizer step and rescales the LR if the detector decides.
+
+        Args:
+            loss: a float or a one-element tensor (read with ``.item()``: a CPU-GPU sync point).
+            step: the 1-based optimizer step this loss belongs to (default: the step after the last one);
+                the callback passes it because steps without a loss are never fed.
+
+        Returns:
+            The factor applied (1.0 when nothing was decided or the loss was skipped).
+        """
+        if type(loss) is not float:  # the callback passes floats: it skips these checks
+            loss = self._as_float(loss)
+        self.last_step = self.last_step + 1 if step is None else int(step)
+        if not math.isfinite(loss):
+            return self._skip_nonfinite(loss)
+        factor = self.detector.update(loss)
+        if factor != 1.0:
+            self._apply(factor)
+        return factor
+
+    @staticmethod
+    def _as_float(loss: Any) -> float:
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
+                                 "pass the mean loss of the optimizer step")
+            return loss.item()
+        try:
+            return float(loss)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"loss must be a real number or a one-element tensor, got {loss!r}") from error
+
+    def _skip_nonfinite(self, loss: float) -> float:
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(f"the training loss at optimizer step {self.last_step} is {loss}. Fix the "
+                                     "divergence (lower LR, gradient clipping) or pass on_nonfinite='skip' to skip "
+                                     "such steps")
+        self.num_nonfinite += 1
+        if self.first_nonfinite_step is None:
+            self.first_nonfinite_step = self.last_step
+            if self.warn_nonfinite:
+                warnings.warn(f"FastFaceLR: non-finite loss {loss} at optimizer step {self.last_step} skipped (not "
+                              "fed to the detector); further ones are counted in num_nonfinite silently.",
+                              RuntimeWarning, stacklevel=3)
+        return 1.0
+
+    def _apply(self, factor: float) -> None:
+        self.lr_scale *= factor
+        composed = {id(optimizer) for optimizer, _ in self._composed}
+        for (optimizer, group), floor in zip(self._groups(), self._floors()):
+            if id(optimizer) not in composed:
+                _set_lr(group, self._floored(float(group["lr"]) * factor, float(group["lr"]), floor))
+        self.decisions.append((self.last_step, float(factor), self.lr_in_effect()))
+
+    @staticmethod
+    def _floored(new_lr: float, old_lr: float, floor: float | None) -> float:
+        """A decay never goes below the floor, and never raises a group that is already below it."""
+        if floor is None or new_lr >= old_lr:
+            return new_lr
+        return max(new_lr, min(old_lr, floor))
+
+    # ------------------------------------------------------------------ composing with another scheduler
+    def _hook(self, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return (optimizer.register_step_pre_hook(self._scale_before_step),
+                optimizer.register_step_post_hook(self._restore_after_step))
+
+    def _scale_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # torch runs the hooks again for a subclass whose step() calls super().step(): scale once, outermost.
+        depth = self._hook_depth.get(id(optimizer), 0)
+        self._hook_depth[id(optimizer)] = depth + 1
+        if depth:
+            return
+        groups = optimizer.param_groups
+        self._own_lrs[id(optimizer)] = [group["lr"] for group in groups]
+        floors = dict(zip(map(id, (g for _, g in self._groups())), self._floors()))
+        for group in groups:
+            own = float(group["lr"])
+            _set_lr(group, self._floored(own * self.lr_scale, own, floors[id(group)]))
+
+    def _restore_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        depth = self._hook_depth.get(id(optimizer), 1) - 1
+        self._hook_depth[id(optimizer)] = depth
+        if depth:
+            return
+        for group, own in zip(optimizer.param_groups, self._own_lrs.pop(id(optimizer), [])):
+            _set_lr(group, float(own))
+
+    def close(self) -> None:
+        """Removes the optimizer step hooks of ``compose`` (the optimizers keep the other scheduler's LR)."""
+        for _, handles in self._composed:
+            for handle in handles:
+                handle.remove()
+        self._composed = []
+        self._first_composed = False
+
+    # ------------------------------------------------------------------ reading
+    def lrs_in_effect(self) -> list[float]:
+        """The LR every parameter group uses at its next step (with ``compose``: the other scheduler's LR
+        times the scale, floored)."""
+        composed = {id(optimizer) for optimizer, _ in self._composed}
+        out = []
+        for (optimizer, group), floor in zip(self._groups(), self._floors()):
+            lr = float(group["lr"])
+            out.append(self._floored(lr * self.lr_scale, lr, floor) if id(optimizer) in composed else lr)
+        return out
+
+    def lr_in_effect(self) -> float:
+        """The LR the first parameter group of the first optimizer uses at its next step (cheap: one group)."""
+        group = self.optimizers[0].param_groups[0]
+        lr = float(group["lr"])
+        if self._first_composed:
+            return self._floored(lr * self.lr_scale, lr, None if self.min_lrs is None else self.min_lrs[0])
+        return lr
+
+    def get_last_lr(self) -> list[float]:
+        """The LR of every parameter group after the last step (as ReduceLROnPlateau)."""
+        return self.lrs_in_effect()
+
+    def _groups(self) -> list[tuple[torch.optim.Optimizer, dict[str, Any]]]:
+        return [(optimizer, group) for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def _floors(self) -> list[float | None]:
+        return self.min_lrs if self.min_lrs is not None else [None] * len(self._groups())
 
     @staticmethod
     def _resolve_min_lr(min_lr: Any, num_groups: int) -> list[float] | None:
@@ -85,93 +332,54 @@ class FastFaceLR:
             return None
         values = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr] * num_groups
         if len(values) != num_groups:
-            raise ValueError(f"`min_lr` must be one float or {num_groups} (one per parameter group), "
+            raise ValueError(f"min_lr must be one float or {num_groups} (one per parameter group), "
                              f"got {len(values)} values")
-        for value in values:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
-                raise ValueError(f"`min_lr` must be a finite float >= 0 (or None), got {min_lr!r}")
-        return [float(v) for v in values]
+        return [check_real("min_lr", value, 0.0, low_open=False) for value in values]
 
-    def step(self, loss: float | torch.Tensor) -> float:
-        """Feeds the loss of one optimizer step and rescales the LR if the detector decides.
-
-        Args:
-            loss: a float or a one-element tensor (read with ``.item()``: a CPU-GPU sync point).
-
-        Returns:
-            The factor applied (1.0 when nothing was decided or the loss was skipped).
-        """
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"`loss` must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
-                                 "pass the mean loss of the optimizer step")
-            loss = loss.item()
-        loss = float(loss)
-        self.last_step += 1
-        if not math.isfinite(loss):
-            if self.on_nonfinite == "raise":
-                raise ValueError(f"non-finite loss {loss} at optimizer step {self.last_step}; "
-                                 "pass on_nonfinite='skip' to skip such steps")
-            self.num_nonfinite += 1
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"FastFaceLR: non-finite loss {loss} at optimizer step {self.last_step} skipped "
-                              "(not fed to the detector); further ones are counted in `num_nonfinite` silently.",
-                              RuntimeWarning, stacklevel=2)
-            return 1.0
-        factor = self.detector.update(loss)
-        if factor != 1.0:
-            self._apply(factor)
-        return factor
-
-    def _apply(self, factor: float) -> None:
-        for index, group in enumerate(self.optimizer.param_groups):
-            old_lr = float(group["lr"])
-            new_lr = old_lr * factor
-            if self.min_lrs is not None and factor < 1.0:
-                # never below the floor, and a group already below it is left alone (a decay never raises the LR)
-                new_lr = max(new_lr, min(old_lr, self.min_lrs[index]))
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(new_lr)
-            else:
-                group["lr"] = new_lr
-        self._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
-        self.decisions.append((self.last_step, factor, self._last_lr[0]))
-
-    def get_last_lr(self) -> list[float]:
-        """The LR of every parameter group after the last step (as ReduceLROnPlateau)."""
-        return list(self._last_lr)
-
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Scheduler and detector state (the LRs themselves live in the optimizer's state_dict)."""
+        """Scheduler and detector state as plain Python values (the LRs themselves live in the optimizers)."""
         return {
             "version": _STATE_VERSION,
             "detector": self.detector.state_dict(),
+            "patience_fraction": self.patience_fraction,
+            "total_steps": self.total_steps,
             "min_lrs": self.min_lrs,
             "on_nonfinite": self.on_nonfinite,
             "last_step": self.last_step,
             "num_nonfinite": self.num_nonfinite,
-            "warned": self._warned,
+            "first_nonfinite_step": self.first_nonfinite_step,
+            "lr_scale": self.lr_scale,
             "decisions": [list(d) for d in self.decisions],
-            "last_lr": list(self._last_lr),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`; load the optimizer's own state_dict too, for its LRs."""
-        if "detector" not in state:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`state_dict` (the detector with its settings); load the optimizers' state too."""
+        if not isinstance(state, Mapping) or "detector" not in state:
             raise ValueError("state has no 'detector' entry: pass a dict from FastFaceLR.state_dict()")
+        version = state.get("version", 1)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(f"FastFaceLR state version {version!r} is newer than this fastface_pl reads "
+                             f"({_STATE_VERSION}); upgrade fastface_pl to load it")
         self.detector.load_state_dict(state["detector"])
+        self.patience_fraction = state.get("patience_fraction", self.patience_fraction)
+        self.total_steps = state.get("total_steps", self.total_steps)
         self.min_lrs = state.get("min_lrs", self.min_lrs)
-        on_nonfinite = state.get("on_nonfinite", self.on_nonfinite)
-        if on_nonfinite not in _NONFINITE_CHOICES:
-            raise ValueError(f"state['on_nonfinite'] can be {' or '.join(_NONFINITE_CHOICES)}, got {on_nonfinite!r}")
-        self.on_nonfinite = on_nonfinite
-        self.last_step = int(state.get("last_step", 0))
-        self.num_nonfinite = int(state.get("num_nonfinite", 0))
-        self._warned = bool(state.get("warned", self.num_nonfinite > 0))
+        self.on_nonfinite = check_choice("state['on_nonfinite']", state.get("on_nonfinite", self.on_nonfinite),
+                                         NONFINITE_POLICIES)
+        self.last_step = check_int("state['last_step']", state.get("last_step", 0), 0)
+        self.num_nonfinite = check_int("state['num_nonfinite']", state.get("num_nonfinite", 0), 0)
+        self.first_nonfinite_step = state.get("first_nonfinite_step")
         self.decisions = [(int(s), float(f), float(lr)) for s, f, lr in state.get("decisions", [])]
-        self._last_lr = [float(v) for v in state.get("last_lr", self._last_lr)]
+        self.lr_scale = float(state.get("lr_scale", math.prod(f for _, f, _ in self.decisions)))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(detector={self.detector!r}, min_lrs={self.min_lrs}, "
                 f"on_nonfinite={self.on_nonfinite!r}, last_step={self.last_step})")
+
+
+def _set_lr(group: dict[str, Any], value: float) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value

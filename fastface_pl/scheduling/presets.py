@@ -26,7 +26,7 @@ def fastface_callback(
     sync_every_n_steps: int = 16,
     on_nonfinite: str = "skip",
 ):
-    """The FastFace callback (ALGORITHM.md §1) from flat arguments; ``patience`` overrides ``patience_fraction``."""
+    """The FastFace callback (docs/scheduler.md) from flat arguments; ``patience`` overrides ``patience_fraction``."""
     from fastface_pl.scheduling.callback import FastFaceLRCallback
 
     return FastFaceLRCallback(
@@ -73,7 +73,7 @@ def moving_haar_callback(
     sync_every_n_steps: int = 16,
     on_nonfinite: str = "skip",
 ):
-    """The Moving Haar (MHLR) callback (ALGORITHM.md §2); patience defaults to 2·window."""
+    """The Moving Haar (MHLR) callback (docs/scheduler.md); patience defaults to 2·window."""
     from fastface_pl.scheduling.callback import FastFaceLRCallback
 
     return FastFaceLRCallback(
