@@ -173,3 +173,38 @@ def test_auto_detector_resolves_again_for_a_new_run_length():
     assert resumed.total_steps == 4000 and resumed.settings == expected
     assert resumed.patience == 200 and resumed.threshold == pytest.approx(first.threshold / 2)
     assert resumed.steps_seen == 500 and resumed.signal == first.signal  # the stream continues
+
+
+def test_callback_without_settings_uses_the_auto_rule():
+    """FastFaceLRCallback("fastface") with no α, β, λ or P: the rule's settings, decisions as a plain detector's."""
+    from test_callback import ScriptedModule, make_trainer
+
+    from fastface_pl.scheduling.callback import FastFaceLRCallback
+
+    total = 240
+    losses = _synthetic_curve(total, level=6.0, noise=0.05, plateau_at=0.4, seed=6)
+    callback = FastFaceLRCallback("fastface", sync_every_n_steps=4, verbose=False)
+    module = ScriptedModule(losses, batches_per_epoch=40)
+    make_trainer(max_epochs=6, callbacks=[callback]).fit(module)
+    detector = callback.detector
+    losses = torch.tensor(losses, dtype=torch.float32).tolist()  # what the callback reads from the fp32 losses
+    assert isinstance(detector, AutoFastFaceDetector) and detector.total_steps == total
+    assert detector.settings == fastface_auto_settings(total, losses[: detector.calibration_steps])
+    plain = FastFaceDetector(**detector.settings.detector_kwargs())
+    expected = replay(plain, losses).decisions
+    assert expected and [(step, factor) for step, factor, _ in callback.decisions] == expected
+
+
+def test_explicit_settings_and_presets_keep_the_paper_rule():
+    from fastface_pl.scheduling.callback import FastFaceLRCallback
+    from fastface_pl.scheduling.lr_scheduler import uses_auto_settings
+    from fastface_pl.scheduling.presets import fastface_auto_callback, fastface_callback
+
+    assert uses_auto_settings("fastface", {}) and uses_auto_settings("fastface", {"decay": 3.0})
+    assert not uses_auto_settings("fastface", {"threshold": 5e-5}) and not uses_auto_settings("moving_haar", {})
+    assert fastface_auto_callback()._detector_kwargs == {"decay": 2.0, "max_decays": 8}
+    assert fastface_callback()._detector_kwargs["threshold"] == 5e-5  # the paper preset stays explicit
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert isinstance(FastFaceLR(optimizer, "fastface", patience=10).detector, FastFaceDetector)
+    assert isinstance(FastFaceLR(optimizer, "fastface", total_steps=100).detector, AutoFastFaceDetector)
+    assert isinstance(FastFaceLRCallback("fastface", detector_kwargs={"alpha": 0.01}), FastFaceLRCallback)
