@@ -388,7 +388,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     seen: set[tuple[str, int]] = set()
     colours = dict(zip(SCHEDULES, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
     for row in rows:
@@ -399,8 +399,11 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         label = None if key in seen else f"{row['schedule']} ({row['epochs']} ep)"
         axes[0].plot(steps, [100 * p["accuracy"] for p in row["curve"]], label=label, **style)
         axes[1].plot(steps, [100 * p["tar@0.001"] for p in row["curve"]], **style)
+        axes[2].step(steps, [p["lr"] for p in row["curve"]], where="post", **style)
         seen.add(key)
-    for axis, title in zip(axes, ("10-fold accuracy, unseen identities (%)", "TAR @ FAR = 1e-3 (%)")):
+    axes[2].set_yscale("symlog", linthresh=1e-4)
+    for axis, title in zip(axes, ("10-fold accuracy, unseen identities (%)", "TAR @ FAR = 1e-3 (%)",
+                                  "learning rate (at the evaluations)")):
         axis.set_xlabel("optimizer steps")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
