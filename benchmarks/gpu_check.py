@@ -333,7 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile half of the throughput grid")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banners between the figures
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # no per-fit banners between the figures
+    try:
+        return _run(args)
+    finally:
+        lightning_log.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.cpu_smoke:
         device, sizes = torch.device("cpu"), CPU_SMOKE
     elif torch.cuda.is_available():
