@@ -4,7 +4,7 @@ It works like ``torch.optim.lr_scheduler.ReduceLROnPlateau``, but is stepped onc
 step with that step's training loss::
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
-    scheduler = FastFaceLR(optimizer, "fastface", total_steps=total_steps)   # P = int(0.05 · T)
+    scheduler = FastFaceLR(optimizer, "fastface", total_steps=total_steps)   # α, β, λ, P from the run (docs/auto_settings.md)
     for images, labels in loader:
         loss = criterion(model(images), labels)
         optimizer.zero_grad(); loss.backward(); optimizer.step()
