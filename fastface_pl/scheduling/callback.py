@@ -21,12 +21,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from fastface_pl.scheduling.auto import AutoFastFaceDetector
 from fastface_pl.scheduling.detectors import Detector, build_detector, detector_class
 from fastface_pl.scheduling.lr_scheduler import (
     DEFAULT_PATIENCE_FRACTION,
     NONFINITE_POLICIES,
     FastFaceLR,
     check_detector_arguments,
+    uses_auto_settings,
 )
 from fastface_pl.validation import check_bool, check_choice, check_int, check_real
 
@@ -221,6 +223,10 @@ class FastFaceLRCallback(Callback):
             return dict(detector.hyperparameters)
         if self._patience_fraction is None:
             return build_detector(self._detector_name, **self._detector_kwargs).hyperparameters
+        if uses_auto_settings(self._detector_name, self._detector_kwargs):  # α, β, λ, P from the run
+            settings = AutoFastFaceDetector(1, self._patience_fraction, **self._detector_kwargs).hyperparameters
+            del settings["total_steps"]  # resolved for the run length
+            return settings
         settings = build_detector(self._detector_name, **{"patience": 0, **self._detector_kwargs}).hyperparameters
         del settings["patience"]  # P = int(τ·T), resolved for the run length
         return settings
@@ -319,7 +325,11 @@ class FastFaceLRCallback(Callback):
             previous_total = scheduler.total_steps
             total = self._run_length(trainer, global_steps_per_step)
             recomputed = scheduler.set_total_steps(total)
-            if recomputed and scheduler.detector.steps_seen > 0:
+            if "total_steps" in recomputed and scheduler.detector.steps_seen > 0:
+                rank_zero_info(
+                    f"FastFaceLRCallback: this run is T = {total} optimizer steps (the checkpoint had "
+                    f"{recomputed['total_steps'][0]}); the auto settings are resolved again for it.")
+            elif recomputed and scheduler.detector.steps_seen > 0:
                 old, new = recomputed["patience"]
                 was = f"T = {previous_total}, P = {old}" if previous_total is not None else f"P = {old}"
                 rank_zero_info(

@@ -4,7 +4,7 @@ It works like ``torch.optim.lr_scheduler.ReduceLROnPlateau``, but is stepped onc
 step with that step's training loss::
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
-    scheduler = FastFaceLR(optimizer, "fastface", total_steps=total_steps)   # P = int(0.05 · T)
+    scheduler = FastFaceLR(optimizer, "fastface", total_steps=total_steps)   # α, β, λ, P from the run (docs/auto_settings.md)
     for images, labels in loader:
         loss = criterion(model(images), labels)
         optimizer.zero_grad(); loss.backward(); optimizer.step()
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fastface_pl.scheduling.auto import AutoFastFaceDetector
 from fastface_pl.scheduling.detectors import Detector, NonFiniteLossError, build_detector, detector_class
 from fastface_pl.validation import check_choice, check_int, check_real
 
@@ -37,6 +38,14 @@ __all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "NONFINITE_POLICIES"]
 DEFAULT_PATIENCE_FRACTION = 0.05  # τ of the FastFace paper (docs/scheduler.md)
 NONFINITE_POLICIES = ("skip", "raise")
 _STATE_VERSION = 2
+#: Giving any of these to "fastface" selects explicit settings; without them the auto rule resolves them.
+EXPLICIT_FASTFACE_SETTINGS = ("alpha", "beta", "threshold", "patience")
+
+
+def uses_auto_settings(name: str | None, kwargs: Mapping[str, Any]) -> bool:
+    """Whether a named detector gets α, β, λ and P from the auto rule (docs/auto_settings.md): ``"fastface"``
+    given none of them (the other arguments, δ and K, may be given)."""
+    return name == "fastface" and not any(key in kwargs for key in EXPLICIT_FASTFACE_SETTINGS)
 
 
 def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] | None, patience: Any,
@@ -131,8 +140,12 @@ class FastFaceLR:
         name, kwargs, fraction = check_detector_arguments(detector, detector_kwargs, patience, patience_fraction)
         self.patience_fraction = fraction
         self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True, none_means="unknown")
+        self.auto_settings = uses_auto_settings(name, kwargs)
         if name is None:
             self.detector: Detector = detector
+        elif self.auto_settings:
+            self.detector = AutoFastFaceDetector(**self.run_length_settings(self.total_steps),
+                                                 patience_fraction=fraction, **kwargs)
         else:
             self.detector = build_detector(name, **kwargs, **self.run_length_settings(self.total_steps))
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
@@ -153,7 +166,8 @@ class FastFaceLR:
 
     # ------------------------------------------------------------------ settings from the run length
     def run_length_settings(self, total_steps: int | None) -> dict[str, Any]:
-        """The detector settings that follow from the run length T: today P = int(τ·T) when τ is set.
+        """The detector settings that follow from the run length T: P = int(τ·T) when τ is set, or T itself
+        for the auto rule (which derives α, β, λ and P from it and the first losses; docs/auto_settings.md).
 
         The one place where a run length turns into detector hyperparameters (at construction, and
         again through :meth:`set_total_steps` when a resumed run is longer or shorter).
@@ -163,6 +177,8 @@ class FastFaceLR:
         if total_steps is None:
             raise ValueError(f"patience_fraction={self.patience_fraction} needs the run length: pass total_steps "
                              "(the optimizer steps of the whole run) or give patience in steps")
+        if getattr(self, "auto_settings", False):
+            return {"total_steps": int(total_steps)}
         return {"patience": int(self.patience_fraction * total_steps)}
 
     def set_total_steps(self, total_steps: int) -> dict[str, tuple[Any, Any]]:

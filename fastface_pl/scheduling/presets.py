@@ -40,6 +40,27 @@ def fastface_callback(
     )
 
 
+
+def fastface_auto_callback(
+    patience_fraction: float = 0.05,
+    decay: float = 2.0,
+    max_decays: int | None = 8,
+    min_lr: float | None = None,
+    sync_every_n_steps: int = 16,
+    on_nonfinite: str = "skip",
+):
+    """The FastFace callback with α, β, λ and P resolved from the run (docs/auto_settings.md)."""
+    from fastface_pl.scheduling.callback import FastFaceLRCallback
+
+    return FastFaceLRCallback(
+        detector="fastface",
+        detector_kwargs=dict(decay=decay, max_decays=max_decays),  # no α, β, λ, P: the auto rule sets them
+        patience_fraction=patience_fraction,
+        min_lr=min_lr,
+        sync_every_n_steps=sync_every_n_steps,
+        on_nonfinite=on_nonfinite,
+    )
+
 def moving_haar_callback(
     window: int = 4000,
     threshold: float = 0.06,

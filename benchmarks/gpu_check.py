@@ -1,0 +1,376 @@
+"""GPU check, one script: throughput, peak memory and host-device synchronisations of the training step.
+
+    python benchmarks/gpu_check.py                      # on a CUDA device (a few minutes)
+    python benchmarks/gpu_check.py --json gpu.json      # also write the figures
+    python benchmarks/gpu_check.py --cpu-smoke          # tiny sizes on the CPU: checks that it runs (seconds)
+
+Three parts:
+
+1. **Throughput**: r50 and r100 at batch 128, under ``16-mixed`` and ``bf16-mixed``, channels-last off/on,
+   ``torch.compile`` off/on: images/s of :class:`FaceRecognitionModule` under ``Trainer.fit`` against a plain
+   PyTorch loop doing the same step (autocast, GradScaler for fp16, backbone clipping at 5, SGD), both fed
+   from the same pinned in-memory batches. The clock runs between two ``torch.cuda.synchronize()`` after
+   ``--warmup`` untimed steps (compilation included in the warm-up).
+2. **Peak memory** (``torch.cuda.max_memory_allocated``) of training steps of r50 and r100 with the full
+   classification layer at WebFace12M's 617,970 identities, batch 128, 16-mixed.
+3. **Synchronisations per step** with the FastFace callback on (``sync_every_n_steps`` = k) and off: with
+   ``torch.cuda.set_sync_debug_mode("warn")`` every synchronising call warns; the warnings raised during the
+   timed steps are counted per step and attributed to the file that made the call. The goal: none per step
+   from the callback (one per k steps for its block read). On the CPU (``--cpu-smoke``) there is no sync
+   debug mode; the profiler's count of ``aten::_local_scalar_dense`` (``.item()``, ``float(tensor)``) stands
+   in, which sees per-step scalar reads but not the block read (``.tolist()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastface_pl.models.module import FaceRecognitionModule
+from fastface_pl.scheduling.callback import FastFaceLRCallback
+
+WEBFACE12M_IDENTITIES = 617_970
+
+
+@dataclass
+class Sizes:
+    """What one part of the check runs on."""
+
+    backbones: tuple[str, ...] = ("r50", "r100")
+    input_size: int = 112
+    embedding_size: int = 512
+    batch: int = 128
+    classes: int = 10_000  # throughput runs (the layer's size barely matters there)
+    memory_classes: int = WEBFACE12M_IDENTITIES
+    precisions: tuple[str, ...] = ("16-mixed", "bf16-mixed")
+    compile_options: tuple[bool, ...] = (False, True)
+    steps: int = 30
+    warmup: int = 10
+    sync_steps: int = 64
+    sync_every: int = 16
+
+
+CPU_SMOKE = Sizes(backbones=("tiny",), input_size=32, embedding_size=64, batch=8, classes=50, memory_classes=500,
+                  precisions=("bf16-mixed",), compile_options=(False,), steps=3, warmup=2, sync_steps=8, sync_every=4)
+# (no torch.compile in the smoke: inductor builds C++ on the CPU for minutes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ------------------------------------------------------------------------------------------------------------
+def make_loader(sizes: Sizes, classes: int, batches: int, device: torch.device) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    count = sizes.batch * batches
+    images = torch.randn(count, 3, sizes.input_size, sizes.input_size, generator=generator)
+    labels = torch.randint(0, classes, (count,), generator=generator)
+    return DataLoader(TensorDataset(images, labels), batch_size=sizes.batch, drop_last=True,
+                      pin_memory=device.type == "cuda")
+
+
+def make_module(sizes: Sizes, backbone: str, classes: int, channels_last: bool, compile: bool) -> FaceRecognitionModule:
+    torch.manual_seed(0)
+    return FaceRecognitionModule(num_classes=classes, backbone=backbone,
+                                 backbone_kwargs={"input_size": sizes.input_size},
+                                 embedding_size=sizes.embedding_size, margin="arcface", clip_grad_norm=5.0,
+                                 channels_last=channels_last, compile=compile)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock(Callback):
+    """Wall time from the end of batch ``warmup`` to the end of the last batch, synchronised with the device."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
+        self.start = self.end = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx + 1 == self.warmup:
+            synchronize(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        synchronize(self.device)
+        self.end = time.perf_counter()
+
+
+def make_trainer(sizes: Sizes, device: torch.device, precision: str, steps: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=steps, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10_000, callbacks=callbacks)
+
+
+def plain_loop(module: FaceRecognitionModule, loader: DataLoader, device: torch.device, precision: str,
+               steps: int, warmup: int) -> float:
+    """The module's training step by hand; returns the wall seconds of the steps after ``warmup``."""
+    module.to(device).train()
+    groups = module.configure_optimizers()
+    optimizer = groups if isinstance(groups, torch.optim.Optimizer) else groups["optimizer"]
+    dtype = torch.float16 if precision.startswith("16") else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    clipped = [p for p in module.backbone.parameters() if p.requires_grad]
+    start = None
+    for step, (images, labels) in enumerate(itertools.islice(itertools.cycle(loader), steps)):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype):
+            loss = module.classifier(module(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(clipped, 5.0)
+        scaler.step(optimizer)
+        scaler.update()
+        if step + 1 == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1. Throughput
+# ------------------------------------------------------------------------------------------------------------
+def throughput(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    total = sizes.steps + sizes.warmup
+    loader = make_loader(sizes, sizes.classes, min(total, 20), device)
+    for backbone, precision, channels_last, compile in itertools.product(
+            sizes.backbones, sizes.precisions, (False, True), sizes.compile_options):
+        row = {"backbone": backbone, "precision": precision, "channels_last": channels_last, "compile": compile,
+               "batch": sizes.batch}
+        try:
+            clock = StepClock(sizes.warmup, device)
+            module = make_module(sizes, backbone, sizes.classes, channels_last, compile)
+            repeated = DataLoader(_Cycle(loader, total), batch_size=None)
+            make_trainer(sizes, device, precision, total, [clock]).fit(module, train_dataloaders=repeated)
+            row["trainer_images_s"] = sizes.steps * sizes.batch / (clock.end - clock.start)
+            module = make_module(sizes, backbone, sizes.classes, channels_last, compile)
+            seconds = plain_loop(module, loader, device, precision, total, sizes.warmup)
+            row["plain_images_s"] = sizes.steps * sizes.batch / seconds
+            row["ratio"] = row["trainer_images_s"] / row["plain_images_s"]
+        except Exception as error:  # one failing combination (e.g. bf16 on an old GPU) must not hide the others
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        finally:
+            _free(device)
+        rows.append(row)
+        print("  " + _row_text(row), flush=True)
+    return rows
+
+
+class _Cycle(torch.utils.data.IterableDataset):
+    """``steps`` batches from ``loader``, cycling (one fit of exactly ``steps`` optimizer steps)."""
+
+    def __init__(self, loader: DataLoader, steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __iter__(self):
+        return itertools.islice(itertools.cycle(self.loader), self.steps)
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _row_text(row: dict[str, Any]) -> str:
+    head = (f"{row['backbone']:>5} {row['precision']:>10} channels_last={str(row['channels_last']):<5} "
+            f"compile={str(row['compile']):<5}")
+    if "error" in row:
+        return f"{head}  failed: {row['error']}"
+    return (f"{head}  Trainer.fit {row['trainer_images_s']:8.1f} img/s, plain loop {row['plain_images_s']:8.1f} img/s, "
+            f"ratio {row['ratio']:.3f}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. Peak memory with the full layer at WebFace12M's identities
+# ------------------------------------------------------------------------------------------------------------
+def peak_memory(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for backbone in sizes.backbones:
+        row: dict[str, Any] = {"backbone": backbone, "classes": sizes.memory_classes, "batch": sizes.batch,
+                               "precision": "16-mixed" if device.type == "cuda" else "bf16-mixed"}
+        try:
+            if device.type == "cuda":
+                _free(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            module = make_module(sizes, backbone, sizes.memory_classes, False, False)
+            loader = make_loader(sizes, sizes.memory_classes, 3, device)
+            make_trainer(sizes, device, row["precision"], 3, []).fit(module, train_dataloaders=loader)
+            if device.type == "cuda":
+                row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+                row["device_total_mib"] = torch.cuda.get_device_properties(device).total_memory / 2**20
+            else:
+                row["peak_mib"] = None  # no allocator statistics on the CPU
+            row["classifier_mib"] = module.classifier.weight.numel() * 4 / 2**20
+        except torch.cuda.OutOfMemoryError as error:
+            row["error"] = f"out of memory: {str(error).splitlines()[0][:200]}"
+        finally:
+            module = None
+            _free(device)
+        rows.append(row)
+        peak = "n/a on the CPU" if row.get("peak_mib") is None else f"{row['peak_mib']:,.0f} MiB"
+        print(f"  {backbone:>5} C={row['classes']:,} batch {row['batch']} {row['precision']}: "
+              f"{row.get('error', 'peak ' + peak)} (layer weight {row.get('classifier_mib', math.nan):,.0f} MiB)",
+              flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. Host-device synchronisations per training step
+# ------------------------------------------------------------------------------------------------------------
+class SyncCounter(Callback):
+    """Counts synchronising calls made between the start of batch ``warmup`` and the end of training.
+
+    CUDA: ``torch.cuda.set_sync_debug_mode("warn")`` makes each one raise a warning, recorded here with the
+    file that made the call. CPU: the profiler's ``aten::_local_scalar_dense`` events (scalar reads) stand in.
+    """
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
+        self.by_file: collections.Counter = collections.Counter()
+        self.steps = 0
+        self._stack = contextlib.ExitStack()
+        self._records: list = []
+        self._profiler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx != self.warmup:
+            return
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            self._records = self._stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            self._profiler = self._stack.enter_context(
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.steps += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            for record in self._records:
+                if "synchroniz" in str(record.message).lower():
+                    self.by_file[Path(record.filename).name] += 1
+            self._stack.close()
+        elif self._profiler is not None:
+            self._stack.close()
+            for event in self._profiler.events():
+                if event.name == "aten::_local_scalar_dense":
+                    self.by_file[_caller_file(event)] += 1
+
+    @property
+    def per_step(self) -> float:
+        return sum(self.by_file.values()) / max(1, self.steps)
+
+
+def _caller_file(event: Any) -> str:
+    for frame in getattr(event, "stack", None) or []:
+        name = frame.split("(")[0].strip()
+        if name.endswith(".py") and "/torch/" not in name:
+            return Path(name).name
+    return "caller not recorded"
+
+
+def sync_counts(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    backbone = sizes.backbones[0]
+    precision = sizes.precisions[0]
+    total = sizes.sync_steps + sizes.warmup
+    loader = make_loader(sizes, sizes.classes, min(total, 20), device)
+    for label, callback in (("without callback", None),
+                            (f"FastFace callback, k = {sizes.sync_every}",
+                             FastFaceLRCallback("fastface", patience_fraction=0.05, sync_every_n_steps=sizes.sync_every,
+                                                verbose=False, log_signals=False)),
+                            ("FastFace callback, k = 1",
+                             FastFaceLRCallback("fastface", patience_fraction=0.05, sync_every_n_steps=1,
+                                                verbose=False, log_signals=False))):
+        counter = SyncCounter(sizes.warmup, device)
+        module = make_module(sizes, backbone, sizes.classes, False, False)
+        callbacks = [counter] + ([callback] if callback is not None else [])
+        repeated = DataLoader(_Cycle(loader, total), batch_size=None)
+        make_trainer(sizes, device, precision, total, callbacks).fit(module, train_dataloaders=repeated)
+        _free(device)
+        row = {"setting": label, "steps": counter.steps, "syncs_per_step": counter.per_step,
+               "by_file": dict(counter.by_file),
+               "method": "set_sync_debug_mode" if device.type == "cuda" else "profiler aten::_local_scalar_dense"}
+        rows.append(row)
+        print(f"  {label:<28} {row['syncs_per_step']:.3f} per step over {row['steps']} steps  {row['by_file']}",
+              flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, to check the script runs")
+    parser.add_argument("--parts", nargs="+", default=["throughput", "memory", "syncs"],
+                        choices=["throughput", "memory", "syncs"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile half of the throughput grid")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    args = parser.parse_args(argv)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # no per-fit banners between the figures
+    try:
+        return _run(args)
+    finally:
+        lightning_log.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cpu_smoke:
+        device, sizes = torch.device("cpu"), CPU_SMOKE
+    elif torch.cuda.is_available():
+        device, sizes = torch.device("cuda", torch.cuda.current_device()), Sizes()
+    else:
+        print("No CUDA device: run with --cpu-smoke to check the script on the CPU.", file=sys.stderr)
+        return 2
+    if args.no_compile:
+        sizes = replace(sizes, compile_options=(False,))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke sizes)"
+    print(f"Device: {name}; torch {torch.__version__}, lightning {pl.__version__}", flush=True)
+    report: dict[str, Any] = {"device": name, "torch": torch.__version__, "lightning": pl.__version__}
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    if "throughput" in args.parts:
+        print(f"1. Throughput, batch {sizes.batch}, {sizes.steps} timed steps after {sizes.warmup}:", flush=True)
+        report["throughput"] = throughput(sizes, device)
+    if "memory" in args.parts:
+        print(f"2. Peak memory, full layer at {sizes.memory_classes:,} identities:", flush=True)
+        report["memory"] = peak_memory(sizes, device)
+    if "syncs" in args.parts:
+        print(f"3. Host-device synchronisations per optimizer step ({sizes.backbones[0]}, {sizes.precisions[0]}):",
+              flush=True)
+        report["syncs"] = sync_counts(sizes, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"Figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
