@@ -23,6 +23,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from fastface_pl.validation import check_positive_int
+
 __all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted", "EXIT_DIVERGED",
            "finite_or_none"]
 
@@ -74,11 +76,8 @@ class DivergenceGuard(Callback):
     """
 
     def __init__(self, max_nonfinite_steps: int = 20, check_every_n_steps: int = 16) -> None:
-        for name, value in (("max_nonfinite_steps", max_nonfinite_steps), ("check_every_n_steps", check_every_n_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DivergenceGuard {name} must be an integer >= 1, got {value!r}")
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.check_every_n_steps = check_every_n_steps
+        self.max_nonfinite_steps = check_positive_int("DivergenceGuard max_nonfinite_steps", max_nonfinite_steps)
+        self.check_every_n_steps = check_positive_int("DivergenceGuard check_every_n_steps", check_every_n_steps)
         self._pending: list[torch.Tensor] = []
         self._pending_steps: list[int] = []
         self._streak = 0

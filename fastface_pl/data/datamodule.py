@@ -32,7 +32,9 @@ from fastface_pl.data.datasets import (
     SyntheticPairs,
 )
 from fastface_pl.data.errors import DatasetError, reading
-from fastface_pl.data.samplers import DEFAULT_IDENTITY_FRACTION, IdentityPairSampler, identity_index
+from fastface_pl.data.samplers import (
+    DEFAULT_IDENTITY_FRACTION, IdentityPairSampler, PositionedSampler, identity_index,
+)
 from fastface_pl.data.bin_format import load_bin
 from fastface_pl.validation import check_int
 
@@ -107,7 +109,7 @@ def _detect_file_layout(path: Path) -> str:
     )
 
 
-class SeededRandomSampler(DistributedSampler):
+class SeededRandomSampler(PositionedSampler):
     """A shuffled order fixed by ``(seed, epoch)`` for one or many ranks, with per-sample flips, resumable mid-epoch.
 
     Every epoch draws one permutation of the dataset from ``(seed, epoch)`` (padded by wrapping around to a multiple
@@ -146,17 +148,6 @@ class SeededRandomSampler(DistributedSampler):
         self.epoch, self.start = 0, 0
         self.set_position(epoch, start)
 
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        """Make the next pass yield this rank's order of ``epoch`` from position ``start`` on."""
-        if not 0 <= int(start) <= self.num_samples:
-            raise ValueError(f"start must be in [0, {self.num_samples}] (samples per rank), got {start}")
-        self.epoch, self.start = int(epoch), int(start)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer before each epoch: a new epoch starts at position 0; the current one keeps it."""
-        if int(epoch) != self.epoch:
-            self.epoch, self.start = int(epoch), 0
-
     def order(self, epoch: int) -> list[Any]:
         """This rank's whole order of ``epoch``: indices, or ``(index, flip)`` pairs when ``flip`` is on."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -172,9 +163,8 @@ class SeededRandomSampler(DistributedSampler):
         return list(zip(indices, flips))
 
     def __iter__(self) -> Iterator[Any]:
-        epoch, start = self.epoch, self.start
-        self.start = 0  # the position applies to one pass; the next pass over this epoch is whole
-        return iter(self.order(epoch)[start:])
+        start = self._take_start()
+        return iter(self.order(self.epoch)[start:])
 
     def __len__(self) -> int:
         return self.num_samples

@@ -109,7 +109,36 @@ def _stream(positions: torch.Tensor, size: int, seed: int, salt: int) -> torch.T
     return out
 
 
-class IdentityPairSampler(DistributedSampler):
+class PositionedSampler(DistributedSampler):
+    """A sampler whose order is a pure function of ``(seed, epoch)``, started at a position for one pass.
+
+    Lightning creates the loader's iterator (and worker processes draw their first indices) before it calls
+    ``set_epoch``, so a resume sets the position first (:meth:`set_position`) and ``set_epoch`` keeps it for
+    that same epoch. Subclasses set ``num_samples`` (per rank) and read the start with :meth:`_take_start`.
+    """
+
+    epoch: int = 0
+    start: int = 0
+    num_samples: int
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Make the next pass yield this rank's order of ``epoch`` from position ``start`` on (a resume)."""
+        if not 0 <= int(start) <= self.num_samples:
+            raise ValueError(f"start must be in [0, {self.num_samples}] (samples per rank), got {start}")
+        self.epoch, self.start = int(epoch), int(start)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer before each epoch: a new epoch starts at position 0; the current one keeps it."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.start = int(epoch), 0
+
+    def _take_start(self) -> int:
+        """The start of this pass; the next pass over the same epoch is whole."""
+        start, self.start = self.start, 0
+        return start
+
+
+class IdentityPairSampler(PositionedSampler):
     """Batches of identity pairs + random instances, fixed by ``(seed, epoch, position)``, resumable mid-epoch.
 
     Yields ``(index, flip)`` items (see :class:`~fastface_pl.data.datamodule.IndexedFlip`) in batch order; use it
@@ -149,16 +178,6 @@ class IdentityPairSampler(DistributedSampler):
         self.total_size = self.num_samples * self.num_replicas
         self.epoch, self.start = 0, 0
 
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        """Make the next pass yield this rank's order of ``epoch`` from position ``start`` on (a resume)."""
-        if not 0 <= int(start) <= self.num_samples:
-            raise ValueError(f"start must be in [0, {self.num_samples}] (samples per rank), got {start}")
-        self.epoch, self.start = int(epoch), int(start)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer before each epoch: a new epoch starts at position 0; the current one keeps it."""
-        if int(epoch) != self.epoch:
-            self.epoch, self.start = int(epoch), 0
 
     def epoch_batches(self, epoch: int) -> torch.Tensor:
         """Dataset indices ``long[batches_per_epoch, B]`` of this rank's batches in ``epoch``."""
@@ -179,7 +198,7 @@ class IdentityPairSampler(DistributedSampler):
         return torch.cat([pairs.reshape(steps, -1), instances], dim=1)
 
     def __iter__(self) -> Iterator[Any]:
-        skip, self.start = self.start, 0  # the position applies to one pass; the next pass over this epoch is whole
+        skip = self._take_start()
         indices = self.epoch_batches(self.epoch).reshape(-1).tolist()
         if not self.flip:
             return iter(indices[skip:])
