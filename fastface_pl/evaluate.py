@@ -1,6 +1,6 @@
 """Evaluate a checkpoint, or raw backbone weights, on verification sets (LFW, CFP-FP, AgeDB-30 … or synthetic pairs).
 
-    python -m fastface_pl.evaluate runs/<date>/<time>/checkpoints/last.ckpt
+    python -m fastface_pl.evaluate runs/<date>/<time>-<id>/checkpoints/last.ckpt
     python -m fastface_pl.evaluate model.ckpt --data /data/ms1m-retinaface-t1 --sets lfw cfp_fp agedb_30
     python -m fastface_pl.evaluate backbone.pth --backbone r100 --data /data/faces_emore --sets lfw
     python -m fastface_pl.evaluate model.ckpt --ijb /data/IJB_release/IJBC        # IJB-C 1:1 TAR at FAR
@@ -164,24 +164,27 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from fastface_pl.safety import finite_or_none
 
     module, data_settings = load_model(args.checkpoint, args.backbone, args.embedding_size, args.input_size)
+    run_bins = args.ijb is None or args.data is not None or args.sets is not None
+    datasets: list[Any] = []
+    if run_bins:  # looked up first: a wrong --sets is reported before a long IJB pass
+        image_size = data_settings.get("image_size") or module.hparams.get("backbone_kwargs", {}).get("input_size")
+        datasets = verification_sets(args.data, args.sets, data_settings, image_size)
+    results: dict[str, Any] = {}
     if args.ijb is not None:
-        ijb_result = evaluate_ijb_command(args, module.backbone)
-        if args.data is None and args.sets is None:
-            return {"ijb": ijb_result}
-    image_size = data_settings.get("image_size") or module.hparams.get("backbone_kwargs", {}).get("input_size")
-    datasets = verification_sets(args.data, args.sets, data_settings, image_size)
-    names = [getattr(d, "name", None) or LAYOUT_SYNTHETIC for d in datasets]
-    module.hparams.val_set_names = names
-    loaders = [DataLoader(d, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False)
-               for d in datasets]
-    trainer = pl.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False)
-    results = trainer.validate(module, dataloaders=loaders, verbose=False)
-    table, per_set = format_results(results)
-    print(f"\n{args.checkpoint}\n{table}")
+        results["ijb"] = evaluate_ijb_command(args, module.backbone)
+    if datasets:
+        names = [getattr(d, "name", None) or LAYOUT_SYNTHETIC for d in datasets]
+        module.hparams.val_set_names = names
+        loaders = [DataLoader(d, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False)
+                   for d in datasets]
+        trainer = pl.Trainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False,
+                             enable_checkpointing=False, enable_model_summary=False)
+        table, per_set = format_results(trainer.validate(module, dataloaders=loaders, verbose=False))
+        print(f"\n{args.checkpoint}\n{table}")
+        results.update(per_set)
     if args.json is not None:
-        args.json.write_text(json.dumps(finite_or_none(per_set), indent=2, allow_nan=False))
-    return per_set
+        args.json.write_text(json.dumps(finite_or_none(results), indent=2, allow_nan=False))
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError) as err:  # CheckpointError, DatasetError, argument checks
-        print(f"fastface_pl.evaluate: error: {err}", file=sys.stderr)
+        message = str(err).rstrip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the reason only
+            message = message.splitlines()[-1]
+        print(f"fastface_pl.evaluate: error: {message}", file=sys.stderr)
         return 2
     return 0
 

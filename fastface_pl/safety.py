@@ -173,7 +173,10 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.signum, self.checkpoint = None, None
-        if threading.current_thread() is threading.main_thread():
+        # Under DDP, Ctrl+C is left to Lightning (one rank alone cannot save a checkpoint). DataLoader workers
+        # ignore SIGINT (fastface_pl.data.datamodule.ignore_sigint_in_worker), so a terminal's Ctrl+C, which
+        # reaches the whole process group, does not kill them while this process finishes the step.
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -191,6 +194,11 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if trainer.world_size > 1:
+            # Under DDP one rank may see SIGTERM a moment before the others; saving here would leave the ranks
+            # in different collectives. Lightning broadcasts rank 0's flag at the start of the next step and
+            # raises SIGTERMException on every rank together; on_exception saves the checkpoint then.
+            return
         if self.signum is None and trainer.received_sigterm:
             self.signum = signal.SIGTERM
         if self.signum is None:

@@ -2,11 +2,11 @@
 
     python -m fastface_pl.train                                   # the CPU demo (synthetic identities, ~2 min)
     python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=/data/ms1m-retinaface-t1
-    python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=... ckpt_path=runs/<date>/<time>/checkpoints/last.ckpt
+    python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=... ckpt_path=runs/<date>/<time>-<id>/checkpoints/last.ckpt
     python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=... ckpt_path=runs/<date>/<time>   # its newest
     python -m fastface_pl.train -m scheduler.threshold=2e-5,5e-5,1e-4 scheduler.patience_fraction=0.025,0.05
 
-Each run writes a folder (``runs/<date>/<time>/`` by default): ``checkpoints/`` (``last.ckpt`` and the one
+Each run writes a folder (``runs/<date>/<time>-<id>/`` by default): ``checkpoints/`` (``last.ckpt`` and the one
 after every epoch), ``logs/metrics.csv`` (and TensorBoard events where installed), ``config.yaml`` (the
 resolved config), ``schedule.png`` (loss, its EMA, the detector signal and threshold, the LR and the
 decisions) and ``results.json`` (the final verification accuracies and the scheduler's decisions).
@@ -44,6 +44,8 @@ ACCEPTED_LAYOUTS = (
 # keys of the checkpoint's hyper-parameters that a resume restores from the checkpoint (the optimizer state,
 # whose parameter groups hold them); every other difference takes the config's value from the resumed step on
 RESTORED_FROM_CHECKPOINT = ("lr", "momentum", "weight_decay")
+# the F2C pool keeps the size it was saved with (its entries and LRU table are restored as they are)
+POOL_FROM_CHECKPOINT = ("dcp_pool_size", "dcp_pool_fraction")
 # keys that change the shapes of the weights: a resume with other values cannot load the checkpoint
 MODEL_SHAPE_KEYS = ("backbone", "backbone_kwargs", "embedding_size", "num_classes", "classifier")
 
@@ -199,14 +201,18 @@ def _compare_with_checkpoint(checkpoint: dict[str, Any], module: Any, datamodule
         rows = "\n  ".join(f"model.{key}: checkpoint {a!r}, config {b!r}" for key, a, b in shape)
         raise UsageError(f"the checkpoint holds another model than this config builds:\n  {rows}\n"
                          "resume with the settings it was trained with (see config.yaml in its run folder)")
-    rows = [(f"model.{key}", a, b, "checkpoint" if key in RESTORED_FROM_CHECKPOINT else "config")
-            for key, a, b in differences]
-    rows += [(f"data.{key}", a, b, "config") for key, a, b in
+    def winner(key: str) -> str:
+        if key in RESTORED_FROM_CHECKPOINT:
+            return "the checkpoint's value is used (restored with the optimizer state)"
+        if key in POOL_FROM_CHECKPOINT:
+            return "the checkpoint's pool size is kept (its entries are restored as they are)"
+        return "the config's value is used"
+
+    rows = [(f"model.{key}", a, b, winner(key)) for key, a, b in differences]
+    rows += [(f"data.{key}", a, b, "the config's value is used") for key, a, b in
              differing_hyperparameters(*common(checkpoint.get("datamodule_hyper_parameters"), datamodule.hparams))]
     if rows:
-        lines = "\n  ".join(f"{key}: checkpoint {a!r}, config {b!r} -> the {winner}'s value is used"
-                            + (" (restored with the optimizer state)" if winner == "checkpoint" else "")
-                            for key, a, b, winner in rows)
+        lines = "\n  ".join(f"{key}: checkpoint {a!r}, config {b!r} -> {outcome}" for key, a, b, outcome in rows)
         log.warning("resuming with settings that differ from the checkpoint's:\n  %s", lines)
 
 
@@ -336,11 +342,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         with torch.serialization.safe_globals(SAFE_GLOBALS):  # Lightning's own load: weights-only, same allow-list
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except BaseException as err:
+    except BaseException as caught:
+        from fastface_pl.safety import TrainingDiverged
+        from fastface_pl.scheduling.detectors import NonFiniteLossError
+
+        err = caught
+        if isinstance(caught, NonFiniteLossError):  # the FastFace callback with on_nonfinite="raise"
+            err = TrainingDiverged(int(trainer.global_step), str(caught))
         summary.update(global_step=int(trainer.global_step), **_fault_summary(err, run_dir))
         if trainer.is_global_zero and summary["status"] != "running":
             write_results(run_dir, summary)
-        raise
+        if err is caught:
+            raise
+        raise err from caught
     summary.update(status="completed", global_step=int(trainer.global_step))
     if lr_callback is not None:
         summary["decisions"] = [list(d) for d in lr_callback.decisions]

@@ -208,3 +208,14 @@ def test_explicit_settings_and_presets_keep_the_paper_rule():
     assert isinstance(FastFaceLR(optimizer, "fastface", patience=10).detector, FastFaceDetector)
     assert isinstance(FastFaceLR(optimizer, "fastface", total_steps=100).detector, AutoFastFaceDetector)
     assert isinstance(FastFaceLRCallback("fastface", detector_kwargs={"alpha": 0.01}), FastFaceLRCallback)
+
+
+def test_repr_while_calibrating_and_after():
+    detector = AutoFastFaceDetector(1000)
+    detector.update(3.0)
+    assert "calibrating: 1/" in repr(detector)  # FastFaceLR's repr includes it: it must not fail mid-calibration
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert "AutoFastFaceDetector" in repr(FastFaceLR(optimizer, detector))
+    for step in range(200):
+        detector.update(3.0 - 1e-3 * step)
+    assert "FastFaceDetector" in repr(detector) and "calibrating" not in repr(detector)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -376,3 +377,24 @@ def test_found_class_count_is_recorded_in_the_hyperparameters():
     dm.setup("fit")
     assert dm.hparams_initial["num_classes"] == dm.hparams["num_classes"] == dm.num_classes == 6
     assert dm.hparams_initial["batch_size"] == 8  # the other arguments are kept
+
+
+@pytest.mark.slow
+def test_dataloader_workers_survive_a_terminal_ctrl_c():
+    """A terminal's Ctrl+C reaches every process of the group, workers included. They must keep serving batches
+    so that the main process can finish the step and save it (fastface_pl.safety.PreemptionCheckpoint)."""
+    import signal
+    import time
+
+    dm = FaceDataModule("synthetic", batch_size=4, num_workers=2, persistent_workers=True, seed=1,
+                        synthetic={"num_identities": 8, "images_per_identity": 4, "image_size": 16,
+                                   "num_val_pairs": 10})
+    loader = dm.train_dataloader()
+    iterator = iter(loader)
+    next(iterator)
+    workers = iterator._workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert all(worker.is_alive() for worker in workers)
+    assert len(list(iterator)) == len(loader) - 1  # the rest of the epoch still arrives

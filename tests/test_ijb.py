@@ -322,12 +322,22 @@ def test_evaluate_command_with_ijb(tmp_path):
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": pl.__version__}, checkpoint)
     result = subprocess.run([sys.executable, "-m", "fastface_pl.evaluate", str(checkpoint), "--ijb", str(folder),
-                             "--ijb-out", str(tmp_path / "out"), "--num-workers", "2", "--batch-size", "16"],
+                             "--ijb-out", str(tmp_path / "out"), "--num-workers", "2", "--batch-size", "16",
+                             "--json", str(tmp_path / "all.json")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "tiny-IJBC" in result.stdout and "1e-04" in result.stdout
     saved = json.loads((tmp_path / "out" / "tiny_ijbc.json").read_text())
     assert saved["num_pairs"] == 66 and 0.0 <= saved["tar_at_far"]["1e-04"] <= 1.0
+    assert json.loads((tmp_path / "all.json").read_text())["ijb"]["tar_at_far"] == saved["tar_at_far"]
+    # an unreadable crop: exit code 2 and a message naming the file, not a traceback
+    broken = sorted((folder / "loose_crop").iterdir())[3]
+    broken.write_bytes(b"not a jpeg")
+    result = subprocess.run([sys.executable, "-m", "fastface_pl.evaluate", str(checkpoint), "--ijb", str(folder),
+                             "--ijb-out", str(tmp_path / "out2"), "--num-workers", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and broken.name in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr[-2000:]
     # a folder that is not IJB: exit code 2 and a message naming the layout
     result = subprocess.run([sys.executable, "-m", "fastface_pl.evaluate", str(checkpoint), "--ijb", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)

@@ -126,3 +126,13 @@ def test_finite_or_none_gives_strict_json():
     summary = {"loss": float("nan"), "sets": {"lfw": {"accuracy": float("inf"), "xnorm": 1.5}}, "steps": [1, -math.inf]}
     text = json.dumps(finite_or_none(summary), allow_nan=False)
     assert json.loads(text) == {"loss": None, "sets": {"lfw": {"accuracy": None, "xnorm": 1.5}}, "steps": [1, None]}
+
+
+def test_ddp_ranks_leave_sigterm_to_lightnings_collective_stop():
+    """Under DDP a rank that alone saw SIGTERM must not start a checkpoint save (a collective) by itself."""
+    from types import SimpleNamespace
+
+    callback = PreemptionCheckpoint("unused")
+    trainer = SimpleNamespace(world_size=2, received_sigterm=True, global_step=7)
+    callback.on_train_batch_end(trainer, None, None, None, 0)  # would call trainer.save_checkpoint and raise
+    assert callback.checkpoint is None

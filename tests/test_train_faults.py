@@ -62,9 +62,11 @@ def _losses(run_dir: Path) -> dict[int, str]:
         return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def test_divergence_stops_with_exit_3_and_keeps_good_checkpoints(tmp_path):
+@pytest.mark.parametrize("scheduler", [["scheduler=constant"],
+                                       ["scheduler=fastface_demo", "scheduler.on_nonfinite=raise"]])
+def test_divergence_stops_with_exit_3_and_keeps_good_checkpoints(tmp_path, scheduler):
     run = tmp_path / "run"
-    result = _train(run, *TINY, "model.lr=1e6", "scheduler=constant", "checkpoint_every_n_steps=2")
+    result = _train(run, *TINY, "model.lr=1e6", *scheduler, "checkpoint_every_n_steps=2")
     assert result.returncode == 3, _explain(result)
     assert "training diverged at optimizer step" in result.stderr and "Traceback" not in result.stderr
     assert "model.lr" in result.stderr and "trainer.precision=bf16-mixed" in result.stderr
@@ -77,15 +79,22 @@ def test_divergence_stops_with_exit_3_and_keeps_good_checkpoints(tmp_path):
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path
 
 
-def _interrupt(run: Path, signum: int, *overrides: str) -> subprocess.CompletedProcess:
-    """Start a run, wait for its step-5 checkpoint (a progress marker, not a sleep), send ``signum``."""
+def _interrupt(run: Path, signum: int, *overrides: str, group: bool = False) -> subprocess.CompletedProcess:
+    """Start a run, wait for its step-5 checkpoint (a progress marker, not a sleep), send ``signum``.
+
+    With ``group`` the signal goes to the whole process group, as a terminal's Ctrl+C does (DataLoader
+    workers included).
+    """
     process = subprocess.Popen(_command(run, *overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=_env())
+                               text=True, env=_env(), start_new_session=group)
     marker = run / "checkpoints" / "step0000005.ckpt"
     deadline = time.monotonic() + 300
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signum)
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -124,6 +133,18 @@ def test_a_signal_checkpoints_the_step_and_the_printed_command_resumes_exactly(t
     assert min(after) == step + 1 or min(after) == step  # logging starts where the checkpoint stood
     full = _losses(uninterrupted)
     assert {k: v for k, v in full.items() if k in after} == after and max(after) == max(full)
+
+
+def test_ctrl_c_to_the_process_group_with_dataloader_workers_checkpoints_the_step(tmp_path):
+    """A terminal's Ctrl+C reaches the DataLoader workers too: they must keep serving while the step is saved."""
+    run = tmp_path / "run"
+    result = _interrupt(run, signal.SIGINT, *LONG, "validate_at_end=false", "data.num_workers=2",
+                        "data.persistent_workers=true", group=True)
+    assert result.returncode == 130, _explain(result)
+    assert "exited unexpectedly" not in result.stderr
+    saved = sorted((run / "checkpoints").glob("interrupted-step*.ckpt"))
+    assert len(saved) == 1, _explain(result)
+    assert load_lightning_checkpoint(saved[0])["global_step"] >= 5
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +233,20 @@ def test_a_diverged_job_of_a_sweep_lets_the_others_run_and_exits_3(tmp_path):
     assert _strict_json(sweep / "0" / "results.json")["status"] == "diverged"
     assert _strict_json(sweep / "1" / "results.json")["status"] == "completed"
     assert f"1 run(s) of the sweep diverged: {sweep / '0'}" in result.stderr
+
+
+def test_a_dcp_resume_says_the_checkpoints_pool_size_is_kept(caplog):
+    """The F2C pool is restored with the size it was saved with, whatever the config says (no false 'config wins')."""
+    from types import SimpleNamespace
+
+    from fastface_pl.train import _compare_with_checkpoint
+
+    saved = {"hyper_parameters": {"classifier": "dcp", "dcp_pool_size": 32, "dcp_pool_fraction": 0.01, "lr": 0.1},
+             "datamodule_hyper_parameters": {"batch_size": 16}}
+    module = SimpleNamespace(hparams={"classifier": "dcp", "dcp_pool_size": None, "dcp_pool_fraction": 0.02,
+                                      "lr": 0.1})
+    with caplog.at_level("WARNING", logger="fastface_pl.train"):
+        _compare_with_checkpoint(saved, module, SimpleNamespace(hparams={"batch_size": 16}))
+    assert "model.dcp_pool_size: checkpoint 32, config None -> the checkpoint's pool size is kept" in caplog.text
+    assert "model.dcp_pool_fraction: checkpoint 0.01, config 0.02 -> the checkpoint's pool size is kept" in caplog.text
+    assert "config's value is used" not in caplog.text

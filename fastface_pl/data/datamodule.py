@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -107,6 +108,18 @@ def _detect_file_layout(path: Path) -> str:
     raise DatasetError(
         f"no recognised dataset layout at {path}: found {_describe(path)}. Accepted layouts:\n{ACCEPTED_LAYOUTS}"
     )
+
+
+def ignore_sigint_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores Ctrl+C (SIGINT), which a terminal sends to the whole
+    process group; the main process decides (it saves a checkpoint and stops, see ``fastface_pl.safety``) and
+    shuts the workers down. Lightning's per-worker seeding still runs when ``seed_everything(workers=True)`` asked
+    for it (the data order and flips do not depend on it: they come from the sampler)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 class SeededRandomSampler(PositionedSampler):
@@ -458,6 +471,7 @@ class FaceDataModule(pl.LightningDataModule):
             "num_workers": workers,
             "pin_memory": self.pin_memory and torch.cuda.is_available(),
             "persistent_workers": self.persistent_workers and workers > 0,
+            "worker_init_fn": ignore_sigint_in_worker if workers > 0 else None,
         }
 
     def _pair_fraction(self) -> float:

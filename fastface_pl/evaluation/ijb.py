@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from fastface_pl.data.errors import DatasetError
 from fastface_pl.evaluation.alignment import arcface_template, similarity_transform, warp_affine
 
 __all__ = ["IJB_FARS", "IJBMeta", "read_ijb_meta", "IJBImages", "extract_features", "pair_scores",
@@ -167,8 +168,9 @@ class IJBImages(Dataset):
             with Image.open(path) as image:
                 # cv2.imread (the reference) applies the EXIF orientation and always gives 3 channels
                 pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise OSError(f"cannot read IJB image {path}: {error}") from error
+        except (OSError, ValueError) as error:  # missing, unreadable or corrupt: a message, not a traceback
+            raise DatasetError(f"cannot read IJB image {path}: {error}; check the IJB folder (loose_crop/) "
+                               "or re-extract it") from error
         try:
             matrix = similarity_transform(self.landmarks[index], self.template)
         except ValueError as error:

@@ -274,5 +274,5 @@ class AutoFastFaceDetector:
 
     def __repr__(self) -> str:
         inner = repr(self.detector) if self.detector is not None else \
-            f"calibrating: {len(self._pending)}/{self.calibration_steps} losses"
+            f"calibrating: {len(self._calibration)}/{self.calibration_steps} losses"
         return f"{type(self).__name__}(total_steps={self.total_steps}) [{inner}]"
