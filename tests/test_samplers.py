@@ -133,3 +133,23 @@ def test_datamodule_resume_mid_epoch_with_pairs():
     loader = resumed.train_dataloader()
     loader.sampler.set_epoch(1)
     assert [labels.tolist() for _, labels in loader] == uninterrupted[2:]
+
+
+@pytest.mark.slow
+def test_datamodule_resume_mid_epoch_with_pairs_and_workers():
+    """With workers the iterator draws its first batches when it is created, before Lightning's set_epoch: the
+    pair sampler must already stand at the checkpoint's position then (as the plain sampler does)."""
+    options = dict(batch_size=4, num_workers=2, persistent_workers=True, seed=9, identity_fraction=0.5,
+                   synthetic={"num_identities": 6, "images_per_identity": 4, "image_size": 16, "num_val_pairs": 10})
+    dm = FaceDataModule("synthetic", **options)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), current_epoch=1, world_size=1, global_rank=0,
+                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                                     batch_progress=SimpleNamespace(current=SimpleNamespace(processed=2),
+                                                                    is_last_batch=False))))
+    uninterrupted = [labels.tolist() for _, labels in dm.train_dataloader()]  # epoch 1 from its start
+    resumed = FaceDataModule("synthetic", **options)
+    resumed.load_state_dict(dm.state_dict())
+    loader = resumed.train_dataloader()
+    iterator = iter(loader)  # Lightning's order: the iterator first (workers prefetch), then set_epoch
+    loader.sampler.set_epoch(1)
+    assert [labels.tolist() for _, labels in iterator] == uninterrupted[2:]
