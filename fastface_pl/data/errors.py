@@ -65,14 +65,19 @@ def unreadable(what: str, path: "os.PathLike[str] | str", error: OSError) -> Dat
             one (a file inside a data root, say).
         error: The ``PermissionError`` (or other ``OSError``) that was raised.
     """
-    reason = error.strerror or str(error)
-    if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
-        reason += f" ({error.filename})"
     return DatasetError(
-        f"cannot read the {what} {path}: {reason}. Give the user running training read access to it (files need "
+        f"cannot read the {what} {path}: {_reason(error, path)}. Give the user running training read access to it (files need "
         f"r, folders r and x, and every folder above it x), e.g. `chmod -R a+rX {path}` as its owner, or copy "
         "the data to a place this user can read"
     )
+
+
+def _reason(error: OSError, path: "os.PathLike[str] | str") -> str:
+    """The OS error's reason, with the file it names when that is another one than ``path`` (a file inside it)."""
+    reason = error.strerror or str(error)
+    if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
+        reason += f" ({error.filename})"
+    return reason
 
 
 @contextmanager
@@ -90,10 +95,7 @@ def writing(what: str, path: "os.PathLike[str] | str") -> Iterator[None]:
     try:
         yield
     except PermissionError as error:
-        reason = error.strerror or str(error)
-        if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
-            reason += f" ({error.filename})"
         raise DatasetError(
-            f"cannot write the {what} {path}: {reason}. Choose a place the user running this may write to, or "
+            f"cannot write the {what} {path}: {_reason(error, path)}. Choose a place the user running this may write to, or "
             f"give it write access (e.g. `chmod u+w {path}` as its owner)"
         ) from None
