@@ -344,6 +344,7 @@ class FaceDataModule(pl.LightningDataModule):
         self.val_datasets: list[Dataset] = []
         self._layout: Optional[str] = None
         self._resume: Optional[dict] = None  # where the checkpoint of a resume stood (load_state_dict)
+        self._identity_index: Optional[Any] = None  # identity -> images, read once for identity-pair batches
         self.save_hyperparameters(ignore=["train_transform"])
 
     # -- what is at root ----------------------------------------------------------------------------------------
@@ -490,7 +491,7 @@ class FaceDataModule(pl.LightningDataModule):
         world_size, rank = self._distributed()
         pair_fraction = self._pair_fraction()
         if pair_fraction:
-            if getattr(self, "_identity_index", None) is None:  # read once (a record pack: one record per identity)
+            if self._identity_index is None:  # read once (a record pack: one record per identity)
                 self._identity_index = identity_index(dataset)
             sampler: Sampler = IdentityPairSampler(self._identity_index, self.batch_size, pair_fraction, self.seed,
                                                    flip=self.flip, num_replicas=world_size, rank=rank)
