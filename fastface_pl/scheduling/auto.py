@@ -225,7 +225,7 @@ class AutoFastFaceDetector:
     def _resolve(self) -> None:
         self.settings = fastface_auto_settings(self.total_steps, self._calibration, self.patience_fraction)
         self.detector = FastFaceDetector(**self.settings.detector_kwargs(), decay=self.decay,
-                                         max_decays=self.max_decays)
+                                         max_decays=self.max_decays, wait_for_descent=True)
 
     def __getattr__(self, name: str) -> Any:
         # threshold, signal, smoothed_loss, stationary_count, decisions … of the resolved detector

@@ -276,6 +276,11 @@ class FastFaceDetector(_StationarityDetector):
     * step t ≥ 1 is stationary when D^E_t < λ. After more than ``patience`` (P) consecutive stationary
       steps (on the (P+1)-th) the detector returns 1/δ and restarts the count from 0; a non-stationary
       step resets the count. At most ``max_decays`` (K) decisions are made.
+    * with ``wait_for_descent`` (the opening-transient guard, docs/scheduler.md): no step counts as
+      stationary until the loss EMA has fallen below its highest value so far by λ·P, what a loss
+      falling at the threshold slope sheds in one patience. A margin loss that sits flat, or rises, in
+      its first steps has not *stopped* falling; it has not started. Off by default (the paper's rule);
+      the auto rule turns it on.
 
     Args:
         alpha: α, smoothing of the loss EMA, in (0, 1].
@@ -285,6 +290,7 @@ class FastFaceDetector(_StationarityDetector):
             and T the run's total optimizer steps.
         decay: δ > 1; a decision multiplies the LR by 1/δ.
         max_decays: K, the most decisions ever made (None: unlimited).
+        wait_for_descent: count stationary steps only once the signal has reached λ (see above).
 
     Example::
 
@@ -298,14 +304,18 @@ class FastFaceDetector(_StationarityDetector):
         loss is stationary but nothing more is decided.
     """
 
-    _HYPERPARAMETERS = ("alpha", "beta", "threshold", "patience", "decay", "max_decays")
+    _HYPERPARAMETERS = ("alpha", "beta", "threshold", "patience", "decay", "max_decays", "wait_for_descent")
 
     def __init__(self, alpha: float = 1e-3, beta: float = 1e-3, threshold: float = 5e-5, *,
-                 patience: int, decay: float = 2.0, max_decays: int | None = 8) -> None:
-        self._configure(alpha, beta, threshold, patience, decay, max_decays)
+                 patience: int, decay: float = 2.0, max_decays: int | None = 8,
+                 wait_for_descent: bool = False) -> None:
+        self._configure(alpha, beta, threshold, patience, decay, max_decays, wait_for_descent)
         self._reset_state()
 
-    def _configure(self, alpha, beta, threshold, patience, decay, max_decays) -> None:
+    def _configure(self, alpha, beta, threshold, patience, decay, max_decays, wait_for_descent=False) -> None:
+        if not isinstance(wait_for_descent, bool):
+            raise TypeError(f"wait_for_descent must be True or False, got {wait_for_descent!r}")
+        self._wait_for_descent = wait_for_descent
         self._alpha = check_real("alpha", alpha, 0.0, 1.0)
         self._beta = check_real("beta", beta, 0.0, 1.0)
         self._threshold = check_real("threshold", threshold)
@@ -317,6 +327,8 @@ class FastFaceDetector(_StationarityDetector):
         super()._reset_state()
         self._last_loss: float | None = None  # L_{t-1}
         self._signal_prev: float | None = None  # D^E_{t-2}
+        self._descended = False  # the loss EMA has fallen by λ·P below its peak (wait_for_descent)
+        self._peak = -math.inf  # the highest loss EMA so far, while waiting for the descent
 
     # ---------------------------------------------------------------------------------------------
     def update(self, loss: float) -> float:
@@ -348,6 +360,13 @@ class FastFaceDetector(_StationarityDetector):
         self._signal_prev, self._signal = previous, signal
         self._last_loss = loss
         self._smoothed = alpha * loss + (1.0 - alpha) * self._smoothed
+        if self._wait_for_descent and not self._descended:
+            # the opening transient: no step counts until the loss EMA has fallen below its highest value
+            # by λ·P, what a loss falling at the threshold slope sheds over one patience
+            self._peak = max(self._peak, self._smoothed)
+            if self._peak - self._smoothed < self._threshold * max(1, self._patience):
+                return 1.0
+            self._descended = True
         if signal >= self._threshold:
             self._count = 0
             return 1.0
@@ -373,6 +392,16 @@ class FastFaceDetector(_StationarityDetector):
         """β, smoothing of the Haar difference."""
         return self._beta
 
+    @property
+    def wait_for_descent(self) -> bool:
+        """Whether stationary steps count only after the signal has once reached λ."""
+        return self._wait_for_descent
+
+    @property
+    def descended(self) -> bool:
+        """Whether the loss EMA has fallen by λ·P below its peak (only tracked with ``wait_for_descent``)."""
+        return self._descended
+
     # ---------------------------------------------------------------------------------------------
     def _state_body(self) -> dict[str, Any]:
         return {
@@ -380,6 +409,8 @@ class FastFaceDetector(_StationarityDetector):
             "last_loss": self._last_loss,
             "signal": self._signal,
             "signal_prev": self._signal_prev,
+            "descended": self._descended,
+            "peak": None if self._peak == -math.inf else self._peak,
         }
 
     def _load_state_body(self, state: Mapping[str, Any]) -> None:
@@ -389,6 +420,12 @@ class FastFaceDetector(_StationarityDetector):
         if self._steps >= 2:
             self._signal = _finite_or_none(state, "signal", required=True)
             self._signal_prev = _finite_or_none(state, "signal_prev", required=True)
+        descended = state.get("descended", False)
+        if not isinstance(descended, bool):
+            raise ValueError(f"state['descended'] must be True or False, got {descended!r}")
+        self._descended = descended
+        peak = _finite_or_none(state, "peak", required=False)
+        self._peak = -math.inf if peak is None else peak
 
 
 # --------------------------------------------------------------------------------------------------
