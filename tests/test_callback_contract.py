@@ -104,7 +104,8 @@ class ManualModule(LightningModule):
     def __init__(self, losses, a_every=1, b_every=None, b_offset=0, batches=40) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.losses, self.a_every, self.b_every, self.b_offset, self.batches = losses, a_every, b_every, b_offset, batches
+        self.losses, self.a_every, self.batches = losses, a_every, batches
+        self.b_every, self.b_offset = b_every, b_offset
         self.a = torch.nn.Parameter(torch.zeros(1))
         self.b = torch.nn.Parameter(torch.zeros(1))
         self.lrs = []
@@ -344,3 +345,21 @@ def test_a_tampered_callback_state_is_refused_naming_the_key(edit, key):
 def test_a_tampered_guard_state_is_refused_naming_the_key(state, key):
     with pytest.raises(ValueError, match=f"DivergenceGuard state\\['{key}'\\]"):
         DivergenceGuard().load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------- one policy
+def test_on_nonfinite_raise_is_the_guard_at_streak_one_reading_the_same_block():
+    # What train.py's scheduler.on_nonfinite=raise maps to: DivergenceGuard(max_nonfinite_steps=1) stops the run
+    # at the same block read, naming the same step, as the callback's own "raise".
+    losses = staircase_losses(40)
+    losses[13] = math.nan
+    with pytest.raises(NonFiniteLossError, match="optimizer step 14") as own:
+        make_trainer(max_steps=40, callbacks=[callback(sync_every_n_steps=4, on_nonfinite="raise")]).fit(
+            ScriptedModule(losses))
+    guarded = ScriptedModule(losses)
+    trainer = make_trainer(max_steps=40, callbacks=[callback(sync_every_n_steps=4),
+                                                    DivergenceGuard(max_nonfinite_steps=1, check_every_n_steps=4)])
+    with pytest.raises(Exception, match="optimizer step 14: 1 consecutive non-finite") as guard:
+        trainer.fit(guarded)
+    assert type(guard.value).__name__ == "TrainingDiverged" and own.value is not None
+    assert trainer.global_step == 16  # the block of steps 13-16

@@ -4,7 +4,9 @@
 both need the loss of each optimizer step, and neither may synchronise the host with the device per step.
 One :class:`StepLossReader` per fit keeps the micro-batch losses on the device, groups them into optimizer
 steps, and reads a block of ``k`` steps with one stack, one reduction across ranks and one transfer (k: the
-smallest block any consumer asked for; a block ends at step k, 2k, 3k ...). Each consumer receives the block as :class:`StepLoss` items. The
+smallest block any consumer asked for; blocks end at steps k, 2k, 3k ...). Each consumer's
+``receive_losses(trainer, steps)`` gets the block as :class:`StepLoss` items (and its optional
+``on_optimizer_step(trainer, step)`` is called as each step completes). The
 reader is flushed before a checkpoint's callback state is collected (by the first consumer's
 ``state_dict``), at epoch and training end, so what a checkpoint stores has seen every completed step.
 
@@ -18,14 +20,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-__all__ = ["StepLoss", "StepLossReader", "LossConsumer"]
+__all__ = ["StepLoss", "StepLossReader"]
 
 
 class StepLoss(NamedTuple):
@@ -34,13 +36,6 @@ class StepLoss(NamedTuple):
     step: int
     value: float
     log_step: int
-
-
-class LossConsumer(Protocol):
-    """What the reader needs from a consumer (which may also define ``on_optimizer_step(trainer, step)``,
-    called as each step completes, before its loss is read)."""
-
-    def receive_losses(self, trainer: Trainer, steps: list[StepLoss]) -> None: ...
 
 
 _READERS: "weakref.WeakKeyDictionary[Trainer, StepLossReader]" = weakref.WeakKeyDictionary()

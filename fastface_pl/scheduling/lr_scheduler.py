@@ -414,7 +414,8 @@ class FastFaceLR:
                              f"{state.get('decisions')!r}") from None
         lr_scale = check_real("state['lr_scale']", state.get("lr_scale", math.prod(f for _, f, _ in decisions)), 0.0)
         self.detector.load_state_dict(state["detector"])
-        self.patience_fraction, self.total_steps, self.min_lrs, self.on_nonfinite = fraction, total, min_lrs, on_nonfinite
+        self.patience_fraction, self.total_steps, self.min_lrs = fraction, total, min_lrs
+        self.on_nonfinite = on_nonfinite
         self.last_step, self.num_nonfinite, self.first_nonfinite_step = last_step, num_nonfinite, first
         self.decisions, self.lr_scale = decisions, lr_scale
 
