@@ -91,8 +91,9 @@ class FastFaceLRCallback(Callback):
         min_lr: Floor of the LR: a decay never takes a parameter group below it (groups already below
             it are left alone). ``None``: no floor.
         sync_every_n_steps: k. The step losses stay on the device and are read (and, with several
-            ranks, averaged across ranks) once every k optimizer steps. Decisions are the same as with
-            k = 1 and take effect at most k−1 steps later.
+            ranks, averaged across ranks) once every k optimizer steps, by the one reader this callback
+            shares with a ``DivergenceGuard`` (the smaller k of the two). Decisions are the same as with
+            k = 1 and take effect at most k−1 steps later (or at a checkpoint, which reads the block first).
         on_nonfinite: ``"skip"`` non-finite losses (they are counted and reported once at the end of
             training; the detector never sees them) or ``"raise"``
             :class:`~fastface_pl.scheduling.detectors.NonFiniteLossError` naming the step.
