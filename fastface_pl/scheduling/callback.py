@@ -251,6 +251,10 @@ class FastFaceLRCallback(Callback):
         self._monitored = any(str(getattr(callback, "monitor", None)).startswith("fastface/")
                               for callback in trainer.callbacks)
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restored = False  # Lightning restores a checkpoint after setup, before on_fit_start
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._restored = True  # called before load_state_dict; Lightning restores the optimizers' LR too
 
