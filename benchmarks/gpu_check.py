@@ -13,12 +13,14 @@ Three parts:
    ``--warmup`` untimed steps (compilation included in the warm-up).
 2. **Peak memory** (``torch.cuda.max_memory_allocated``) of training steps of r50 and r100 with the full
    classification layer at WebFace12M's 617,970 identities, batch 128, 16-mixed.
-3. **Synchronisations per step** with the FastFace callback on (``sync_every_n_steps`` = k) and off: with
-   ``torch.cuda.set_sync_debug_mode("warn")`` every synchronising call warns; the warnings raised during the
-   timed steps are counted per step and attributed to the file that made the call. The goal: none per step
-   from the callback (one per k steps for its block read). On the CPU (``--cpu-smoke``) there is no sync
-   debug mode; the profiler's count of ``aten::_local_scalar_dense`` (``.item()``, ``float(tensor)``) stands
-   in, which sees per-step scalar reads but not the block read (``.tolist()``).
+3. **Synchronisations per step** of the callback stack that ``fastface_pl.train`` builds, the FastFace callback
+   and the divergence guard together (both k = ``sync_every_n_steps`` = ``check_every_n_steps``), and without
+   them: with ``torch.cuda.set_sync_debug_mode("warn")`` every synchronising call warns; the warnings raised
+   during the timed steps are counted per step and attributed to the file that made the call. The goal: none
+   per step from the two callbacks, whose one loss reader reads one block per k optimizer steps (the block
+   reads are counted too, on any device). On the CPU (``--cpu-smoke``) there is no sync debug mode; the
+   profiler's count of ``aten::_local_scalar_dense`` (``.item()``, ``float(tensor)``) stands in, which sees
+   per-step scalar reads but not the block read (``.tolist()``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastface_pl.models.module import FaceRecognitionModule
+from fastface_pl.safety import DivergenceGuard
 from fastface_pl.scheduling.callback import FastFaceLRCallback
+from fastface_pl.scheduling.loss_reader import StepLossReader
 
 WEBFACE12M_IDENTITIES = 617_970
 
@@ -295,31 +299,52 @@ def _caller_file(event: Any) -> str:
     return "caller not recorded"
 
 
+@contextlib.contextmanager
+def counting_block_reads():
+    """Counts the block reads of the step-loss reader (one stack, reduce and transfer each); yields the list of
+    their sizes (micro-batch losses per read)."""
+    sizes: list[int] = []
+    original = StepLossReader._read
+
+    def counted(trainer: pl.Trainer, tensors: list) -> list[float]:
+        sizes.append(len(tensors))
+        return original(trainer, tensors)
+
+    StepLossReader._read = staticmethod(counted)
+    try:
+        yield sizes
+    finally:
+        StepLossReader._read = staticmethod(original)
+
+
+def _stack(k: int) -> list[Callback]:
+    """The FastFace callback and the divergence guard as ``fastface_pl.train`` builds them, at block size k."""
+    return [FastFaceLRCallback("fastface", patience_fraction=0.05, sync_every_n_steps=k, verbose=False,
+                               log_signals=False),
+            DivergenceGuard(max_nonfinite_steps=20, check_every_n_steps=k)]
+
+
 def sync_counts(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     backbone = sizes.backbones[0]
     precision = sizes.precisions[0]
     total = sizes.sync_steps + sizes.warmup
     loader = make_loader(sizes, sizes.classes, min(total, 20), device)
-    for label, callback in (("without callback", None),
-                            (f"FastFace callback, k = {sizes.sync_every}",
-                             FastFaceLRCallback("fastface", patience_fraction=0.05, sync_every_n_steps=sizes.sync_every,
-                                                verbose=False, log_signals=False)),
-                            ("FastFace callback, k = 1",
-                             FastFaceLRCallback("fastface", patience_fraction=0.05, sync_every_n_steps=1,
-                                                verbose=False, log_signals=False))):
+    for label, k in (("without callback", None), (f"FastFace callback + DivergenceGuard, k = {sizes.sync_every}",
+                                                  sizes.sync_every), ("FastFace callback + DivergenceGuard, k = 1", 1)):
         counter = SyncCounter(sizes.warmup, device)
         module = make_module(sizes, backbone, sizes.classes, False, False)
-        callbacks = [counter] + ([callback] if callback is not None else [])
         repeated = DataLoader(_Cycle(loader, total), batch_size=None)
-        make_trainer(sizes, device, precision, total, callbacks).fit(module, train_dataloaders=repeated)
+        with counting_block_reads() as reads:
+            make_trainer(sizes, device, precision, total, [counter] + (_stack(k) if k else [])).fit(
+                module, train_dataloaders=repeated)
         _free(device)
         row = {"setting": label, "steps": counter.steps, "syncs_per_step": counter.per_step,
-               "by_file": dict(counter.by_file),
+               "by_file": dict(counter.by_file), "block_reads": len(reads), "fit_steps": total,
                "method": "set_sync_debug_mode" if device.type == "cuda" else "profiler aten::_local_scalar_dense"}
         rows.append(row)
-        print(f"  {label:<28} {row['syncs_per_step']:.3f} per step over {row['steps']} steps  {row['by_file']}",
-              flush=True)
+        print(f"  {label:<42} {row['syncs_per_step']:.3f} per step over {row['steps']} steps  {row['by_file']}; "
+              f"{len(reads)} block reads in {total} optimizer steps", flush=True)
     return rows
 
 

@@ -23,7 +23,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from fastface_pl.validation import check_positive_int
+from fastface_pl.scheduling.loss_reader import StepLoss, StepLossReader
+from fastface_pl.validation import check_int, check_positive_int
 
 __all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted", "EXIT_DIVERGED",
            "finite_or_none"]
@@ -50,11 +51,6 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
-def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    return loss if isinstance(loss, torch.Tensor) else None
-
-
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
     if not floats:
@@ -65,11 +61,14 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 class DivergenceGuard(Callback):
     """Stop training after ``max_nonfinite_steps`` consecutive non-finite losses, or at once on non-finite weights.
 
-    The losses stay on the device and are read in blocks of ``check_every_n_steps`` batches (one host sync per
-    block, none per step). A block that holds a non-finite loss also checks the weights (one more sync, only
-    then). Every checkpoint save checks the weights first and is refused (nothing written, the newest good
-    checkpoint kept) when any is non-finite. Isolated non-finite steps (an fp16 overflow that the gradient
-    scaler skips) are not a divergence: only a run of them is.
+    The losses of the optimizer steps come from the fit's one
+    :class:`~fastface_pl.scheduling.loss_reader.StepLossReader`, shared with ``FastFaceLRCallback``: they stay
+    on the device and are read in blocks of ``check_every_n_steps`` optimizer steps (or the callback's smaller
+    ``sync_every_n_steps``), one host sync per block for both. A block that holds a non-finite loss also checks
+    the weights (one more sync, only then). Every checkpoint save reads the steps not yet read and checks the
+    weights first, and is refused (nothing written, the newest good checkpoint kept) when any is non-finite.
+    Isolated non-finite steps (an fp16 overflow that the gradient scaler skips) are not a divergence: only a
+    run of them is. ``max_nonfinite_steps=1`` stops at the first one.
 
     Raises:
         TrainingDiverged: from the batch-end or checkpoint hook; the fit ends through Lightning's exception path.
@@ -78,71 +77,87 @@ class DivergenceGuard(Callback):
     def __init__(self, max_nonfinite_steps: int = 20, check_every_n_steps: int = 16) -> None:
         self.max_nonfinite_steps = check_positive_int("DivergenceGuard max_nonfinite_steps", max_nonfinite_steps)
         self.check_every_n_steps = check_positive_int("DivergenceGuard check_every_n_steps", check_every_n_steps)
-        self._pending: list[torch.Tensor] = []
-        self._pending_steps: list[int] = []
+        self._reader: Optional[StepLossReader] = None
         self._streak = 0
         self._streak_start: Optional[int] = None
-        self._module: Optional[LightningModule] = None
-        self._trainer: Optional[Trainer] = None
+        self._steps = 0  # optimizer steps observed, for a resumed run's numbering
 
     @property
     def state_key(self) -> str:
         return "DivergenceGuard"
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reader = StepLossReader.attach(trainer, self, self.check_every_n_steps)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reader.start(trainer, pl_module, self._steps)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loss = _loss_of(outputs)
-        if loss is None:
-            return
-        self._module, self._trainer = pl_module, trainer
-        self._pending.append(loss.detach().float().reshape(()))
-        self._pending_steps.append(int(trainer.global_step))
-        if len(self._pending) >= self.check_every_n_steps:
-            self._flush()
+        self._reader.on_train_batch_end(trainer, outputs)
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        flags = torch.isfinite(torch.stack(self._pending)).float()
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:  # every rank decides alike (a bad loss on any rank)
-            flags = trainer.strategy.reduce(flags, reduce_op="mean")
-        finite = [f == 1.0 for f in flags.tolist()]  # the one host sync of the block
-        steps, self._pending, self._pending_steps = self._pending_steps, [], []
-        for ok, step in zip(finite, steps):
-            if ok:
+    def receive_losses(self, trainer: Trainer, steps: list[StepLoss]) -> None:
+        """Counts the consecutive non-finite optimizer steps of a block read by the reader."""
+        not_written = f"; the checkpoint of step {trainer.global_step} was not written" \
+            if self._reader is not None and self._reader.for_checkpoint else ""
+        first_bad = None
+        for item in steps:
+            if math.isfinite(item.value):
                 self._streak, self._streak_start = 0, None
                 continue
+            first_bad = item.step if first_bad is None else first_bad
             self._streak += 1
-            self._streak_start = step if self._streak_start is None else self._streak_start
+            self._streak_start = item.step if self._streak_start is None else self._streak_start
             if self._streak >= self.max_nonfinite_steps:
-                raise TrainingDiverged(self._streak_start,
-                                       f"{self._streak} consecutive non-finite training losses (NaN/inf)")
-        if not all(finite) and self._module is not None:
-            first_bad = steps[finite.index(False)]
-            if not _all_finite([p.detach() for p in self._module.parameters()]):
-                raise TrainingDiverged(first_bad, "the training loss became non-finite (NaN/inf) and so did "
-                                                  "the model's weights")
+                raise TrainingDiverged(self._streak_start, f"{self._streak} consecutive non-finite training losses "
+                                                           f"(NaN/inf){not_written}")
+        if first_bad is not None and not _all_finite([p.detach() for p in trainer.lightning_module.parameters()]):
+            raise TrainingDiverged(first_bad, "the training loss became non-finite (NaN/inf) and so did the model's "
+                                              f"weights{not_written}")
+
+    def _end_fit(self, trainer: Trainer) -> None:
+        if self._reader is not None:
+            self._steps = self._reader.steps
+            self._reader.detach(trainer)
+            self._reader = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_fit(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._end_fit(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._reader is not None:
+            self._reader.flush()
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Refuse to write a checkpoint of non-finite weights: raising here aborts the save before any file."""
-        self._module, self._trainer = pl_module, trainer
-        not_written = f"the checkpoint of step {trainer.global_step} was not written"
-        try:
-            self._flush()
-        except TrainingDiverged as err:
-            raise TrainingDiverged(err.step, f"{err.reason}; {not_written}") from None
         tensors = [t for t in checkpoint.get("state_dict", {}).values() if isinstance(t, torch.Tensor)]
         if not _all_finite(tensors):
             step = self._streak_start if self._streak_start is not None else int(trainer.global_step)
-            raise TrainingDiverged(step, f"the model's weights are non-finite (NaN/inf); {not_written}")
+            raise TrainingDiverged(step, "the model's weights are non-finite (NaN/inf); the checkpoint of step "
+                                         f"{trainer.global_step} was not written")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streak": self._streak, "streak_start": self._streak_start}
+        # Lightning collects callback state before on_save_checkpoint: the steps not yet read are read here.
+        if self._reader is not None:
+            self._reader.flush(for_checkpoint=True)
+        steps = self._reader.steps if self._reader is not None else self._steps
+        return {"streak": self._streak, "streak_start": self._streak_start, "steps": steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._streak = int(state_dict.get("streak", 0))
-        self._streak_start = state_dict.get("streak_start")
+        """Restores :meth:`state_dict`; ValueError naming the key for a bad value."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"DivergenceGuard state must be a dict, got {type(state_dict).__name__}")
+        streak = check_int("DivergenceGuard state['streak']", state_dict.get("streak", 0), 0)
+        start = check_int("DivergenceGuard state['streak_start']", state_dict.get("streak_start"), 0,
+                          allow_none=True, none_means="no streak")
+        if (start is None) != (streak == 0):
+            raise ValueError(f"DivergenceGuard state['streak_start'] is {start!r} with state['streak'] = {streak}: "
+                             "a streak has a start step and no streak has none")
+        self._streak, self._streak_start = streak, start
+        self._steps = check_int("DivergenceGuard state['steps']", state_dict.get("steps", 0), 0)
 
 
 class PreemptionCheckpoint(Callback):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,7 +31,13 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert len(throughput) == 2 and all("error" not in row for row in throughput)  # channels-last off / on
     assert all(row["trainer_images_s"] > 0 and row["plain_images_s"] > 0 for row in throughput)
     assert report["memory"][0]["classes"] == gpu_check.CPU_SMOKE.memory_classes
-    syncs = {row["setting"]: row["syncs_per_step"] for row in report["syncs"]}
-    assert syncs["without callback"] == 0.0
-    assert syncs["FastFace callback, k = 1"] == pytest.approx(1.0)  # k = 1 reads every step's loss
-    assert syncs[f"FastFace callback, k = {gpu_check.CPU_SMOKE.sync_every}"] == 0.0  # block reads only
+    rows = {row["setting"]: row for row in report["syncs"]}
+    k = gpu_check.CPU_SMOKE.sync_every
+    steps = gpu_check.CPU_SMOKE.sync_steps + gpu_check.CPU_SMOKE.warmup
+    assert rows["without callback"]["syncs_per_step"] == 0.0 and rows["without callback"]["block_reads"] == 0
+    # The callback and the guard share one reader: one read per step at k = 1, one per k steps (block reads,
+    # which the CPU profiler does not see) otherwise.
+    assert rows["FastFace callback + DivergenceGuard, k = 1"]["syncs_per_step"] == pytest.approx(1.0)
+    assert rows["FastFace callback + DivergenceGuard, k = 1"]["block_reads"] == steps
+    assert rows[f"FastFace callback + DivergenceGuard, k = {k}"]["syncs_per_step"] == 0.0
+    assert rows[f"FastFace callback + DivergenceGuard, k = {k}"]["block_reads"] == math.ceil(steps / k)

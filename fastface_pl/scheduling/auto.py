@@ -32,11 +32,11 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from fastface_pl.scheduling.detectors import FastFaceDetector
+from fastface_pl.scheduling.detectors import FastFaceDetector, NonFiniteLossError
 from fastface_pl.validation import check_int, check_real
 
 __all__ = ["FastFaceSettings", "AutoFastFaceDetector", "fastface_auto_settings", "calibration_steps",
-           "PAPER_TOTAL_STEPS", "PAPER_LOSS_SCALE"]
+           "PAPER_TOTAL_STEPS", "PAPER_LOSS_SCALE", "patience_steps"]
 
 #: The paper's MS1MV3 / ResNet100 run: T (5 epochs at batch 128) and the median loss of its first 1 % of steps
 #: (ArcFace s = 64, m = 0.5; from the packaged log).
@@ -90,8 +90,12 @@ class FastFaceSettings:
         return asdict(self)
 
 
-def _patience(total_steps: int, patience_fraction: float) -> int:
+def patience_steps(total_steps: int, patience_fraction: float) -> int:
+    """P = int(τ·T), at least 1: the one rule for the patience of a run of T optimizer steps."""
     return max(1, int(patience_fraction * total_steps))
+
+
+_patience = patience_steps
 
 
 def calibration_steps(total_steps: int, patience_fraction: float = PAPER_PATIENCE_FRACTION) -> int:
@@ -213,7 +217,7 @@ class AutoFastFaceDetector:
             return self.detector.update(loss)
         loss = float(loss)
         if not math.isfinite(loss):
-            raise ValueError(f"`loss` must be finite, got {loss!r} at step {len(self._calibration) + 1}")
+            raise NonFiniteLossError(f"`loss` must be finite, got {loss!r} at step {len(self._calibration) + 1}")
         self._calibration.append(loss)
         if len(self._calibration) < max(3, self.calibration_steps):
             return 1.0

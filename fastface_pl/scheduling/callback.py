@@ -2,11 +2,12 @@
 
 :class:`FastFaceLRCallback` is the thin Lightning layer over
 :class:`~fastface_pl.scheduling.lr_scheduler.FastFaceLR`, which owns the LR (patience, factor, floor,
-non-finite losses, decisions, state). The callback adds what a Lightning run needs (docs/lightning.md):
-one value per *optimizer* step under gradient accumulation, no host–device synchronisation per step
-(the step losses are read in blocks of ``k`` steps), one reduction across data-parallel ranks per block,
-logging of the LR in effect, checkpoints that resume exactly, a check that no other LR scheduler undoes
-its decisions, and the run length T (P = int(τ·T), recomputed when a resumed run is longer or shorter).
+non-finite losses, decisions, LR scale). The step losses come from the fit's one
+:class:`~fastface_pl.scheduling.loss_reader.StepLossReader` (no host–device synchronisation per step: one
+read per block of ``k`` optimizer steps, one reduction across ranks). The callback adds the rest of what
+a Lightning run needs (docs/lightning.md): the run length T in optimizer steps (P = int(τ·T)) whatever
+limits the run, what a second fit, a reused callback and a resume continue, logging on Lightning's step
+axis, monitorable ``fastface/*`` values, and a check that no other LR scheduler undoes its decisions.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from fastface_pl.scheduling.auto import AutoFastFaceDetector
 from fastface_pl.scheduling.detectors import Detector, build_detector, detector_class
+from fastface_pl.scheduling.loss_reader import StepLoss, StepLossReader
 from fastface_pl.scheduling.lr_scheduler import (
     DEFAULT_PATIENCE_FRACTION,
     NONFINITE_POLICIES,
@@ -34,7 +37,7 @@ from fastface_pl.validation import check_bool, check_choice, check_int, check_re
 
 __all__ = ["FastFaceLRCallback", "DEFAULT_PATIENCE_FRACTION"]
 
-_STATE_VERSION = 2
+_STATE_VERSION = 1
 
 # Schedulers that only ever multiply the current LR when Lightning steps them: at epoch interval they
 # compose with the callback's decisions as they are. Exact types: a subclass may recompute.
@@ -88,17 +91,21 @@ class FastFaceLRCallback(Callback):
         min_lr: Floor of the LR: a decay never takes a parameter group below it (groups already below
             it are left alone). ``None``: no floor.
         sync_every_n_steps: k. The step losses stay on the device and are read (and, with several
-            ranks, averaged across ranks) once every k optimizer steps. Decisions are the same as with
-            k = 1 and take effect at most k−1 steps later.
+            ranks, averaged across ranks) once every k optimizer steps, by the one reader this callback
+            shares with a ``DivergenceGuard`` (the smaller k of the two). Decisions are the same as with
+            k = 1 and take effect at most k−1 steps later (or at a checkpoint, which reads the block first).
         on_nonfinite: ``"skip"`` non-finite losses (they are counted and reported once at the end of
             training; the detector never sees them) or ``"raise"``
             :class:`~fastface_pl.scheduling.detectors.NonFiniteLossError` naming the step.
         log_signals: Log ``fastface/*`` (loss, smoothed_loss, signal, threshold, stationary_count,
             num_decisions, lr_scale, and lr: the LR that step ran with) through ``trainer.loggers``
-            every ``log_every_n_steps``.
+            every ``log_every_n_steps`` optimizer steps, at Lightning's own step (that of ``self.log``).
+            The values of the last step read are also in ``trainer.callback_metrics``, so
+            ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them.
         compose_with_step_schedulers: Let another LR scheduler set the LR (a step-interval warm-up such
             as ``LinearLR`` or ``LambdaLR``, ``OneCycleLR``, ``SequentialLR`` ...): its LR is left to it,
-            and the callback's decisions are applied as a scale on top of it while each optimizer steps.
+            and the callback's decisions are applied as a scale on top of it during each training batch
+            (so a ``LearningRateMonitor`` placed after this callback logs the LR the step used).
         verbose: Report each decision (rank zero): the step, the reason and the new LR.
         name: Tells two callbacks of the same detector type apart in checkpoints (``state_key``).
 
@@ -116,7 +123,9 @@ class FastFaceLRCallback(Callback):
     .. note::
         Patience counts *optimizer* steps, not batches: with ``accumulate_grad_batches=N`` one step is
         N batches. With manual optimization a step is a batch on which ``trainer.global_step`` advanced
-        (however many optimizers stepped), and ``training_step`` must return the loss. Epoch-interval
+        (however many optimizers stepped), and ``training_step`` must return the loss. A second
+        ``trainer.fit`` on the same Trainer, a resume and a loaded state continue the run; a fit of a new
+        Trainer from step 0 starts afresh (docs/lightning.md, "Fit, refit, reuse"). Epoch-interval
         schedulers that multiply the current LR (``StepLR``, ``MultiStepLR``, ``ExponentialLR`` ...)
         compose with the callback as they are; with them ``fastface/lr_scale`` is the callback's share.
         Under ``ddp_spawn`` the training runs in spawned processes: the callback object of the
@@ -140,6 +149,7 @@ class FastFaceLRCallback(Callback):
         super().__init__()
         self._detector_name, self._detector_kwargs, self._patience_fraction = check_detector_arguments(
             detector, detector_kwargs, patience, patience_fraction)
+        self._fraction_given = patience_fraction is not None
         self.min_lr = check_real("min_lr", min_lr, 0.0, low_open=False, allow_none=True)
         self.sync_every_n_steps = check_int("sync_every_n_steps", sync_every_n_steps, 1)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
@@ -158,23 +168,18 @@ class FastFaceLRCallback(Callback):
         self._state_key = self._generate_state_key(
             detector=self._detector_name or type(detector).__name__, **({"name": name} if name else {}))
 
+        self._initial_detector = None if self._detector is None else self._detector.state_dict()
         self._scheduler: FastFaceLR | None = None  # the owner of the LR, built when training starts
-        self._loaded: dict[str, Any] | None = None  # a loaded state, until the scheduler takes it over
-        self._settings_reconciled = True
-        # Run state (all of it goes into checkpoints).
-        self._steps = 0  # optimizer steps observed (1-based index of the last one)
-        self._missing_loss_count = 0
-        # Micro-batch losses not yet read, as Lightning hands them over (0-d tensors, on the device): first
-        # those of the completed steps in ``_pending_steps``, then the ``_window_count`` of the current step.
-        self._micro_losses: list[torch.Tensor] = []
-        self._pending_steps: list[tuple[int, int, float, float]] = []  # (step, micro-batches, multiplier, lr)
-        self._window_count = 0
-        self._unread_values: list[float] = []
-        # Transient.
-        self._last_global_step = 0
-        self._loss_divisor = 1
+        self._loaded: dict[str, Any] | None = None  # a loaded state, until training starts from it
+        self._restored = False  # Lightning restores the optimizers (their LR) with the state: fit(ckpt_path=...)
+        self._reader: StepLossReader | None = None  # the fit's one reader of the step losses
+        self._steps = 0  # optimizer steps observed (the 1-based number of the last one)
+        self._held: list[StepLoss] = []  # manual optimization: steps read before T is known
+        self._run_length_known = True
+        self._lrs: dict[int, float] = {}  # the LR each step not yet read ran with
         self._next_lr = math.nan  # the LR the next optimizer step uses
         self._composed: list[torch.optim.Optimizer] = []
+        self._monitored = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -211,7 +216,7 @@ class FastFaceLRCallback(Callback):
     @property
     def steps_observed(self) -> int:
         """Optimizer steps observed so far (fed or not yet read)."""
-        return self._steps
+        return self._reader.steps if self._reader is not None else self._steps
 
     @property
     def state_key(self) -> str:
@@ -240,6 +245,18 @@ class FastFaceLRCallback(Callback):
             raise MisconfigurationException("FastFaceLRCallback needs an optimizer, but configure_optimizers "
                                             "returned none")
         self._composed = self._check_schedulers(trainer)
+        self._reader = StepLossReader.attach(trainer, self, self.sync_every_n_steps)
+        # An EarlyStopping / ModelCheckpoint that monitors a fastface/* value gets the block read at epoch end and
+        # before validation too (otherwise blocks stay k steps long).
+        self._monitored = any(str(getattr(callback, "monitor", None)).startswith("fastface/")
+                              for callback in trainer.callbacks)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restored = False  # Lightning restores a checkpoint after setup, before on_fit_start
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restored = True  # called before load_state_dict; Lightning restores the optimizers' LR too
 
     def _check_schedulers(self, trainer: Trainer) -> list[torch.optim.Optimizer]:
         composed = []
@@ -263,14 +280,10 @@ class FastFaceLRCallback(Callback):
 
     # ------------------------------------------------------------------ train start (after any restore)
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # The state to continue from: a loaded checkpoint's, else that of an earlier fit of this callback.
-        if self._loaded is not None:
-            state = self._loaded.get("scheduler")
-        else:
-            state = self._scheduler.state_dict() if self._scheduler is not None else None
-        detector = self._scheduler.detector if self._scheduler is not None else self._detector
+        state, steps, rescale = self._state_to_continue(trainer)
+        detector = self._scheduler.detector if self._scheduler is not None and state is not None else self._detector
         self._close_scheduler()
-        total = self._run_length(trainer, global_steps_per_step=1) if detector is None else None
+        total = self._run_length(trainer) if detector is None else None
         self._scheduler = FastFaceLR(
             list(trainer.optimizers),
             detector if detector is not None else self._detector_name,
@@ -279,156 +292,199 @@ class FastFaceLRCallback(Callback):
             total_steps=total, min_lr=self.min_lr, on_nonfinite=self.on_nonfinite, compose=self._composed,
             warn_nonfinite=False,
         )
+        own = {"on_nonfinite": self._scheduler.on_nonfinite, "min_lr": self._scheduler.min_lrs}
         if state:
             self._scheduler.load_state_dict(state)
-        self._loaded = None
-        if self._unread_values:  # losses restored from a checkpoint, not yet fed: onto the module's device
-            self._micro_losses = list(torch.tensor(self._unread_values, dtype=torch.float32,
-                                                   device=pl_module.device).unbind(0))
-        self._unread_values = []
-        # Settings that changed since the checkpoint and P for this run length: with automatic optimization T is
-        # known now; with manual optimization once the first step shows how many optimizer.step() calls it made.
-        self._settings_reconciled = False
-        if pl_module.automatic_optimization:
-            self._reconcile_settings(trainer, global_steps_per_step=1)
-        self._last_global_step = trainer.global_step
-        self._loss_divisor = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        # This callback's settings win over a checkpoint's (and are announced when they differ).
+        changes = {key: (value, own[key]) for key, value in
+                   (("on_nonfinite", self._scheduler.on_nonfinite), ("min_lr", self._scheduler.min_lrs))
+                   if value != own[key]}
+        self._scheduler.on_nonfinite, self._scheduler.min_lrs = own["on_nonfinite"], own["min_lr"]
+        if rescale:  # a second fit, or a loaded state: the optimizers start from their base LR
+            self._scheduler.rescale()
+        self._loaded, self._restored = None, False
+        self._reader.start(trainer, pl_module, steps)
+        self._held, self._lrs = [], {}
+        # Settings changed since the checkpoint, and P for this run length: with automatic optimization T is
+        # known now; with manual optimization once two optimizer steps show how often the optimizers step.
+        fraction = self._patience_fraction if self._detector_name is not None else None
+        self._run_length_known = pl_module.automatic_optimization or fraction is None
+        self._reconcile_settings(trainer, changes,
+                                 total=self._run_length(trainer) if fraction is not None and self._run_length_known
+                                 else None)
         self._next_lr = self._scheduler.lr_in_effect()
 
-    def _run_length(self, trainer: Trainer, global_steps_per_step: int) -> int:
-        """T: the optimizer steps (in the callback's sense) of the whole run, for P = int(τ·T).
+    def _state_to_continue(self, trainer: Trainer) -> tuple[dict[str, Any] | None, int, bool]:
+        """(scheduler state, optimizer steps so far, whether the optimizers need the LR scale applied).
 
-        ``trainer.estimated_stepping_batches`` counts ``global_step``, which advances once per
-        ``optimizer.step()`` call: with manual optimization and n optimizers stepping per batch, n times
-        per callback step.
+        A loaded state is continued (its LR is in the optimizers only when Lightning restored them); so is the
+        state of an earlier fit on this Trainer (a second ``fit``: Lightning built the optimizers again). A fit
+        that starts at global step 0 without a loaded state is a new run: an earlier fit's state is dropped.
         """
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total < 1:
-            raise MisconfigurationException(
-                f"patience_fraction={self._patience_fraction} needs the run length, but "
-                f"trainer.estimated_stepping_batches is {total} (unknown: an iterable dataset without "
-                "max_steps, or max_epochs=-1); set Trainer(max_steps=...) or give patience in steps")
-        if global_steps_per_step == 1:
-            return int(total)
-        by_steps = math.ceil(trainer.max_steps / global_steps_per_step) if trainer.max_steps != -1 else math.inf
-        batches = trainer.num_training_batches
-        by_epochs = batches * max(trainer.max_epochs or 1, 1) if math.isfinite(batches) else math.inf
-        return max(int(min(by_steps, by_epochs)), 1)
+        if self._loaded is not None:
+            return self._loaded.get("scheduler"), int(self._loaded.get("steps", 0)), not self._restored
+        if self._scheduler is None:
+            return None, 0, False
+        if trainer.global_step > 0:
+            return self._scheduler.state_dict(), self._steps, True
+        rank_zero_info(
+            f"FastFaceLRCallback: a new run starts at global step 0; the state of the earlier fit ({self._steps} "
+            f"optimizer steps, {len(self._scheduler.decisions)} decisions, LR scale {self._scheduler.lr_scale:g}) "
+            "is dropped. To continue it, fit the same Trainer again or load its state_dict() first.")
+        if self._initial_detector is not None:  # a detector instance: back to how it was given
+            self._detector.load_state_dict(self._initial_detector)
+        elif self._patience_fraction is None:
+            self._detector = build_detector(self._detector_name, **self._detector_kwargs)
+        self._scheduler.close()
+        self._scheduler, self._steps = None, 0
+        return None, 0, False
 
-    def _reconcile_settings(self, trainer: Trainer, global_steps_per_step: int) -> None:
+    def _run_length(self, trainer: Trainer, rates: tuple[float, float] | None = None) -> int:
+        """T: the optimizer steps of the whole run, whatever limits it (max_steps, max_epochs, both).
+
+        With automatic optimization Lightning's ``estimated_stepping_batches`` counts them. With manual
+        optimization ``global_step`` counts ``optimizer.step()`` calls and an optimizer may skip batches:
+        ``rates`` = (global steps per optimizer step, optimizer steps per batch), as seen in this fit.
+        """
+        if trainer.lightning_module.automatic_optimization:
+            total = trainer.estimated_stepping_batches
+        else:
+            per_global, per_batch = rates or (1.0, 1.0)
+            by_steps = trainer.max_steps / per_global if trainer.max_steps != -1 else math.inf
+            epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+            by_epochs = trainer.num_training_batches * epochs * per_batch
+            total = min(by_steps, by_epochs)
+        if not math.isfinite(total) or total < 1:
+            raise MisconfigurationException(self._no_run_length(trainer))
+        return max(1, round(total))
+
+    def _no_run_length(self, trainer: Trainer) -> str:
+        tau = self._patience_fraction
+        asked = (f"patience_fraction={tau}" if self._fraction_given else
+                 f"the default patience of {self._detector_name!r} (a fraction τ = {tau} of the run)")
+        if any(isinstance(callback, Timer) for callback in trainer.callbacks) and trainer.max_steps == -1:
+            why = "it is limited by max_time only, which gives no number of steps"
+        elif trainer.max_epochs == -1 and trainer.max_steps == -1:
+            why = "max_epochs=-1 without max_steps"
+        else:
+            why = "the training data has no length (an iterable dataset) and max_steps is not set"
+        return (f"FastFaceLRCallback: {asked} needs the run length T in optimizer steps, but this run has none: "
+                f"{why}. Set Trainer(max_steps=...) (max_time may stay: the first limit reached ends the run), "
+                "or give the patience in steps (patience=...).")
+
+    def _reconcile_settings(self, trainer: Trainer, changes: dict[str, tuple[Any, Any]], total: int | None) -> None:
         """Applies this callback's detector settings over a restored state and resolves P for this run."""
-        self._settings_reconciled = True
         scheduler = self._scheduler
-        changes = scheduler.reconfigure(**self._configured_settings)
+        changes = {**scheduler.reconfigure(**self._configured_settings), **changes}
         scheduler.patience_fraction = self._patience_fraction if self._detector_name is not None else None
-        if scheduler.patience_fraction is not None:
-            previous_total = scheduler.total_steps
-            total = self._run_length(trainer, global_steps_per_step)
-            recomputed = scheduler.set_total_steps(total)
-            if "total_steps" in recomputed and scheduler.detector.steps_seen > 0:
-                rank_zero_info(
-                    f"FastFaceLRCallback: this run is T = {total} optimizer steps (the checkpoint had "
-                    f"{recomputed['total_steps'][0]}); the auto settings are resolved again for it.")
-            elif recomputed and scheduler.detector.steps_seen > 0:
-                old, new = recomputed["patience"]
-                was = f"T = {previous_total}, P = {old}" if previous_total is not None else f"P = {old}"
-                rank_zero_info(
-                    f"FastFaceLRCallback: this run is T = {total} optimizer steps, so the patience P = int(τ·T) "
-                    f"with τ = {scheduler.patience_fraction} is now {new} (the checkpoint had {was}).")
+        if scheduler.patience_fraction is not None and total is not None:
+            self._set_total_steps(total)
         if changes and scheduler.detector.steps_seen > 0:
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
-            rank_zero_info(f"FastFaceLRCallback: resumed with changed detector settings ({listed}); the detector "
+            rank_zero_info(f"FastFaceLRCallback: resumed with changed settings ({listed}); the detector "
                            "continues from its saved state with the new values.")
+
+    def _set_total_steps(self, total: int) -> None:
+        scheduler = self._scheduler
+        previous_total = scheduler.total_steps
+        recomputed = scheduler.set_total_steps(total)
+        if "total_steps" in recomputed and scheduler.detector.steps_seen > 0:
+            rank_zero_info(
+                f"FastFaceLRCallback: this run is T = {total} optimizer steps (the checkpoint had "
+                f"{recomputed['total_steps'][0]}); the auto settings are resolved again for it.")
+        elif recomputed and scheduler.detector.steps_seen > 0:
+            old, new = recomputed["patience"]
+            was = f"T = {previous_total}, P = {old}" if previous_total is not None else f"P = {old}"
+            rank_zero_info(
+                f"FastFaceLRCallback: this run is T = {total} optimizer steps, so the patience P = int(τ·T) "
+                f"with τ = {scheduler.patience_fraction} is now {new} (the checkpoint had {was}).")
 
     def _close_scheduler(self) -> None:
         if self._scheduler is not None:
             self._scheduler.close()
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _end_fit(self, trainer: Trainer) -> None:
         self._close_scheduler()  # the optimizer step hooks of compose_with_step_schedulers
+        if self._reader is not None:
+            self._steps = self._reader.steps
+            self._reader.detach(trainer)
+            self._reader = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_fit(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._close_scheduler()
+        self._end_fit(trainer)
 
     # ------------------------------------------------------------------ per batch
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._composed:
+            self._scheduler.scale_composed()  # the LR in effect, for anything that reads it during the batch
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # The hot path: list appends per batch, no device work, no synchronisation. Lightning hands over a
-        # detached 0-d loss (a fresh tensor in automatic optimization, not modified afterwards).
-        loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._micro_losses.append(loss)
-            self._window_count += 1
-        global_step = trainer.global_step
-        if global_step == self._last_global_step:
-            return  # accumulating: the optimizer did not step on this batch
-        if not self._settings_reconciled:
-            self._reconcile_settings(trainer, global_steps_per_step=global_step - self._last_global_step)
-        self._last_global_step = global_step
-        self._steps += 1
-        if self._window_count == 0:
-            self._missing_loss_count += 1
-            if self._missing_loss_count == 1:
-                rank_zero_warn(
-                    f"FastFaceLRCallback: training_step returned no loss at optimizer step {self._steps}; such steps "
-                    "are skipped. Return the loss tensor (or a dict with a 'loss' key) from training_step.")
-        else:
-            # Lightning divides every micro-batch loss by accumulate_grad_batches N, also in the short last
-            # window of an epoch: the step's value is sum(micro losses) · N / (micro-batches in the window).
-            self._pending_steps.append(
-                (self._steps, self._window_count, self._loss_divisor / self._window_count, self._next_lr))
-            self._window_count = 0
-        if len(self._pending_steps) >= self.sync_every_n_steps:
-            self._read_block(trainer)
-        if self.log_signals:
-            self._next_lr = self._scheduler.lr_in_effect()
+        self._reader.on_train_batch_end(trainer, outputs)  # list appends; a read once per k optimizer steps
+        if self._composed:
+            self._scheduler.unscale_composed()
+        self._next_lr = self._scheduler.lr_in_effect()
+
+    def on_optimizer_step(self, trainer: Trainer, step: int) -> None:
+        """Called by the reader as optimizer step ``step`` completes: the LR it ran with, for the logs."""
+        self._lrs[step] = self._next_lr
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._monitored:
+            self._flush()  # before EarlyStopping / ModelCheckpoint read the fastface/* values (they run last)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._monitored and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._flush()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._pending_steps:
-            self._read_block(trainer)
+        self._flush(final=True)
         if self.nonfinite_count:
             rank_zero_warn(
                 f"FastFaceLRCallback skipped {self.nonfinite_count} optimizer step(s) with a non-finite training "
                 f"loss (first at step {self._scheduler.first_nonfinite_step}); the detector never saw them. Pass "
                 "on_nonfinite='raise' to stop at the first one.")
 
-    # ------------------------------------------------------------------ block reading
-    def _read_block(self, trainer: Trainer) -> None:
-        pending, self._pending_steps = self._pending_steps, []
-        num_read = len(self._micro_losses) - self._window_count
-        tensors, self._micro_losses = self._micro_losses[:num_read], self._micro_losses[num_read:]
-        micro = self._read_values(trainer, tensors)
+    def _flush(self, final: bool = False, for_checkpoint: bool = False) -> None:
+        """Reads every completed step; ``final`` also feeds steps held for the run length (manual optimization)."""
+        if self._reader is None:
+            return
+        self._reader.flush(for_checkpoint=for_checkpoint)
+        if final and self._held:
+            self.receive_losses(self._reader._trainer(), [], final=True)
+
+    # ------------------------------------------------------------------ the steps read
+    def receive_losses(self, trainer: Trainer, steps: list[StepLoss], final: bool = False) -> None:
+        """Feeds a block of step losses (from the reader) to :class:`FastFaceLR`; logs and reports."""
+        if not self._run_length_known:  # manual optimization: T once two optimizer steps show the pattern
+            self._held += steps
+            rates = self._reader.run_rates(trainer)
+            if rates is None and not final:
+                return
+            self._run_length_known = True
+            if self._scheduler.patience_fraction is not None:
+                self._set_total_steps(self._run_length(trainer, rates))
+            steps, self._held = self._held, []
         log_every = trainer.log_every_n_steps if self.log_signals else 0
         to_log: list[tuple[int, dict[str, float]]] = []
-        start = 0
-        for step, count, multiplier, lr_used in pending:
-            chunk = micro[start : start + count]
-            start += count
-            value = (chunk[0] if count == 1 else sum(chunk)) * multiplier
-            factor = self._scheduler.step(value, step=step)
+        metrics: dict[str, float] = {}
+        for item in steps:
+            factor = self._scheduler.step(item.value, step=item.step)
             if factor != 1.0 and self.verbose:
-                self._report(step, factor)
-            if log_every > 0 and step % log_every == 0:
-                to_log.append((step, self._signals(value, lr_used)))
+                self._report(item.step, factor)
+            metrics = self._signals(item.value, self._lrs.pop(item.step, math.nan))
+            if log_every > 0 and item.step % log_every == 0:
+                to_log.append((item.log_step, metrics))
+        # The last step's values, for EarlyStopping / ModelCheckpoint(monitor="fastface/..."): host floats, no sync.
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
         if to_log and trainer.is_global_zero:
-            for step, metrics in to_log:
+            for log_step, values in to_log:
                 for logger in trainer.loggers:
-                    # Lightning logs optimizer step s (1-based) under step s-1 (batches that stepped before it).
-                    logger.log_metrics(metrics, step=step - 1)
-
-    @staticmethod
-    def _read_values(trainer: Trainer, tensors: list[torch.Tensor]) -> list[float]:
-        """Stack, average across ranks (one reduction), read to the host (one transfer)."""
-        if not tensors:
-            return []
-        if len(tensors) == 1 and trainer.world_size == 1:
-            return [tensors[0].item()]  # k = 1: the synchronisation of every step
-        with torch.no_grad():
-            block = torch.stack(tensors).float()  # a new tensor: strategy.reduce works in place on it
-            if trainer.world_size > 1:
-                block = trainer.strategy.reduce(block, reduce_op="mean")
-            return block.tolist()  # the one device->host synchronisation of the block
+                    logger.log_metrics(values, step=log_step)  # Lightning's own step axis (self.log, LR monitor)
 
     def _report(self, step: int, factor: float) -> None:
         detector = self._scheduler.detector
@@ -441,7 +497,7 @@ class FastFaceLRCallback(Callback):
                       f"threshold {detector.threshold:.4g}")
         new_lr = self._scheduler.lr_in_effect()
         rank_zero_info(f"FastFaceLRCallback: optimizer step {step}: {reason}; LR ×{factor:g} -> {new_lr:.6g} "
-                       f"(from step {self._steps + 1})")
+                       f"(from step {self.steps_observed + 1})")
 
     def _signals(self, value: float, lr_used: float) -> dict[str, float]:
         detector = self._scheduler.detector
@@ -451,96 +507,62 @@ class FastFaceLRCallback(Callback):
             if item is not None:
                 metrics[f"fastface/{key}"] = float(item)
         metrics["fastface/lr_scale"] = self._scheduler.lr_scale
-        metrics["fastface/lr"] = lr_used
+        if math.isfinite(lr_used):
+            metrics["fastface/lr"] = lr_used
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        # Every completed step is read first (the reader's flush: one synchronisation per checkpoint, before
+        # Lightning collects any callback's state), so the state holds no unread losses.
+        self._flush(final=True, for_checkpoint=True)
         if self._scheduler is None:  # not trained yet in this process: what was loaded, or a fresh state
             if self._loaded is not None:
                 return dict(self._loaded)
-            return {"version": _STATE_VERSION, "detector_name": self._detector_name, "scheduler": None,
-                    "steps": self._steps, "missing_loss_count": self._missing_loss_count}
-        # Reading the unread losses here costs one synchronisation per checkpoint, not per step.
-        with torch.no_grad():
-            unread = torch.stack(self._micro_losses).float().tolist() if self._micro_losses else []
-        return {
-            "version": _STATE_VERSION,
-            "detector_name": self._detector_name,
-            "scheduler": self._scheduler.state_dict(),
-            "steps": self._steps,
-            "missing_loss_count": self._missing_loss_count,
-            # Not yet fed: the micro-batch losses of the pending steps, then those of the step in progress.
-            "pending_steps": [list(p) for p in self._pending_steps],
-            "pending_values": unread[: len(unread) - self._window_count],
-            "accum_values": unread[len(unread) - self._window_count :],
-        }
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        # With several ranks each holds its own unread losses, and only rank 0's checkpoint is written: store
-        # their mean across ranks instead, computed as the block read would. After a resume every rank holds
-        # that mean, and reducing it again gives it back. This is a collective: Lightning saves on every rank;
-        # skip it when the run is failing (an exception may have reached only some ranks).
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if (
-            state is None
-            or trainer.world_size <= 1
-            or trainer.state.status != TrainerStatus.RUNNING
-            or not torch.distributed.is_available()
-            or not torch.distributed.is_initialized()
-            or not self._micro_losses
-        ):
-            return
-        reduced = self._read_values(trainer, list(self._micro_losses))
-        split = len(reduced) - self._window_count
-        state["pending_values"], state["accum_values"] = reduced[:split], reduced[split:]
+            return {"version": _STATE_VERSION, "scheduler": None, "steps": self._steps}
+        return {"version": _STATE_VERSION, "scheduler": self._scheduler.state_dict(), "steps": self.steps_observed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Takes a state at once (``decisions``, ``detector`` ... show it); training continues from it."""
-        state = _upgrade_state(dict(state_dict))
+        """Takes a state at once (``decisions``, ``detector`` ... show it); training continues from it.
+
+        Raises:
+            ValueError: naming the key, for a state of another version or detector, or with bad values.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"FastFaceLRCallback state must be a dict, got {type(state_dict).__name__}")
+        state = dict(state_dict)
+        version = state.get("version", _STATE_VERSION)
+        if version != _STATE_VERSION:
+            raise ValueError(f"FastFaceLRCallback state['version'] is {version!r}; this fastface_pl reads version "
+                             f"{_STATE_VERSION}")
+        check_int("FastFaceLRCallback state['steps']", state.get("steps", 0), 0)
+        scheduler_state = state.get("scheduler")
+        if scheduler_state is not None and not isinstance(scheduler_state, Mapping):
+            raise ValueError(f"FastFaceLRCallback state['scheduler'] must be a dict or None, got {scheduler_state!r}")
+        detector_state = (scheduler_state or {}).get("detector")
+        if detector_state is not None:
+            detector = self._detector_for(detector_state)
+            # Checks every value (ValueError naming the key): a FastFaceLR on a placeholder loads the state.
+            FastFaceLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), detector).load_state_dict(
+                scheduler_state)
+            self._detector = detector
         if self._scheduler is not None:
             self._close_scheduler()
             self._scheduler = None
         self._loaded = state
-        detector_state = (state.get("scheduler") or {}).get("detector")
-        if detector_state is not None:
-            if self._detector_name is not None:
-                if detector_state.get("type") != detector_class(self._detector_name).__name__:
-                    raise ValueError(
-                        f"the checkpoint's FastFaceLRCallback state holds a {detector_state.get('type')!r} detector, "
-                        f"this callback runs {self._detector_name!r}; resume with the same detector or start afresh")
-                self._detector = build_detector(self._detector_name, **{"patience": 0, **self._detector_kwargs})
-            self._detector.load_state_dict(detector_state)
         self._steps = int(state.get("steps", 0))
-        self._missing_loss_count = int(state.get("missing_loss_count", 0))
-        pending = [_pending_entry(entry) for entry in state.get("pending_steps", [])]
-        pending_values = [float(v) for v in state.get("pending_values", [])]
-        accum_values = [float(v) for v in state.get("accum_values", [])]
-        if sum(count for _, count, _, _ in pending) != len(pending_values):
-            pending, pending_values = [], []  # inconsistent (hand-edited) state: drop the unread steps
-        self._pending_steps = pending
-        self._window_count = len(accum_values)
-        self._micro_losses = []
-        self._unread_values = pending_values + accum_values  # onto the device when training starts
 
-
-def _pending_entry(entry: Any) -> tuple[int, int, float, float]:
-    step, count, multiplier, *lr = entry
-    return int(step), int(count), float(multiplier), float(lr[0]) if lr else math.nan
-
-
-def _upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 state (detector, decisions, lr_scale ... at the top) in the layout of version 2."""
-    if state.get("version", 1) >= 2 or "scheduler" in state:
-        return state
-    scheduler = {
-        "detector": state.get("detector"),
-        "last_step": state.get("steps", 0),
-        "num_nonfinite": state.get("nonfinite_count", 0),
-        "first_nonfinite_step": state.get("first_nonfinite_step"),
-        "decisions": state.get("decisions", []),
-        "lr_scale": state.get("lr_scale", 1.0),
-    }
-    state["scheduler"] = scheduler if scheduler["detector"] is not None else None
-    state["version"] = _STATE_VERSION
-    return state
+    def _detector_for(self, detector_state: Mapping[str, Any]) -> Detector:
+        """A detector of this callback's kind, to load ``detector_state`` into."""
+        if self._detector_name is None:
+            return self._detector if self._detector is not None else self._scheduler.detector
+        auto = uses_auto_settings(self._detector_name, self._detector_kwargs)
+        expected = AutoFastFaceDetector if auto else detector_class(self._detector_name)
+        if not isinstance(detector_state, Mapping) or detector_state.get("type") != expected.__name__:
+            found = detector_state.get("type") if isinstance(detector_state, Mapping) else detector_state
+            raise ValueError(f"the checkpoint's FastFaceLRCallback state['scheduler']['detector'] holds a {found!r} "
+                             f"detector, this callback runs {self._detector_name!r} ({expected.__name__}); resume "
+                             "with the same detector or start afresh")
+        if auto:
+            return AutoFastFaceDetector(1, self._patience_fraction, **self._detector_kwargs)
+        return build_detector(self._detector_name, **{"patience": 0, **self._detector_kwargs})

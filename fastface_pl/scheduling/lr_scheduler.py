@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fastface_pl.scheduling.auto import AutoFastFaceDetector
+from fastface_pl.scheduling.auto import AutoFastFaceDetector, patience_steps
 from fastface_pl.scheduling.detectors import Detector, NonFiniteLossError, build_detector, detector_class
 from fastface_pl.validation import check_choice, check_int, check_real
 
@@ -37,7 +37,7 @@ __all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "NONFINITE_POLICIES"]
 
 DEFAULT_PATIENCE_FRACTION = 0.05  # τ of the FastFace paper (docs/scheduler.md)
 NONFINITE_POLICIES = ("skip", "raise")
-_STATE_VERSION = 2
+_STATE_VERSION = 1
 #: Giving any of these to "fastface" selects explicit settings; without them the auto rule resolves them.
 EXPLICIT_FASTFACE_SETTINGS = ("alpha", "beta", "threshold", "patience")
 
@@ -179,7 +179,11 @@ class FastFaceLR:
                              "(the optimizer steps of the whole run) or give patience in steps")
         if getattr(self, "auto_settings", False):
             return {"total_steps": int(total_steps)}
-        return {"patience": int(self.patience_fraction * total_steps)}
+        if self.patience_fraction * total_steps < 1:
+            warnings.warn(f"patience_fraction={self.patience_fraction} of a run of T = {total_steps} optimizer steps "
+                          "is less than one step; the patience is P = 1 (as the auto rule's)", UserWarning,
+                          stacklevel=3)
+        return {"patience": patience_steps(int(total_steps), self.patience_fraction)}
 
     def set_total_steps(self, total_steps: int) -> dict[str, tuple[Any, Any]]:
         """Re-resolves the run-length settings for a new T; returns ``{name: (old, new)}`` of what changed."""
@@ -272,7 +276,17 @@ class FastFaceLR:
         # torch runs the hooks again for a subclass whose step() calls super().step(): scale once, outermost.
         depth = self._hook_depth.get(id(optimizer), 0)
         self._hook_depth[id(optimizer)] = depth + 1
-        if depth:
+        if not depth:
+            self._scale(optimizer)
+
+    def _restore_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        depth = self._hook_depth.get(id(optimizer), 1) - 1
+        self._hook_depth[id(optimizer)] = depth
+        if not depth:
+            self._unscale(optimizer)
+
+    def _scale(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self._own_lrs:  # already scaled (since scale_composed)
             return
         groups = optimizer.param_groups
         self._own_lrs[id(optimizer)] = [group["lr"] for group in groups]
@@ -281,16 +295,33 @@ class FastFaceLR:
             own = float(group["lr"])
             _set_lr(group, self._floored(own * self.lr_scale, own, floors[id(group)]))
 
-    def _restore_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        depth = self._hook_depth.get(id(optimizer), 1) - 1
-        self._hook_depth[id(optimizer)] = depth
-        if depth:
-            return
+    def _unscale(self, optimizer: torch.optim.Optimizer) -> None:
         for group, own in zip(optimizer.param_groups, self._own_lrs.pop(id(optimizer), [])):
             _set_lr(group, float(own))
 
+    def scale_composed(self) -> None:
+        """Puts the LR in effect into the composed optimizers' groups now, until their next step ends (or
+        :meth:`unscale_composed`): what an LR monitor reads before the step is then the LR the step uses."""
+        for optimizer, _ in self._composed:
+            self._scale(optimizer)
+
+    def unscale_composed(self) -> None:
+        """Gives the composed optimizers' groups back the other scheduler's LR."""
+        for optimizer, _ in self._composed:
+            self._unscale(optimizer)
+
+    def rescale(self) -> None:
+        """Applies ``lr_scale`` to optimizers that start from their base LR (built again by a second fit, or
+        new ones given a loaded state): the groups then hold the LR the decisions so far had left them."""
+        composed = {id(optimizer) for optimizer, _ in self._composed}
+        for (optimizer, group), floor in zip(self._groups(), self._floors()):
+            if id(optimizer) not in composed:
+                lr = float(group["lr"])
+                _set_lr(group, self._floored(lr * self.lr_scale, lr, floor))
+
     def close(self) -> None:
         """Removes the optimizer step hooks of ``compose`` (the optimizers keep the other scheduler's LR)."""
+        self.unscale_composed()
         for _, handles in self._composed:
             for handle in handles:
                 handle.remove()
@@ -357,21 +388,36 @@ class FastFaceLR:
         """Restores :meth:`state_dict` (the detector with its settings); load the optimizers' state too."""
         if not isinstance(state, Mapping) or "detector" not in state:
             raise ValueError("state has no 'detector' entry: pass a dict from FastFaceLR.state_dict()")
-        version = state.get("version", 1)
-        if not isinstance(version, int) or version > _STATE_VERSION:
-            raise ValueError(f"FastFaceLR state version {version!r} is newer than this fastface_pl reads "
-                             f"({_STATE_VERSION}); upgrade fastface_pl to load it")
+        version = state.get("version", _STATE_VERSION)
+        if version != _STATE_VERSION:
+            raise ValueError(f"FastFaceLR state['version'] is {version!r}; this fastface_pl reads version "
+                             f"{_STATE_VERSION} (a newer state needs a newer fastface_pl)")
+        fraction = check_real("state['patience_fraction']", state.get("patience_fraction", self.patience_fraction),
+                              0.0, 1.0, allow_none=True)
+        total = check_int("state['total_steps']", state.get("total_steps", self.total_steps), 1, allow_none=True,
+                          none_means="unknown")
+        min_lrs = state.get("min_lrs", self.min_lrs)
+        if min_lrs is not None:
+            if not isinstance(min_lrs, (list, tuple)):
+                raise ValueError(f"state['min_lrs'] must be a list of floats or None, got {min_lrs!r}")
+            min_lrs = [check_real("state['min_lrs']", value, 0.0, low_open=False) for value in min_lrs]
+        on_nonfinite = check_choice("state['on_nonfinite']", state.get("on_nonfinite", self.on_nonfinite),
+                                    NONFINITE_POLICIES)
+        last_step = check_int("state['last_step']", state.get("last_step", 0), 0)
+        num_nonfinite = check_int("state['num_nonfinite']", state.get("num_nonfinite", 0), 0)
+        first = check_int("state['first_nonfinite_step']", state.get("first_nonfinite_step"), 1, allow_none=True,
+                          none_means="none yet")
+        try:
+            decisions = [(int(s), float(f), float(lr)) for s, f, lr in state.get("decisions", [])]
+        except (TypeError, ValueError):
+            raise ValueError("state['decisions'] must be a list of [step, factor, lr] triples, got "
+                             f"{state.get('decisions')!r}") from None
+        lr_scale = check_real("state['lr_scale']", state.get("lr_scale", math.prod(f for _, f, _ in decisions)), 0.0)
         self.detector.load_state_dict(state["detector"])
-        self.patience_fraction = state.get("patience_fraction", self.patience_fraction)
-        self.total_steps = state.get("total_steps", self.total_steps)
-        self.min_lrs = state.get("min_lrs", self.min_lrs)
-        self.on_nonfinite = check_choice("state['on_nonfinite']", state.get("on_nonfinite", self.on_nonfinite),
-                                         NONFINITE_POLICIES)
-        self.last_step = check_int("state['last_step']", state.get("last_step", 0), 0)
-        self.num_nonfinite = check_int("state['num_nonfinite']", state.get("num_nonfinite", 0), 0)
-        self.first_nonfinite_step = state.get("first_nonfinite_step")
-        self.decisions = [(int(s), float(f), float(lr)) for s, f, lr in state.get("decisions", [])]
-        self.lr_scale = float(state.get("lr_scale", math.prod(f for _, f, _ in self.decisions)))
+        self.patience_fraction, self.total_steps, self.min_lrs = fraction, total, min_lrs
+        self.on_nonfinite = on_nonfinite
+        self.last_step, self.num_nonfinite, self.first_nonfinite_step = last_step, num_nonfinite, first
+        self.decisions, self.lr_scale = decisions, lr_scale
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(detector={self.detector!r}, min_lrs={self.min_lrs}, "
