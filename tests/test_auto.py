@@ -154,10 +154,10 @@ def test_fastface_lr_drives_the_optimizer_with_the_auto_detector():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=0.1)
     scheduler = FastFaceLR(optimizer, AutoFastFaceDetector(400))
-    for _ in range(100):
-        scheduler.step(torch.tensor(2.0))  # a flat loss: stationary from step 2, P = 20
-    assert scheduler.decisions[0][0] == 22
-    assert optimizer.param_groups[0]["lr"] < 0.1
+    for t in range(100):  # falls by 0.025 a step to 2.0 at step 41, then flat; P = 20
+        scheduler.step(torch.tensor(max(2.0, 3.0 - 0.025 * t)))
+    assert scheduler.decisions[0][:2] == (67, 0.5)  # 20 stationary steps after the signal sinks below λ
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** len(scheduler.decisions))
 
 
 def test_auto_detector_resolves_again_for_a_new_run_length():

@@ -176,7 +176,7 @@ class AutoFastFaceDetector:
     """A FastFace detector whose α, β, λ and P come from :func:`fastface_auto_settings`.
 
     It stores the first :func:`calibration_steps` losses, resolves the settings from them, builds a
-    :class:`FastFaceDetector` and replays them into it; from then on it forwards every update. The
+    :class:`FastFaceDetector` (with the opening-transient guard, ``wait_for_descent``) and replays them into it; from then on it forwards every update. The
     decisions are those of that detector fed from step 1 (none can fall in the calibration window, which
     is never longer than P). Before the settings are resolved, ``threshold``, ``signal`` … are None.
 
@@ -189,9 +189,9 @@ class AutoFastFaceDetector:
     Example::
 
         >>> detector = AutoFastFaceDetector(total_steps=1000)
-        >>> factors = [detector.update(10.0) for _ in range(200)]
+        >>> factors = [detector.update(max(6.0, 10.0 - 0.05 * t)) for t in range(200)]  # flat from step 81
         >>> detector.settings.patience, detector.decisions[0][0]
-        (50, 52)
+        (50, 153)
     """
 
     def __init__(self, total_steps: int, patience_fraction: float = PAPER_PATIENCE_FRACTION, decay: float = 2.0,
