@@ -497,6 +497,11 @@ def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], metric: Callable) -
     return [metric(r) - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
 
 
+def _schedule_order(name: str) -> tuple[int, str]:
+    known = SCHEDULES + OPTIONAL
+    return (known.index(name) if name in known else len(known), name)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for (task, data_seed), schedules in _groups(rows).items():
@@ -505,7 +510,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                   "paired by seed, TAR@1e-3 points):", "",
                   "| schedule | epochs | steps | seeds | wall (s) | accuracy (%) | TAR@1e-3 (%) | TAR@1e-4 (%) "
                   "| final loss | decisions | Δ TAR@1e-3 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, group in schedules.items():
+        for name, group in sorted(schedules.items(), key=lambda item: _schedule_order(item[0])):
             delta = ""
             if reference is not None and name != "fastface_auto":
                 diffs = paired(reference, group, METRICS[1][1])
@@ -745,8 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "jobs": args.jobs, "rows": rows}, indent=1))
 
     run_plan(config, plan, args.jobs, args.threads, on_row)
-    order = {name: k for k, name in enumerate(SCHEDULES + OPTIONAL)}
-    rows.sort(key=lambda r: (order.get(r["schedule"], len(order)), r["schedule"], r["seed"]))
+    rows.sort(key=lambda r: (_schedule_order(r["schedule"]), r["seed"]))
     total = time.perf_counter() - began
     print(table(rows))
     print()
