@@ -13,8 +13,10 @@ Example::
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -113,13 +115,41 @@ def _detect_file_layout(path: Path) -> str:
 def ignore_sigint_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a worker ignores Ctrl+C (SIGINT), which a terminal sends to the whole
     process group; the main process decides (it saves a checkpoint and stops, see ``fastface_pl.safety``) and
-    shuts the workers down. Lightning's per-worker seeding still runs when ``seed_everything(workers=True)`` asked
-    for it (the data order and flips do not depend on it: they come from the sampler)."""
+    shuts the workers down. The worker was started with SIGINT blocked (:class:`WorkerSafeDataLoader`), so a
+    Ctrl+C that arrived while it started is pending: ignoring the signal discards it, and only then is it
+    unblocked. Lightning's per-worker seeding still runs when ``seed_everything(workers=True)`` asked for it (the
+    data order and flips do not depend on it: they come from the sampler)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if os.environ.get("PL_SEED_WORKERS") == "1":
         from lightning.fabric.utilities.seed import pl_worker_init_function
 
         pl_worker_init_function(worker_id)
+
+
+class WorkerSafeDataLoader(DataLoader):
+    """A ``DataLoader`` whose workers cannot be killed by a Ctrl+C, from their first instruction on.
+
+    The workers are started with SIGINT blocked in the starting thread. A child inherits the signal mask (through
+    ``fork``, and through the ``exec`` of ``spawn`` and of a fork server started then), so a SIGINT that reaches a
+    worker before its ``worker_init_fn`` (:func:`ignore_sigint_in_worker`) stays pending, and is discarded when
+    the worker ignores the signal. The main process's mask is restored as soon as the workers exist: a Ctrl+C that
+    reached it meanwhile is delivered then, to its usual handler. See docs/fault_tolerance.md ("Ctrl+C and
+    DataLoader workers").
+    """
+
+    def _get_iterator(self) -> Any:  # where DataLoader starts the worker processes
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        context = self.multiprocessing_context
+        method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
+        if method != "fork":  # the resource tracker unblocks SIGINT in this thread when it starts: start it first
+            resource_tracker.ensure_running()
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
 class SeededRandomSampler(PositionedSampler):
@@ -232,7 +262,7 @@ class IndexedFlip(Dataset):
         return getattr(self.dataset, name)
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(WorkerSafeDataLoader):
     """The training loader: a ``DataLoader`` that tells Lightning it resumes mid-epoch.
 
     Its position is saved and restored by :meth:`FaceDataModule.state_dict` and
@@ -536,7 +566,7 @@ class FaceDataModule(pl.LightningDataModule):
             self.val_datasets = self._build_val_datasets()
         batch = self.val_batch_size or self.batch_size
         world_size, rank = self._distributed()
-        return [DataLoader(d, batch_size=batch, drop_last=False, **self._loader_kwargs(),
+        return [WorkerSafeDataLoader(d, batch_size=batch, drop_last=False, **self._loader_kwargs(),
                            sampler=ContiguousShardSampler(len(d), world_size, rank))  # type: ignore[arg-type]
                 for d in self.val_datasets]
 
@@ -573,5 +603,5 @@ class FaceDataModule(pl.LightningDataModule):
 
 __all__ = [
     "ACCEPTED_LAYOUTS", "ContiguousShardSampler", "FaceDataModule", "IndexedFlip", "ResumableDataLoader",
-    "SeededRandomSampler", "detect_layout",
+    "SeededRandomSampler", "WorkerSafeDataLoader", "detect_layout", "ignore_sigint_in_worker",
 ]
