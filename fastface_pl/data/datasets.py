@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from fastface_pl.data.errors import CorruptImageError, CorruptRecordError, DatasetError, reading, unreadable
+from fastface_pl.data.errors import (
+    CorruptImageError, CorruptRecordError, DatasetError, ImageTooLargeError, reading, unreadable,
+)
 # IMAGE_EXTENSIONS, INDEX_CACHE_NAME and scan_image_folder lived here: still importable from this module
 from fastface_pl.data.folder_index import (  # noqa: F401
     IMAGE_EXTENSIONS, INDEX_CACHE_NAME, load_index, scan_image_folder,
@@ -50,17 +52,66 @@ PathLike = Union[str, "os.PathLike[str]"]
 # --------------------------------------------------------------------------------------------------------------
 # Decoding and transforms
 # --------------------------------------------------------------------------------------------------------------
-def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: str = "<bytes>") -> torch.Tensor:
+#: Largest side, in pixels, an image header may declare before decoding is refused (a decompression bomb: a few
+#: hundred bytes can declare 20000 x 20000 pixels). Face crops are 112 px; :func:`max_image_side_for` widens it for
+#: a larger configured size. Raise it with ``data.max_image_side`` (training), ``--max-image-side`` (packing) or
+#: the ``max_image_side`` argument of the readers. See docs/fault_tolerance.md ("Size limits").
+DEFAULT_MAX_IMAGE_SIDE = 1024
+
+
+def max_image_side_for(image_size: Optional[int]) -> int:
+    """The default limit for images resized to ``image_size``: 1024, or 8 x ``image_size`` when that is larger."""
+    return max(DEFAULT_MAX_IMAGE_SIDE, 8 * int(image_size or 0))
+
+
+def declared_size(raw: bytes, source: str, max_side: int) -> tuple[int, int]:
+    """``(width, height)`` from the image's header alone (PIL reads no pixels), refused above ``max_side``.
+
+    Raises:
+        ImageTooLargeError: If a side exceeds ``max_side``.
+        CorruptImageError: If no image format is recognised in the header.
+    """
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:  # parses the header only
+                width, height = image.size
+    except Image.DecompressionBombError as error:  # PIL's own limit (179 Mpixels) is far above ours
+        raise _too_large(source, str(error), max_side) from None
+    except Exception as error:  # PIL raises UnidentifiedImageError, SyntaxError, ... depending on the damage
+        raise CorruptImageError(f"{source}: cannot decode image ({len(raw)} bytes): {error}", source=source) from None
+    if max(width, height) > max_side:
+        raise _too_large(source, f"its header declares {width} x {height} pixels", max_side)
+    return width, height
+
+
+def _too_large(source: str, what: str, max_side: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{source}: refused before decoding: {what}, above the limit of {max_side} pixels per side (a "
+        "decompression bomb, or not a face crop). If it is a real image, raise the limit (data.max_image_side, "
+        "data.pack --max-image-side)", source=source,
+    )
+
+
+def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: str = "<bytes>",
+                 max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> torch.Tensor:
     """Decode a JPEG/PNG (or any format PIL reads) to a ``uint8`` RGB tensor ``[3, H, W]``.
 
-    Uses ``torchvision.io.decode_image`` (libjpeg-turbo), falling back to PIL for formats it does not read.
-    Truncated or broken images raise instead of coming back grey.
+    The size declared in the header is checked first (:func:`declared_size`), so a decompression bomb is refused
+    before any pixel memory is allocated. Uses ``torchvision.io.decode_image`` (libjpeg-turbo), falling back to
+    PIL for formats it does not read. Truncated or broken images raise instead of coming back grey.
 
     Args:
         data: The encoded image.
         source: Where the bytes came from, for the error message (a path, or ``file.rec key K (offset O)``).
+        max_side: Largest width or height accepted (:data:`DEFAULT_MAX_IMAGE_SIDE`).
 
     Raises:
+        ImageTooLargeError: If the header declares a side above ``max_side``.
         CorruptImageError: If the bytes are not a decodable image.
     """
     from torchvision.io import ImageReadMode
@@ -69,15 +120,20 @@ def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: 
     raw = bytes(data) if not isinstance(data, (bytes, bytearray)) else data
     if len(raw) == 0:
         raise CorruptImageError(f"{source}: empty image data", source=source)
+    declared = declared_size(raw, source, max_side)
     try:
-        return tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as tv_error:
         first_error = str(tv_error).splitlines()[-1]
+    else:
+        if (image.shape[2], image.shape[1]) == declared:
+            return image
+        first_error = f"decoded {image.shape[2]} x {image.shape[1]}, the header declares {declared[0]} x {declared[1]}"
     try:
         from PIL import Image
 
-        with Image.open(io.BytesIO(raw)) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with Image.open(io.BytesIO(raw)) as pil_image:
+            array = np.asarray(pil_image.convert("RGB"), dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     except Exception as pil_error:  # PIL raises OSError, SyntaxError, ValueError ... depending on the damage
         raise CorruptImageError(
@@ -162,9 +218,12 @@ class _FileDataset(Dataset):
 
     max_consecutive_corrupt = 32
 
-    def __init__(self, transform: Optional[Callable[[torch.Tensor], Any]], skip_corrupt: bool) -> None:
+    def __init__(self, transform: Optional[Callable[[torch.Tensor], Any]], skip_corrupt: bool,
+                 max_image_side: Optional[int] = None) -> None:
         self.transform = transform if transform is not None else FaceTransform()
         self.skip_corrupt = bool(skip_corrupt)
+        self.max_image_side = (check_positive_int("max_image_side", max_image_side) if max_image_side is not None
+                               else DEFAULT_MAX_IMAGE_SIDE)
         self._skipped = _SkipCounter()
 
     @property
@@ -226,6 +285,8 @@ class RecordDataset(_FileDataset):
             (:attr:`num_skipped`) instead of raising.
         num_classes: Number of classes, if known. Needed only for packs without a header record (else the
             labels are scanned once, reading each record's header: slow for millions of images).
+        max_image_side: Refuse an image whose header declares a larger side, before decoding it
+            (default :data:`DEFAULT_MAX_IMAGE_SIDE`).
 
     Raises:
         DatasetError: On missing files, an inconsistent pack, or (at read time) a label outside
@@ -234,9 +295,9 @@ class RecordDataset(_FileDataset):
 
     def __init__(
         self, path: PathLike, transform: Optional[Callable[[torch.Tensor], Any]] = None, skip_corrupt: bool = False,
-        num_classes: Optional[int] = None,
+        num_classes: Optional[int] = None, max_image_side: Optional[int] = None,
     ) -> None:
-        super().__init__(transform, skip_corrupt)
+        super().__init__(transform, skip_corrupt, max_image_side)
         self.record_file = RecordFile(_resolve_rec(path))
         self.layout: RecordLayout = parse_layout(self.record_file)
         self._num_classes = self.layout.num_identities if self.layout.has_header_record else num_classes
@@ -276,7 +337,7 @@ class RecordDataset(_FileDataset):
                 f"{where}: label {label} is outside [0, {self._num_classes}); the pack's identity records "
                 "or the configured num_classes do not match its labels"
             )
-        return decode_image(encoded, where), label
+        return decode_image(encoded, where, self.max_image_side), label
 
     def validate(self, sample_size: int = 256) -> None:
         """Cheap consistency checks: identity records and the labels of an evenly spaced sample of images.
@@ -335,6 +396,8 @@ class ImageFolderDataset(_FileDataset):
         index_cache: Where to keep the index (a file path); None for the default places.
         extensions: Image file suffixes to index (case-insensitive).
         rebuild_index: Ignore an existing cache and walk the folder again.
+        max_image_side: Refuse an image whose header declares a larger side, before decoding it
+            (default :data:`DEFAULT_MAX_IMAGE_SIDE`).
 
     Raises:
         DatasetError: If ``root`` is not a folder, cannot be read, or holds no identity folder with images.
@@ -343,9 +406,9 @@ class ImageFolderDataset(_FileDataset):
     def __init__(
         self, root: PathLike, transform: Optional[Callable[[torch.Tensor], Any]] = None, skip_corrupt: bool = False,
         index_cache: Optional[PathLike] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-        rebuild_index: bool = False,
+        rebuild_index: bool = False, max_image_side: Optional[int] = None,
     ) -> None:
-        super().__init__(transform, skip_corrupt)
+        super().__init__(transform, skip_corrupt, max_image_side)
         self.root = Path(root)
         with reading("image folder", self.root):
             if not self.root.is_dir():
@@ -400,7 +463,7 @@ class ImageFolderDataset(_FileDataset):
             raise CorruptImageError(str(unreadable("image", path, error)), source=str(path)) from None
         except OSError as error:
             raise CorruptImageError(f"{path}: cannot read: {error}", source=str(path)) from None
-        return decode_image(data, str(path)), int(self._labels[index])
+        return decode_image(data, str(path), self.max_image_side), int(self._labels[index])
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {self.num_classes} identities)"
@@ -604,7 +667,10 @@ __all__ = [
     "SyntheticFaceGenerator",
     "SyntheticFaces",
     "SyntheticPairs",
+    "DEFAULT_MAX_IMAGE_SIDE",
+    "declared_size",
     "decode_image",
+    "max_image_side_for",
     "normalize",
     "scan_image_folder",
 ]
