@@ -66,6 +66,19 @@ def disk_full_error(path: PathLike, error: OSError, what: str = "file") -> DiskF
     return full
 
 
+def _no_space(error: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error in ``error`` or behind it (a writer such as ``torch.save`` may raise its own error
+    while closing a file whose write failed), else None."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, DiskFullError):
+            return None
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def fsync_folder(folder: PathLike) -> None:
     """Make a rename inside ``folder`` durable (ignored where folders cannot be opened, e.g. Windows)."""
     try:
@@ -103,8 +116,9 @@ def atomic_write(path: PathLike, mode: str = "wb", what: str = "file", **open_kw
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, DiskFullError) and error.errno in NO_SPACE:
-            raise disk_full_error(path, error, what) from None
+        no_space = _no_space(error)
+        if no_space is not None:
+            raise disk_full_error(path, no_space, what) from None
         raise
     fsync_folder(path.parent)
 
@@ -116,8 +130,9 @@ def replace_atomic(tmp: PathLike, path: PathLike, what: str = "file") -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as error:
-        if error.errno in NO_SPACE:
-            raise disk_full_error(path, error, what) from None
+        no_space = _no_space(error)
+        if no_space is not None:
+            raise disk_full_error(path, no_space, what) from None
         raise
     fsync_folder(Path(path).parent)
 

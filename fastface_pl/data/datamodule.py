@@ -164,7 +164,9 @@ def check_state(state: Any) -> None:
         raise SavedStateError(f"the data module's saved state is a {type(state).__name__}, expected a dict")
     required = ("epoch", "batches_done") if "epoch" in state or "batches_done" in state else ()
     for key in ("seed", "num_skipped", "epoch", "batches_done"):
-        if key not in state and key not in required:
+        if key not in state:
+            if key in required:
+                raise SavedStateError(f"the data module's saved state has no {key} (it has {sorted(state)})")
             continue
         value = state.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

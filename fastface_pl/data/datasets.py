@@ -80,13 +80,31 @@ def declared_size(raw: bytes, source: str, max_side: int) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw)) as image:  # parses the header only
                 width, height = image.size
-    except Image.DecompressionBombError as error:  # PIL's own limit (179 Mpixels) is far above ours
-        raise _too_large(source, str(error), max_side) from None
+    except Image.DecompressionBombError:  # PIL's own limit (179 Mpixels), far above ours, refused it first
+        width, height = _size_past_pil_limit(raw)
+        raise _too_large(source, f"its header declares {width} x {height} pixels", max_side) from None
     except Exception as error:  # PIL raises UnidentifiedImageError, SyntaxError, ... depending on the damage
         raise CorruptImageError(f"{source}: cannot decode image ({len(raw)} bytes): {error}", source=source) from None
     if max(width, height) > max_side:
         raise _too_large(source, f"its header declares {width} x {height} pixels", max_side)
     return width, height
+
+
+def _size_past_pil_limit(raw: bytes) -> tuple[int, int]:
+    """The declared size of an image PIL's ``Image.open`` refused as too large: its format plugin reads the header
+    without that check (as ``Image.open`` does before it)."""
+    from PIL import Image
+
+    Image.init()
+    for format_id in Image.ID:
+        factory, accept = Image.OPEN[format_id]
+        if accept is not None and not accept(raw[:16]):
+            continue
+        try:
+            return factory(io.BytesIO(raw), None).size
+        except Exception:  # noqa: BLE001 - another plugin may accept it
+            continue
+    return 0, 0  # pragma: no cover - Image.open recognised it a moment ago
 
 
 def _too_large(source: str, what: str, max_side: int) -> ImageTooLargeError:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from fastface_pl.atomic import NO_SPACE, disk_full_error, replace_atomic, write_text_atomic
+from fastface_pl.atomic import NO_SPACE, DiskFullError, disk_full_error, replace_atomic, write_text_atomic
 from fastface_pl.data.datasets import DEFAULT_MAX_IMAGE_SIDE, IMAGE_EXTENSIONS, decode_image, scan_image_folder
 from fastface_pl.data.errors import CorruptImageError, DatasetError, reading, unreadable, writing
 from fastface_pl.data.recordio import RecordWriter, pack_header
@@ -185,7 +185,7 @@ def _write_pack(
     except BaseException as error:
         for partial in (tmp_rec, tmp_idx):  # no half-written pack left behind
             partial.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in NO_SPACE:
+        if isinstance(error, OSError) and error.errno in NO_SPACE and not isinstance(error, DiskFullError):
             raise disk_full_error(rec_path, error, "pack") from None
         raise
     if num_images == 0:
