@@ -372,3 +372,55 @@ def test_an_ijb_image_path_leaving_the_folder_is_refused(tmp_path, name):
     with pytest.raises(DatasetError, match=r"ijbc_name_5pts_score\.txt:2: the image .* is not a path inside "
                                            "loose_crop/"):
         read_ijb_meta(folder)
+
+
+# ---------------------------------------------------------------------------------------------- 5, 7, 8, 12
+def test_a_pack_of_mixed_image_sizes_names_the_record_or_is_resized(tmp_path):
+    root = _pack(tmp_path / "pack", [normal_jpeg(112, 1), normal_jpeg(112, 2), normal_jpeg(96, 3), normal_jpeg(112, 4)])
+    dataset = RecordDataset(root, num_classes=2)
+    dataset[0]
+    with pytest.raises(DatasetError, match=r"train\.rec key 3 \(byte offset \d+\): the image is 96 x 96 pixels, "
+                                           r"other images .* are 112 x 112.*data\.image_size"):
+        dataset[2]
+    module = FaceDataModule(str(root), batch_size=4, num_workers=0, val_sets=[], image_size=112, flip=False)
+    images, _ = next(iter(module.train_dataloader()))
+    assert images.shape == (4, 3, 112, 112)
+
+
+def test_one_identity_is_refused():
+    module = FaceDataModule("synthetic", batch_size=4, num_workers=0,
+                            synthetic={"num_identities": 1, "images_per_identity": 8, "image_size": 8})
+    with pytest.raises(DatasetError, match="holds 1 identity: a margin softmax over one class learns nothing"):
+        module.setup("fit")
+
+
+def test_a_bin_with_no_pair_is_refused_and_one_kind_of_pair_warns(tmp_path):
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(pickle.dumps(([], []), protocol=2))
+    with pytest.raises(DatasetError, match=r"empty\.bin holds no pairs"):
+        load_bin(empty)
+    genuine = write_bin(tmp_path / "genuine.bin", [normal_jpeg(seed=i) for i in range(4)], [True, True])
+    with pytest.warns(UserWarning, match=r"genuine\.bin: all 2 pairs are genuine pairs.*VAL@FAR is undefined"):
+        load_bin(genuine)
+
+
+@pytest.mark.parametrize("index, problem", [
+    ("1\t0\n99999999999999999999\t100\n", r"line 2 holds a key or offset beyond the 64-bit range"),
+    ("1\t0\n2\t0\n", r"keys 1 and 2 point at the same byte offset 0"),
+])
+def test_a_corrupt_idx_is_named(tmp_path, index, problem):
+    from fastface_pl.data.recordio import RecordFile
+
+    root = _pack(tmp_path / "pack", [normal_jpeg(seed=1), normal_jpeg(seed=2)])
+    (root / "train.idx").write_text(index)
+    with pytest.raises(DatasetError, match=rf"train\.idx: {problem}"):
+        RecordFile(root / "train.rec")
+
+
+def test_packing_into_the_source_folder_is_refused(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "0.jpg").write_bytes(normal_jpeg())
+    assert pack_main([str(src), str(src / "packed"), "--workers", "0", "--no-progress"]) == 2
+    assert "lies inside the source folder" in capsys.readouterr().err
+    assert not (src / "packed").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -203,6 +204,15 @@ def load_bin(
     issame = [bool(x) for x in (issame.tolist() if isinstance(issame, np.ndarray) else issame)]
     if len(bins) != 2 * len(issame):
         raise DatasetError(f"{path}: {len(bins)} images for {len(issame)} pairs, expected {2 * len(issame)}")
+    if not issame:
+        raise DatasetError(f"{path} holds no pairs: nothing to verify (an empty or cut-down .bin); remove it from "
+                           "the verification sets or replace it")
+    if all(issame) or not any(issame):
+        warnings.warn(
+            f"{path}: all {len(issame)} pairs are {'genuine' if all(issame) else 'impostor'} pairs, so the accuracy "
+            "says nothing (one threshold classifies them all) and VAL@FAR is undefined (reported as NaN); a "
+            "verification set needs both kinds", UserWarning, stacklevel=2,
+        )
     encoded = [_as_bytes(item, path, i) for i, item in enumerate(bins)]
     return VerificationPairs(encoded, issame, name=path.stem, image_size=image_size, transform=transform,
                              max_image_side=max_image_side or max_image_side_for(image_size))

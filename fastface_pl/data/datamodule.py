@@ -442,6 +442,12 @@ class FaceDataModule(pl.LightningDataModule):
                     f"num_classes={self.expected_num_classes} was given but {self.root} holds {found} identities; "
                     f"set num_classes: {found} (or null to take it from the data)"
                 )
+            if found < 2:
+                raise DatasetError(
+                    f"{self.root} holds {found} identity: a margin softmax over one class learns nothing (its loss "
+                    "is 0 at every step); face recognition training needs at least 2 identities (thousands, in "
+                    "practice)"
+                )
             if isinstance(dataset, RecordDataset):
                 dataset.validate()
             self.train_dataset = dataset

@@ -243,6 +243,7 @@ class _FileDataset(Dataset):
         self.max_image_side = (check_positive_int("max_image_side", max_image_side) if max_image_side is not None
                                else DEFAULT_MAX_IMAGE_SIDE)
         self._skipped = _SkipCounter()
+        self._size: Optional[tuple[int, ...]] = None  # the stored size of the images seen (no resize configured)
 
     @property
     def num_skipped(self) -> int:
@@ -273,7 +274,27 @@ class _FileDataset(Dataset):
                 f"{self.max_consecutive_corrupt} consecutive corrupt samples from index {index} on in "
                 f"{self!r}: the data is badly damaged (or unreadable); the last one: {last_error}"
             )
+        self._check_size(image, (index + attempt) % n)
         return self.transform(image), label
+
+    def _source(self, index: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_size(self, image: torch.Tensor, index: int) -> None:
+        """Images kept at their stored size (no ``image_size``) must all have one size, or a batch cannot be
+        stacked: the first that differs is named, with the fix."""
+        transform = self.transform
+        if not isinstance(transform, FaceTransform) or transform.image_size is not None or transform.extra is not None:
+            return
+        size = tuple(image.shape[-2:])
+        if self._size is None:
+            self._size = size
+        elif size != self._size:
+            raise DatasetError(
+                f"{self._source(index)}: the image is {size[1]} x {size[0]} pixels, other images of {self!r} are "
+                f"{self._size[1]} x {self._size[0]}; images of several sizes cannot be batched. Set data.image_size "
+                "(e.g. 112) to resize them all, or re-pack the data at one size"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -339,6 +360,9 @@ class RecordDataset(_FileDataset):
 
     def _where(self, key: int) -> str:
         return f"{self.record_file.rec_path} key {key} (byte offset {self.record_file.offset(key)})"
+
+    def _source(self, index: int) -> str:
+        return self._where(self.layout.image_keys[index])
 
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         key = self.layout.image_keys[index]
@@ -467,6 +491,9 @@ class ImageFolderDataset(_FileDataset):
 
     def label(self, index: int) -> int:
         return int(self._labels[index])
+
+    def _source(self, index: int) -> str:
+        return str(self.path(index))
 
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.path(index)
