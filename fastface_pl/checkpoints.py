@@ -19,12 +19,13 @@ import os
 import pathlib
 import pickle
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["CheckpointError", "SAFE_GLOBALS", "load_checkpoint", "load_lightning_checkpoint",
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "SAFE_GLOBALS", "restoring_from", "SavedStateError", "load_checkpoint", "load_lightning_checkpoint",
            "load_backbone_weights", "newest_checkpoint", "checkpoint_candidates",
            "differing_hyperparameters", "describe_load_error"]
 
@@ -40,6 +41,14 @@ _LIGHTNING_KEYS = ("state_dict", "global_step")
 
 class CheckpointError(ValueError):
     """A checkpoint or weight file that cannot be used: missing, unreadable, refused, corrupt or of another kind."""
+
+
+class SavedStateError(ValueError):
+    """A component's state read from a checkpoint is not what it saves (a value of the wrong type or range).
+
+    Raised by a component's ``load_state_dict`` or when it first uses the state; :func:`restoring_from` turns it
+    into a :class:`CheckpointError` that names the file.
+    """
 
 
 def _describe_refusal(err: pickle.UnpicklingError) -> str:
@@ -240,3 +249,68 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return float(a) == float(b)
     return a == b
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _checkpoint_io_base() -> type:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    return TorchCheckpointIO
+
+
+class AtomicCheckpointIO(_checkpoint_io_base()):  # type: ignore[misc]
+    """Lightning's checkpoint writer, made atomic for local paths (a ``Trainer(plugins=[...])`` plugin).
+
+    ``torch.save`` writes to a temporary name in the checkpoint's folder, which is fsynced and renamed to the
+    final name only when complete (:mod:`fastface_pl.atomic`): a full disk or a kill during a save leaves the
+    previous ``last.ckpt`` (or step checkpoint) as it was and no truncated file under a checkpoint name. A full
+    disk raises :class:`~fastface_pl.atomic.DiskFullError`, naming the path and the free space (exit 2). Remote
+    URLs (``s3://`` ...) are left to Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        from fastface_pl.atomic import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "wb", what="checkpoint") as handle:
+            torch.save(checkpoint, handle)
+
+
+# ---------------------------------------------------------------------------------------------- restoring
+_RESTORE_FRAMES = ("restore_datamodule", "restore_callbacks", "restore_training_state", "restore_model",
+                   "_restore_modules_and_callbacks", "restore_optimizers_and_schedulers", "restore_loops",
+                   "restore_precision_plugin_state")
+
+
+def _raised_while_restoring(err: BaseException) -> bool:
+    """Whether ``err`` came out of Lightning restoring a checkpoint's state into the components."""
+    frame = err.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        if code.co_name in _RESTORE_FRAMES and "checkpoint_connector" in code.co_filename:
+            return True
+        frame = frame.tb_next
+    return False
+
+
+@contextmanager
+def restoring_from(path: Optional[PathLike]) -> Iterator[None]:
+    """Around ``trainer.fit(ckpt_path=path)``: a component that rejects its saved state (the data module, a
+    callback, the loops: a value of the wrong type or out of range in a tampered or damaged checkpoint) raises
+    one :class:`CheckpointError` naming the file and the reason (exit 2), not a traceback."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as err:
+        if path is None or isinstance(err, CheckpointError) or not (isinstance(err, SavedStateError)
+                                                                    or _raised_while_restoring(err)):
+            raise
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        if isinstance(err, KeyError):
+            reason = f"missing entry {err}"
+        raise CheckpointError(
+            f"checkpoint {path} holds a state this run cannot restore: {reason}. The file was altered or damaged; "
+            "resume from another checkpoint of the run (e.g. ckpt_path=<run folder> picks the newest)"
+        ) from err

@@ -182,7 +182,10 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
     ]
     if lr_callback is not None:
         callbacks.insert(0, lr_callback)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir))
+    from fastface_pl.checkpoints import AtomicCheckpointIO  # checkpoints written to a temporary name, then renamed
+
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir),
+                          plugins=[AtomicCheckpointIO()])
     return trainer, module, datamodule, lr_callback
 
 
@@ -315,7 +318,10 @@ def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
     """``results.json``, strict JSON: a non-finite number (a diverged loss, an undefined accuracy) is ``null``."""
     from fastface_pl.safety import finite_or_none
 
-    (run_dir / "results.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
+    from fastface_pl.atomic import write_text_atomic
+
+    write_text_atomic(run_dir / "results.json", json.dumps(finite_or_none(summary), indent=2, allow_nan=False),
+                      "results file")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -338,9 +344,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         import torch
 
-        from fastface_pl.checkpoints import SAFE_GLOBALS
+        from fastface_pl.checkpoints import SAFE_GLOBALS, restoring_from
 
-        with torch.serialization.safe_globals(SAFE_GLOBALS):  # Lightning's own load: weights-only, same allow-list
+        # Lightning's own load: weights-only, same allow-list; a state the components reject names the file
+        with torch.serialization.safe_globals(SAFE_GLOBALS), restoring_from(ckpt_path):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as caught:
         from fastface_pl.safety import TrainingDiverged
@@ -396,6 +403,10 @@ def _fault_summary(err: BaseException, run_dir: Path) -> dict[str, Any]:
                 "checkpoint": str(err.checkpoint) if err.checkpoint else None}
     if isinstance(err, SIGTERMException):
         return {"status": "interrupted", "signal": "SIGTERM", "checkpoint": str(newest[0]) if newest else None}
+    from fastface_pl.atomic import DiskFullError  # a save failed for lack of space: the older files are intact
+
+    if isinstance(err, DiskFullError):
+        return {"status": "disk_full", "reason": str(err), "checkpoint": str(newest[0]) if newest else None}
     return {}
 
 

@@ -379,22 +379,61 @@ def test_found_class_count_is_recorded_in_the_hyperparameters():
     assert dm.hparams_initial["batch_size"] == 8  # the other arguments are kept
 
 
-@pytest.mark.slow
 def test_dataloader_workers_survive_a_terminal_ctrl_c():
     """A terminal's Ctrl+C reaches every process of the group, workers included. They must keep serving batches
-    so that the main process can finish the step and save it (fastface_pl.safety.PreemptionCheckpoint)."""
+    so that the main process can finish the step and save it (fastface_pl.safety.PreemptionCheckpoint), also when
+    it arrives while they are still starting: SIGINT is sent at once after the workers are created (before their
+    own start-up code ran, in most repetitions) and again after the first batch, 50 times over."""
     import signal
-    import time
 
-    dm = FaceDataModule("synthetic", batch_size=4, num_workers=2, persistent_workers=True, seed=1,
-                        synthetic={"num_identities": 8, "images_per_identity": 4, "image_size": 16,
-                                   "num_val_pairs": 10})
-    loader = dm.train_dataloader()
-    iterator = iter(loader)
-    next(iterator)
-    workers = iterator._workers
-    for worker in workers:
-        os.kill(worker.pid, signal.SIGINT)
-    time.sleep(1.0)
-    assert all(worker.is_alive() for worker in workers)
-    assert len(list(iterator)) == len(loader) - 1  # the rest of the epoch still arrives
+    dm = FaceDataModule("synthetic", batch_size=2, num_workers=2, persistent_workers=True, seed=1,
+                        synthetic={"num_identities": 4, "images_per_identity": 4, "image_size": 8,
+                                   "num_val_pairs": 4})
+    for repetition in range(50):
+        loader = dm.train_dataloader()
+        iterator = iter(loader)  # the workers are started here
+        workers = iterator._workers
+        try:
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGINT)
+            next(iterator)
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGINT)
+            # each worker still has batches to make after the second signal, so both signals were delivered
+            assert len(list(iterator)) == len(loader) - 1, f"repetition {repetition}"
+            assert all(worker.is_alive() for worker in workers), f"repetition {repetition}"
+        finally:
+            iterator._shutdown_workers()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_ctrl_c_while_workers_start_spares_them_and_still_reaches_the_main_process(monkeypatch, start_method):
+    """SIGINT sent to the whole group at the moment the workers are started: the workers (forked or spawned)
+    survive it, and the main process's own handler still receives it, once."""
+    import signal
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastface_pl.data.datamodule import WorkerSafeDataLoader, ignore_sigint_in_worker
+
+    received = []
+    start_workers = DataLoader._get_iterator
+
+    def start_with_ctrl_c(loader):
+        os.kill(os.getpid(), signal.SIGINT)  # the main process, while it starts the workers
+        iterator = start_workers(loader)
+        for worker in iterator._workers:
+            os.kill(worker.pid, signal.SIGINT)
+        return iterator
+
+    monkeypatch.setattr(DataLoader, "_get_iterator", start_with_ctrl_c)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        loader = WorkerSafeDataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1,
+                                      worker_init_fn=ignore_sigint_in_worker, multiprocessing_context=start_method)
+        iterator = iter(loader)
+        assert received == [signal.SIGINT]
+        assert len(list(iterator)) == 4 and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -250,3 +250,64 @@ def test_a_dcp_resume_says_the_checkpoints_pool_size_is_kept(caplog):
     assert "model.dcp_pool_size: checkpoint 32, config None -> the checkpoint's pool size is kept" in caplog.text
     assert "model.dcp_pool_fraction: checkpoint 0.01, config 0.02 -> the checkpoint's pool size is kept" in caplog.text
     assert "config's value is used" not in caplog.text
+
+
+def _tampered(tmp_path: Path, source: Path, change) -> Path:
+    checkpoint = torch.load(source, weights_only=True)
+    change(checkpoint)
+    path = tmp_path / "tampered.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def _set_data_state(key, value):
+    def change(checkpoint):
+        assert "FaceDataModule" in checkpoint, sorted(checkpoint)
+        checkpoint["FaceDataModule"][key] = value
+    return change
+
+
+def _set_guard_streak(checkpoint):
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("DivergenceGuard")]
+    checkpoint["callbacks"][key]["streak"] = "x"
+
+
+@pytest.mark.parametrize("change", [_set_data_state("batches_done", -3), _set_data_state("batches_done", 1e6),
+                                    _set_data_state("epoch", "zero"), _set_guard_streak],
+                         ids=["batches_done=-3", "batches_done=1e6", "epoch=zero", "guard_streak=x"])
+def test_a_checkpoint_with_a_tampered_state_is_one_message_naming_it(tmp_path, tiny_run, change):
+    """Issue 16 item 4: a component that rejects its saved state stops the resume with one message naming the
+    file (not a Hydra traceback ending in a bare ValueError), exit 2."""
+    path = _tampered(tmp_path, tiny_run / "checkpoints" / "last.ckpt", change)
+    result = _train(tmp_path / "resumed", *TINY, f"ckpt_path={path}", "trainer.max_epochs=2")
+    assert result.returncode == 2, _explain(result)
+    assert "Traceback" not in result.stderr, _explain(result)
+    assert f"checkpoint {path} holds a state this run cannot restore" in result.stderr, _explain(result)
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_exits_2(tmp_path):
+    """Issue 16 item 3, on a real small file system (a tmpfs that fits one checkpoint of the demo, not two):
+    the failed save names the path and the free space, exit 2; every checkpoint left loads; no temporary file
+    is left; results.json says disk_full."""
+    import shutil as _shutil
+
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = _shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount_point)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN); "
+                    "tests/test_hostile_input.py simulates ENOSPC instead")
+    try:
+        run = mount_point / "run"
+        result = _train(run, *TINY, "validate_at_end=false")
+        assert result.returncode == 2, _explain(result)
+        assert "Traceback" not in result.stderr, _explain(result)
+        assert "no space left on the device" in result.stderr and " free in " in result.stderr, _explain(result)
+        checkpoints = sorted((run / "checkpoints").iterdir())
+        assert checkpoints and all(p.suffix == ".ckpt" for p in checkpoints), checkpoints  # no temporary file
+        for path in checkpoints:
+            load_lightning_checkpoint(path)  # complete, each of them
+        assert _strict_json(run / "results.json")["status"] == "disk_full"
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

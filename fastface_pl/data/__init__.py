@@ -15,7 +15,9 @@ from fastface_pl.data.datasets import (
     SyntheticPairs,
     decode_image,
 )
-from fastface_pl.data.errors import CorruptImageError, CorruptRecordError, DatasetError, RecordKeyError
+from fastface_pl.data.errors import (
+    CorruptImageError, CorruptRecordError, DatasetError, ImageTooLargeError, RecordKeyError,
+)
 from fastface_pl.data.recordio import (
     RecordFile,
     RecordHeader,
@@ -31,6 +33,7 @@ __all__ = [
     "CorruptImageError",
     "CorruptRecordError",
     "DatasetError",
+    "ImageTooLargeError",
     "FaceDataModule",
     "FaceTransform",
     "ImageFolderDataset",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fastface_pl.data.datasets import FaceTransform, decode_image
+from fastface_pl.data.datasets import DEFAULT_MAX_IMAGE_SIDE, FaceTransform, decode_image, max_image_side_for
 from fastface_pl.data.errors import DatasetError, reading
 from fastface_pl.validation import check_int
 
@@ -43,11 +44,75 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _Budget:
+    """What the unpickler may still allocate: the file's size (plus 1 MiB) in all, for every array or buffer a
+    global builds. A real ``.bin`` holds its images' bytes, so its objects never need more than the file; a
+    tampered one that asks ``numpy.ndarray((2**50,), 'u1')`` of a 117-byte file is refused before allocating."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.left = path, size + (1 << 20)
+
+    def take(self, nbytes: int, what: str) -> None:
+        if nbytes > self.left:
+            raise DatasetError(
+                f"{self.path} is not a verification .bin that fastface_pl accepts: it asks to allocate {nbytes:,} "
+                f"bytes for {what}, more than the file itself could hold (its size bounds what it may build); the "
+                "file was altered or is not an InsightFace .bin"
+            )
+        self.left -= nbytes
+
+
+def _nbytes(shape: Any, dtype: Any, what: str, budget: _Budget) -> int:
+    try:
+        dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+        itemsize = np.dtype(dtype).itemsize
+    except (TypeError, ValueError) as error:
+        raise DatasetError(f"{budget.path}: {what} with shape {shape!r} and dtype {dtype!r}: {error}") from None
+    if any(d < 0 for d in dims):
+        raise DatasetError(f"{budget.path}: {what} with a negative shape {dims}")
+    total = itemsize
+    for d in dims:
+        total *= d
+    return total
+
+
 class _BinUnpickler(pickle.Unpickler):
+    def __init__(self, handle: Any, path: Path, size: int) -> None:
+        super().__init__(handle, encoding="bytes")
+        self.budget = _Budget(path, size)
+        budget = self.budget
+
+        def ndarray(shape: Any, dtype: Any = float, *args: Any, **kwargs: Any) -> np.ndarray:
+            budget.take(_nbytes(shape, dtype, "numpy.ndarray", budget), "a numpy array")
+            return np.ndarray(shape, dtype, *args, **kwargs)
+
+        self._ndarray = ndarray  # numpy.ndarray, called with the budget checked (and given to _reconstruct)
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"a verification .bin may not reference {module}.{name}")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        budget = self.budget
+        if name == "ndarray":
+            return self._ndarray
+        if name == "_reconstruct":
+            def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+                budget.take(_nbytes(shape, dtype, "a numpy array", budget), "a numpy array")
+                return found(np.ndarray if subtype is self._ndarray else subtype, shape, dtype)
+            return reconstruct
+        if name == "bytearray":
+            def make_bytearray(*args: Any) -> bytearray:
+                if args and isinstance(args[0], (int, np.integer)):
+                    budget.take(int(args[0]), "a bytearray")
+                return found(*args)
+            return make_bytearray
+        if name == "dtype":
+            def make_dtype(*args: Any, **kwargs: Any) -> np.dtype:
+                made = found(*args, **kwargs)
+                budget.take(made.itemsize, "a numpy dtype")  # a void dtype of 2**40 bytes would do it
+                return made
+            return make_dtype
+        return found
 
 
 def _as_bytes(item: Any, path: Path, position: int) -> bytes:
@@ -72,17 +137,19 @@ class VerificationPairs(Dataset):
         name: Name of the set (e.g. ``"lfw"``), for messages.
         image_size: Resize to this side when the images differ (None keeps the stored size).
         transform: Applied to each ``uint8 [3, H, W]`` image (default: normalisation, no flip).
+        max_image_side: Refuse an image whose header declares a larger side, before decoding it.
     """
 
     def __init__(
         self, encoded: Sequence[bytes], issame: Sequence[bool], name: str = "pairs", image_size: Optional[int] = None,
-        transform: Optional[Callable[[torch.Tensor], Any]] = None,
+        transform: Optional[Callable[[torch.Tensor], Any]] = None, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
     ) -> None:
         if len(encoded) != 2 * len(issame):
             raise DatasetError(f"{name}: {len(encoded)} images for {len(issame)} pairs, expected {2 * len(issame)}")
         self.encoded = list(encoded)
         self.issame = [bool(x) for x in issame]
         self.name = name
+        self.max_image_side = int(max_image_side)
         self.transform = transform if transform is not None else FaceTransform(image_size=image_size)
 
     def __len__(self) -> int:
@@ -91,8 +158,8 @@ class VerificationPairs(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any, bool]:
         if not 0 <= index < len(self):
             raise IndexError(f"pair {index} out of range for {self.name} ({len(self)} pairs)")
-        first = decode_image(self.encoded[2 * index], f"{self.name} image {2 * index}")
-        second = decode_image(self.encoded[2 * index + 1], f"{self.name} image {2 * index + 1}")
+        first = decode_image(self.encoded[2 * index], f"{self.name} image {2 * index}", self.max_image_side)
+        second = decode_image(self.encoded[2 * index + 1], f"{self.name} image {2 * index + 1}", self.max_image_side)
         return self.transform(first), self.transform(second), self.issame[index]
 
     def __repr__(self) -> str:
@@ -100,7 +167,8 @@ class VerificationPairs(Dataset):
 
 
 def load_bin(
-    path: PathLike, image_size: Optional[int] = None, transform: Optional[Callable[[torch.Tensor], Any]] = None
+    path: PathLike, image_size: Optional[int] = None, transform: Optional[Callable[[torch.Tensor], Any]] = None,
+    max_image_side: Optional[int] = None,
 ) -> VerificationPairs:
     """Read an InsightFace verification ``.bin``.
 
@@ -108,21 +176,26 @@ def load_bin(
         path: The ``.bin`` file.
         image_size: Resize images to this side if they differ (InsightFace's loader does the same).
         transform: Replaces the default normalisation (receives ``uint8 [3, H, W]``).
+        max_image_side: Refuse an image whose header declares a larger side (default: 1024, or 8 x
+            ``image_size``), before decoding it.
 
     Raises:
-        DatasetError: If the file is missing or unreadable, or is not a ``(bins, issame)`` pickle with
-            ``len(bins) == 2 P``.
+        DatasetError: If the file is missing or unreadable, is not a ``(bins, issame)`` pickle with
+            ``len(bins) == 2 P``, or asks to allocate more than its own size (a tampered file).
     """
     path = Path(path)
     try:
         with reading("verification set", path):
             if not path.is_file():
                 raise DatasetError(f"verification set {path} does not exist")
-            with open(path, "rb") as handle:
-                content = _BinUnpickler(handle, encoding="bytes").load()
+            # read whole (the pairs keep every byte anyway): pickle's length fields then cannot make a read
+            # allocate more than the file holds
+            data = path.read_bytes()
+        content = _BinUnpickler(io.BytesIO(data), path, len(data)).load()
     except DatasetError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, MemoryError, OverflowError) as error:
         raise DatasetError(f"{path} is not an InsightFace verification .bin (a pickle of (bins, issame)): "
                            f"{error}") from None
     if not (isinstance(content, (tuple, list)) and len(content) == 2):
@@ -131,8 +204,18 @@ def load_bin(
     issame = [bool(x) for x in (issame.tolist() if isinstance(issame, np.ndarray) else issame)]
     if len(bins) != 2 * len(issame):
         raise DatasetError(f"{path}: {len(bins)} images for {len(issame)} pairs, expected {2 * len(issame)}")
+    if not issame:
+        raise DatasetError(f"{path} holds no pairs: nothing to verify (an empty or cut-down .bin); remove it from "
+                           "the verification sets or replace it")
+    if all(issame) or not any(issame):
+        warnings.warn(
+            f"{path}: all {len(issame)} pairs are {'genuine' if all(issame) else 'impostor'} pairs, so the accuracy "
+            "says nothing (one threshold classifies them all) and VAL@FAR is undefined (reported as NaN); a "
+            "verification set needs both kinds", UserWarning, stacklevel=2,
+        )
     encoded = [_as_bytes(item, path, i) for i, item in enumerate(bins)]
-    return VerificationPairs(encoded, issame, name=path.stem, image_size=image_size, transform=transform)
+    return VerificationPairs(encoded, issame, name=path.stem, image_size=image_size, transform=transform,
+                             max_image_side=max_image_side or max_image_side_for(image_size))
 
 
 def _encode(image: Any, quality: int, position: int) -> bytes:
@@ -177,7 +260,9 @@ def write_bin(
     bins = [_encode(image, quality, i) for i, image in enumerate(images_or_encoded)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
+    from fastface_pl.atomic import atomic_write
+
+    with atomic_write(path, "wb", what="verification set") as handle:
         pickle.dump((bins, issame), handle, protocol=2)
     return path
 

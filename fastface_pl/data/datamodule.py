@@ -13,8 +13,10 @@ Example::
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -31,11 +33,13 @@ from fastface_pl.data.datasets import (
     RecordDataset,
     SyntheticFaces,
     SyntheticPairs,
+    max_image_side_for,
 )
 from fastface_pl.data.errors import DatasetError, reading
 from fastface_pl.data.samplers import (
     DEFAULT_IDENTITY_FRACTION, IdentityPairSampler, PositionedSampler, identity_index,
 )
+from fastface_pl.checkpoints import SavedStateError
 from fastface_pl.data.bin_format import load_bin
 from fastface_pl.validation import check_int
 
@@ -113,13 +117,64 @@ def _detect_file_layout(path: Path) -> str:
 def ignore_sigint_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a worker ignores Ctrl+C (SIGINT), which a terminal sends to the whole
     process group; the main process decides (it saves a checkpoint and stops, see ``fastface_pl.safety``) and
-    shuts the workers down. Lightning's per-worker seeding still runs when ``seed_everything(workers=True)`` asked
-    for it (the data order and flips do not depend on it: they come from the sampler)."""
+    shuts the workers down. The worker was started with SIGINT blocked (:class:`WorkerSafeDataLoader`), so a
+    Ctrl+C that arrived while it started is pending: ignoring the signal discards it, and only then is it
+    unblocked. Lightning's per-worker seeding still runs when ``seed_everything(workers=True)`` asked for it (the
+    data order and flips do not depend on it: they come from the sampler)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if os.environ.get("PL_SEED_WORKERS") == "1":
         from lightning.fabric.utilities.seed import pl_worker_init_function
 
         pl_worker_init_function(worker_id)
+
+
+class WorkerSafeDataLoader(DataLoader):
+    """A ``DataLoader`` whose workers cannot be killed by a Ctrl+C, from their first instruction on.
+
+    The workers are started with SIGINT blocked in the starting thread. A child inherits the signal mask (through
+    ``fork``, and through the ``exec`` of ``spawn`` and of a fork server started then), so a SIGINT that reaches a
+    worker before its ``worker_init_fn`` (:func:`ignore_sigint_in_worker`) stays pending, and is discarded when
+    the worker ignores the signal. The main process's mask is restored as soon as the workers exist: a Ctrl+C that
+    reached it meanwhile is delivered then, to its usual handler. See docs/fault_tolerance.md ("Ctrl+C and
+    DataLoader workers").
+    """
+
+    def _get_iterator(self) -> Any:  # where DataLoader starts the worker processes
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        context = self.multiprocessing_context
+        method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
+        if method != "fork":  # the resource tracker unblocks SIGINT in this thread when it starts: start it first
+            resource_tracker.ensure_running()
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
+def check_state(state: Any) -> None:
+    """Checks a :meth:`FaceDataModule.state_dict` read from a checkpoint: types and ranges, before any is used.
+
+    Raises:
+        SavedStateError: Naming the first entry that is not what ``state_dict`` writes.
+    """
+    if not isinstance(state, dict):
+        raise SavedStateError(f"the data module's saved state is a {type(state).__name__}, expected a dict")
+    required = ("epoch", "batches_done") if "epoch" in state or "batches_done" in state else ()
+    for key in ("seed", "num_skipped", "epoch", "batches_done"):
+        if key not in state:
+            if key in required:
+                raise SavedStateError(f"the data module's saved state has no {key} (it has {sorted(state)})")
+            continue
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SavedStateError(f"the data module's saved state has {key}={value!r}, expected an int >= 0")
+    finished = state.get("epoch_finished")
+    if finished is not None and not isinstance(finished, bool):
+        raise SavedStateError(f"the data module's saved state has epoch_finished={finished!r}, expected true, false "
+                         "or null")
 
 
 class SeededRandomSampler(PositionedSampler):
@@ -232,7 +287,7 @@ class IndexedFlip(Dataset):
         return getattr(self.dataset, name)
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(WorkerSafeDataLoader):
     """The training loader: a ``DataLoader`` that tells Lightning it resumes mid-epoch.
 
     Its position is saved and restored by :meth:`FaceDataModule.state_dict` and
@@ -279,6 +334,8 @@ class FaceDataModule(pl.LightningDataModule):
         identity_fraction: Share of each training batch in identity pairs (F2C's dual loader,
             :class:`~fastface_pl.data.samplers.IdentityPairSampler`); 0: plain shuffled batches; None: 0.5 when
             the model asks for pairs (``needs_identity_pairs``, i.e. ``classifier="dcp"``), else 0.
+        max_image_side: Largest side an image header may declare; a larger image is refused before it is decoded
+            (a decompression bomb). None: 1024, or 8 x ``image_size`` when larger (docs/fault_tolerance.md).
 
     Raises:
         ValueError: On invalid arguments (at construction).
@@ -304,6 +361,7 @@ class FaceDataModule(pl.LightningDataModule):
         train_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         val_batch_size: Optional[int] = None,
         identity_fraction: Optional[float] = None,
+        max_image_side: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not isinstance(root, (str, os.PathLike)) or not str(root):
@@ -334,6 +392,8 @@ class FaceDataModule(pl.LightningDataModule):
         if identity_fraction is not None and (isinstance(identity_fraction, bool) or not 0 <= identity_fraction <= 1):
             raise ValueError(f"identity_fraction must be null or in [0, 1], got {identity_fraction!r}")
         self.identity_fraction = identity_fraction
+        self.max_image_side = (check_int("max_image_side", max_image_side, 1) if max_image_side is not None
+                               else max_image_side_for(image_size))
         unknown = set(synthetic or {}) - set(SYNTHETIC_DEFAULTS)
         if unknown:
             raise ValueError(f"synthetic has unknown keys {sorted(unknown)}; allowed: {sorted(SYNTHETIC_DEFAULTS)}")
@@ -366,10 +426,11 @@ class FaceDataModule(pl.LightningDataModule):
             # With a header record the identity count comes from the pack (and a different num_classes raises);
             # without one, the given num_classes avoids scanning every record's label.
             dataset: Dataset = RecordDataset(self.root, transform=transform, skip_corrupt=self.skip_corrupt,
-                                             num_classes=self.expected_num_classes)
+                                             num_classes=self.expected_num_classes,
+                                             max_image_side=self.max_image_side)
         else:
             dataset = ImageFolderDataset(self.root, transform=transform, skip_corrupt=self.skip_corrupt,
-                                         index_cache=self.index_cache)
+                                         index_cache=self.index_cache, max_image_side=self.max_image_side)
         return dataset
 
     def _train(self) -> Dataset:
@@ -380,6 +441,12 @@ class FaceDataModule(pl.LightningDataModule):
                 raise DatasetError(
                     f"num_classes={self.expected_num_classes} was given but {self.root} holds {found} identities; "
                     f"set num_classes: {found} (or null to take it from the data)"
+                )
+            if found < 2:
+                raise DatasetError(
+                    f"{self.root} holds {found} identity: a margin softmax over one class learns nothing (its loss "
+                    "is 0 at every step); face recognition training needs at least 2 identities (thousands, in "
+                    "practice)"
                 )
             if isinstance(dataset, RecordDataset):
                 dataset.validate()
@@ -458,7 +525,7 @@ class FaceDataModule(pl.LightningDataModule):
             return [SyntheticPairs(s["num_val_pairs"], s["num_identities"], s["images_per_identity"], s["image_size"],
                                    s["seed"], unseen_identities=s["unseen_identities"], transform=transform,
                                    noise=s["noise"])]
-        return [load_bin(p, transform=transform) for p in self._val_paths()]
+        return [load_bin(p, transform=transform, max_image_side=self.max_image_side) for p in self._val_paths()]
 
     def _distributed(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -524,6 +591,12 @@ class FaceDataModule(pl.LightningDataModule):
             epoch, batches = resume["epoch"], resume["batches_done"]
             per_epoch = (samples_per_rank // self.batch_size if self.drop_last
                          else -(-samples_per_rank // self.batch_size))
+            if batches > max(per_epoch, 1):
+                raise SavedStateError(
+                    f"the data module's saved state says {batches} batches of epoch {epoch} were trained on, but an "
+                    f"epoch of {self.root} has {per_epoch} batches of {self.batch_size}: the checkpoint was altered, "
+                    "or the data or data.batch_size changed since it was saved"
+                )
             finished = resume.get("epoch_finished")
             if finished is None:  # a checkpoint written before the flag existed
                 finished = batches >= per_epoch
@@ -536,7 +609,7 @@ class FaceDataModule(pl.LightningDataModule):
             self.val_datasets = self._build_val_datasets()
         batch = self.val_batch_size or self.batch_size
         world_size, rank = self._distributed()
-        return [DataLoader(d, batch_size=batch, drop_last=False, **self._loader_kwargs(),
+        return [WorkerSafeDataLoader(d, batch_size=batch, drop_last=False, **self._loader_kwargs(),
                            sampler=ContiguousShardSampler(len(d), world_size, rank))  # type: ignore[arg-type]
                 for d in self.val_datasets]
 
@@ -560,7 +633,12 @@ class FaceDataModule(pl.LightningDataModule):
 
         Lightning calls this before it asks for the training loader, so :meth:`train_dataloader` builds the
         sampler already at the checkpoint's position (a different ``seed`` changes the order, not the position).
+
+        Raises:
+            SavedStateError: If the saved state is not what :meth:`state_dict` writes (a tampered or damaged
+                checkpoint): each value is checked for its type and range before any is used.
         """
+        check_state(state_dict)
         if "epoch" in state_dict:
             self._resume = {
                 "epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"]),
@@ -573,5 +651,5 @@ class FaceDataModule(pl.LightningDataModule):
 
 __all__ = [
     "ACCEPTED_LAYOUTS", "ContiguousShardSampler", "FaceDataModule", "IndexedFlip", "ResumableDataLoader",
-    "SeededRandomSampler", "detect_layout",
+    "SeededRandomSampler", "WorkerSafeDataLoader", "detect_layout", "ignore_sigint_in_worker",
 ]

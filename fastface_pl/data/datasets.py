@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from fastface_pl.data.errors import CorruptImageError, CorruptRecordError, DatasetError, reading, unreadable
+from fastface_pl.data.errors import (
+    CorruptImageError, CorruptRecordError, DatasetError, ImageTooLargeError, reading, unreadable,
+)
 # IMAGE_EXTENSIONS, INDEX_CACHE_NAME and scan_image_folder lived here: still importable from this module
 from fastface_pl.data.folder_index import (  # noqa: F401
     IMAGE_EXTENSIONS, INDEX_CACHE_NAME, load_index, scan_image_folder,
@@ -50,17 +52,119 @@ PathLike = Union[str, "os.PathLike[str]"]
 # --------------------------------------------------------------------------------------------------------------
 # Decoding and transforms
 # --------------------------------------------------------------------------------------------------------------
-def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: str = "<bytes>") -> torch.Tensor:
+#: Largest side, in pixels, an image header may declare before decoding is refused (a decompression bomb: a few
+#: hundred bytes can declare 20000 x 20000 pixels). Face crops are 112 px; :func:`max_image_side_for` widens it for
+#: a larger configured size. Raise it with ``data.max_image_side`` (training), ``--max-image-side`` (packing) or
+#: the ``max_image_side`` argument of the readers. See docs/fault_tolerance.md ("Size limits").
+DEFAULT_MAX_IMAGE_SIDE = 1024
+
+
+def max_image_side_for(image_size: Optional[int]) -> int:
+    """The default limit for images resized to ``image_size``: 1024, or 8 x ``image_size`` when that is larger."""
+    return max(DEFAULT_MAX_IMAGE_SIDE, 8 * int(image_size or 0))
+
+
+def declared_size(raw: bytes, source: str, max_side: int) -> tuple[int, int]:
+    """``(width, height)`` from the image's header alone (PIL reads no pixels), refused above ``max_side``.
+
+    Raises:
+        ImageTooLargeError: If a side exceeds ``max_side``.
+        CorruptImageError: If no image format is recognised in the header.
+    """
+    import warnings
+
+    from PIL import Image
+
+    fast = _jpeg_or_png_size(raw)
+    if fast is not None:
+        width, height = fast
+        if max(width, height) > max_side:
+            raise _too_large(source, f"its header declares {width} x {height} pixels", max_side)
+        return width, height
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:  # parses the header only
+                width, height = image.size
+    except Image.DecompressionBombError:  # PIL's own limit (179 Mpixels), far above ours, refused it first
+        width, height = _size_past_pil_limit(raw)
+        raise _too_large(source, f"its header declares {width} x {height} pixels", max_side) from None
+    except Exception as error:  # PIL raises UnidentifiedImageError, SyntaxError, ... depending on the damage
+        raise CorruptImageError(f"{source}: cannot decode image ({len(raw)} bytes): {error}", source=source) from None
+    if max(width, height) > max_side:
+        raise _too_large(source, f"its header declares {width} x {height} pixels", max_side)
+    return width, height
+
+
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (not DHT, JPG, DAC)
+
+
+def _jpeg_or_png_size(raw: bytes) -> Optional[tuple[int, int]]:
+    """``(width, height)`` from a JPEG's frame header or a PNG's IHDR in a few microseconds (the formats of
+    every face dataset); None for anything else or anything unusual, which PIL then reads."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw[:2] != b"\xff\xd8":
+        return None
+    position, end = 2, len(raw)
+    while position + 4 <= end:
+        if raw[position] != 0xFF:
+            return None
+        marker = raw[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _JPEG_FRAMES:
+            if position + 9 > end:
+                return None
+            height = int.from_bytes(raw[position + 5:position + 7], "big")
+            return int.from_bytes(raw[position + 7:position + 9], "big"), height
+        if marker == 0xDA or 0xD0 <= marker <= 0xD9 or marker == 0x01:  # scan data before a frame: unusual
+            return None
+        position += 2 + int.from_bytes(raw[position + 2:position + 4], "big")
+    return None
+
+
+def _size_past_pil_limit(raw: bytes) -> tuple[int, int]:
+    """The declared size of an image PIL's ``Image.open`` refused as too large: its format plugin reads the header
+    without that check (as ``Image.open`` does before it)."""
+    from PIL import Image
+
+    Image.init()
+    for format_id in Image.ID:
+        factory, accept = Image.OPEN[format_id]
+        if accept is not None and not accept(raw[:16]):
+            continue
+        try:
+            return factory(io.BytesIO(raw), None).size
+        except Exception:  # noqa: BLE001 - another plugin may accept it
+            continue
+    return 0, 0  # pragma: no cover - Image.open recognised it a moment ago
+
+
+def _too_large(source: str, what: str, max_side: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{source}: refused before decoding: {what}, above the limit of {max_side} pixels per side (a "
+        "decompression bomb, or not a face crop). If it is a real image, raise the limit (data.max_image_side, "
+        "data.pack --max-image-side)", source=source,
+    )
+
+
+def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: str = "<bytes>",
+                 max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> torch.Tensor:
     """Decode a JPEG/PNG (or any format PIL reads) to a ``uint8`` RGB tensor ``[3, H, W]``.
 
-    Uses ``torchvision.io.decode_image`` (libjpeg-turbo), falling back to PIL for formats it does not read.
-    Truncated or broken images raise instead of coming back grey.
+    The size declared in the header is checked first (:func:`declared_size`), so a decompression bomb is refused
+    before any pixel memory is allocated. Uses ``torchvision.io.decode_image`` (libjpeg-turbo), falling back to
+    PIL for formats it does not read. Truncated or broken images raise instead of coming back grey.
 
     Args:
         data: The encoded image.
         source: Where the bytes came from, for the error message (a path, or ``file.rec key K (offset O)``).
+        max_side: Largest width or height accepted (:data:`DEFAULT_MAX_IMAGE_SIDE`).
 
     Raises:
+        ImageTooLargeError: If the header declares a side above ``max_side``.
         CorruptImageError: If the bytes are not a decodable image.
     """
     from torchvision.io import ImageReadMode
@@ -69,15 +173,20 @@ def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: 
     raw = bytes(data) if not isinstance(data, (bytes, bytearray)) else data
     if len(raw) == 0:
         raise CorruptImageError(f"{source}: empty image data", source=source)
+    declared = declared_size(raw, source, max_side)
     try:
-        return tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as tv_error:
         first_error = str(tv_error).splitlines()[-1]
+    else:
+        if (image.shape[2], image.shape[1]) == declared:
+            return image
+        first_error = f"decoded {image.shape[2]} x {image.shape[1]}, the header declares {declared[0]} x {declared[1]}"
     try:
         from PIL import Image
 
-        with Image.open(io.BytesIO(raw)) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with Image.open(io.BytesIO(raw)) as pil_image:
+            array = np.asarray(pil_image.convert("RGB"), dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     except Exception as pil_error:  # PIL raises OSError, SyntaxError, ValueError ... depending on the damage
         raise CorruptImageError(
@@ -162,10 +271,14 @@ class _FileDataset(Dataset):
 
     max_consecutive_corrupt = 32
 
-    def __init__(self, transform: Optional[Callable[[torch.Tensor], Any]], skip_corrupt: bool) -> None:
+    def __init__(self, transform: Optional[Callable[[torch.Tensor], Any]], skip_corrupt: bool,
+                 max_image_side: Optional[int] = None) -> None:
         self.transform = transform if transform is not None else FaceTransform()
         self.skip_corrupt = bool(skip_corrupt)
+        self.max_image_side = (check_positive_int("max_image_side", max_image_side) if max_image_side is not None
+                               else DEFAULT_MAX_IMAGE_SIDE)
         self._skipped = _SkipCounter()
+        self._size: Optional[tuple[int, ...]] = None  # the stored size of the images seen (no resize configured)
 
     @property
     def num_skipped(self) -> int:
@@ -196,7 +309,27 @@ class _FileDataset(Dataset):
                 f"{self.max_consecutive_corrupt} consecutive corrupt samples from index {index} on in "
                 f"{self!r}: the data is badly damaged (or unreadable); the last one: {last_error}"
             )
+        self._check_size(image, (index + attempt) % n)
         return self.transform(image), label
+
+    def _source(self, index: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_size(self, image: torch.Tensor, index: int) -> None:
+        """Images kept at their stored size (no ``image_size``) must all have one size, or a batch cannot be
+        stacked: the first that differs is named, with the fix."""
+        transform = self.transform
+        if not isinstance(transform, FaceTransform) or transform.image_size is not None or transform.extra is not None:
+            return
+        size = tuple(image.shape[-2:])
+        if self._size is None:
+            self._size = size
+        elif size != self._size:
+            raise DatasetError(
+                f"{self._source(index)}: the image is {size[1]} x {size[0]} pixels, other images of {self!r} are "
+                f"{self._size[1]} x {self._size[0]}; images of several sizes cannot be batched. Set data.image_size "
+                "(e.g. 112) to resize them all, or re-pack the data at one size"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,6 +359,8 @@ class RecordDataset(_FileDataset):
             (:attr:`num_skipped`) instead of raising.
         num_classes: Number of classes, if known. Needed only for packs without a header record (else the
             labels are scanned once, reading each record's header: slow for millions of images).
+        max_image_side: Refuse an image whose header declares a larger side, before decoding it
+            (default :data:`DEFAULT_MAX_IMAGE_SIDE`).
 
     Raises:
         DatasetError: On missing files, an inconsistent pack, or (at read time) a label outside
@@ -234,9 +369,9 @@ class RecordDataset(_FileDataset):
 
     def __init__(
         self, path: PathLike, transform: Optional[Callable[[torch.Tensor], Any]] = None, skip_corrupt: bool = False,
-        num_classes: Optional[int] = None,
+        num_classes: Optional[int] = None, max_image_side: Optional[int] = None,
     ) -> None:
-        super().__init__(transform, skip_corrupt)
+        super().__init__(transform, skip_corrupt, max_image_side)
         self.record_file = RecordFile(_resolve_rec(path))
         self.layout: RecordLayout = parse_layout(self.record_file)
         self._num_classes = self.layout.num_identities if self.layout.has_header_record else num_classes
@@ -261,6 +396,9 @@ class RecordDataset(_FileDataset):
     def _where(self, key: int) -> str:
         return f"{self.record_file.rec_path} key {key} (byte offset {self.record_file.offset(key)})"
 
+    def _source(self, index: int) -> str:
+        return self._where(self.layout.image_keys[index])
+
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         key = self.layout.image_keys[index]
         payload = self.record_file.read(key)
@@ -276,7 +414,7 @@ class RecordDataset(_FileDataset):
                 f"{where}: label {label} is outside [0, {self._num_classes}); the pack's identity records "
                 "or the configured num_classes do not match its labels"
             )
-        return decode_image(encoded, where), label
+        return decode_image(encoded, where, self.max_image_side), label
 
     def validate(self, sample_size: int = 256) -> None:
         """Cheap consistency checks: identity records and the labels of an evenly spaced sample of images.
@@ -335,6 +473,8 @@ class ImageFolderDataset(_FileDataset):
         index_cache: Where to keep the index (a file path); None for the default places.
         extensions: Image file suffixes to index (case-insensitive).
         rebuild_index: Ignore an existing cache and walk the folder again.
+        max_image_side: Refuse an image whose header declares a larger side, before decoding it
+            (default :data:`DEFAULT_MAX_IMAGE_SIDE`).
 
     Raises:
         DatasetError: If ``root`` is not a folder, cannot be read, or holds no identity folder with images.
@@ -343,9 +483,9 @@ class ImageFolderDataset(_FileDataset):
     def __init__(
         self, root: PathLike, transform: Optional[Callable[[torch.Tensor], Any]] = None, skip_corrupt: bool = False,
         index_cache: Optional[PathLike] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-        rebuild_index: bool = False,
+        rebuild_index: bool = False, max_image_side: Optional[int] = None,
     ) -> None:
-        super().__init__(transform, skip_corrupt)
+        super().__init__(transform, skip_corrupt, max_image_side)
         self.root = Path(root)
         with reading("image folder", self.root):
             if not self.root.is_dir():
@@ -387,6 +527,9 @@ class ImageFolderDataset(_FileDataset):
     def label(self, index: int) -> int:
         return int(self._labels[index])
 
+    def _source(self, index: int) -> str:
+        return str(self.path(index))
+
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.path(index)
         try:
@@ -400,7 +543,7 @@ class ImageFolderDataset(_FileDataset):
             raise CorruptImageError(str(unreadable("image", path, error)), source=str(path)) from None
         except OSError as error:
             raise CorruptImageError(f"{path}: cannot read: {error}", source=str(path)) from None
-        return decode_image(data, str(path)), int(self._labels[index])
+        return decode_image(data, str(path), self.max_image_side), int(self._labels[index])
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {self.num_classes} identities)"
@@ -604,7 +747,10 @@ __all__ = [
     "SyntheticFaceGenerator",
     "SyntheticFaces",
     "SyntheticPairs",
+    "DEFAULT_MAX_IMAGE_SIDE",
+    "declared_size",
     "decode_image",
+    "max_image_side_for",
     "normalize",
     "scan_image_folder",
 ]

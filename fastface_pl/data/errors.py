@@ -49,6 +49,10 @@ class CorruptImageError(DatasetError):
         self.source = source
 
 
+class ImageTooLargeError(CorruptImageError):
+    """An image whose header declares more pixels than the configured limit: refused before it is decoded."""
+
+
 class RecordKeyError(DatasetError, KeyError):
     """A key is not in the ``.idx`` of a record file (both a ``DatasetError`` and a ``KeyError``)."""
 

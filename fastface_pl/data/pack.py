@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from fastface_pl.data.datasets import IMAGE_EXTENSIONS, decode_image, scan_image_folder
+from fastface_pl.atomic import NO_SPACE, DiskFullError, disk_full_error, replace_atomic, write_text_atomic
+from fastface_pl.data.datasets import DEFAULT_MAX_IMAGE_SIDE, IMAGE_EXTENSIONS, decode_image, scan_image_folder
 from fastface_pl.data.errors import CorruptImageError, DatasetError, reading, unreadable, writing
 from fastface_pl.data.recordio import RecordWriter, pack_header
 from fastface_pl.validation import check_int
@@ -48,12 +49,13 @@ class PackSummary:
     image_size: Optional[tuple[int, int]]
 
 
-def _prepare(job: tuple[str, int, bool]) -> tuple[Optional[bytes], Optional[tuple[int, int]], Optional[str]]:
+def _prepare(job: tuple[str, int, bool, int]
+             ) -> tuple[Optional[bytes], Optional[tuple[int, int]], Optional[str]]:
     """Read one file, check that it decodes, re-encode when needed: (jpeg bytes, (H, W), what went wrong)."""
-    path, quality, reencode = job
+    path, quality, reencode, max_side = job
     try:
         data = Path(path).read_bytes()
-        image = decode_image(data, path)
+        image = decode_image(data, path, max_side)
     except PermissionError as error:
         return None, None, str(unreadable("image", path, error))
     except (OSError, CorruptImageError) as error:
@@ -68,7 +70,7 @@ def _prepare(job: tuple[str, int, bool]) -> tuple[Optional[bytes], Optional[tupl
     return data, size, None
 
 
-def _mapped(jobs: Sequence[tuple[str, int, bool]], workers: int) -> Iterator:
+def _mapped(jobs: Sequence[tuple[str, int, bool, int]], workers: int) -> Iterator:
     if workers <= 0:
         yield from map(_prepare, jobs)
         return
@@ -81,6 +83,7 @@ def pack_folder(
     src: Union[str, os.PathLike], dst: Union[str, os.PathLike], quality: int = 95, workers: int = 0,
     reencode: bool = False, skip_corrupt: bool = False, progress: bool = True,
     extensions: Iterable[str] = IMAGE_EXTENSIONS, overwrite: bool = False,
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
 ) -> PackSummary:
     """Pack ``src`` into ``dst/train.rec`` + ``dst/train.idx`` (InsightFace layout; see the module docstring).
 
@@ -95,6 +98,8 @@ def pack_folder(
         extensions: Image suffixes to pack.
         overwrite: Replace a pack already in ``dst`` (once the new one is complete); without it an existing
             ``train.rec`` or ``train.idx`` stops the packing before anything is read.
+        max_image_side: An image whose header declares a larger side is refused before it is decoded (a
+            decompression bomb): it stops the packing, or is skipped with ``skip_corrupt``.
 
     Raises:
         DatasetError: If ``dst`` already holds a pack and ``overwrite`` is False, ``src`` holds no images, a
@@ -102,7 +107,13 @@ def pack_folder(
     """
     check_int("quality", quality, 1, 100)
     check_int("workers", workers, 0)
+    check_int("max_image_side", max_image_side, 1)
     src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise DatasetError(
+            f"the pack folder {dst} lies inside the source folder {src}: it would become an identity of the next "
+            "pack of that folder; choose a destination outside it"
+        )
     rec_path, idx_path = dst / "train.rec", dst / "train.idx"
     with writing("pack folder", dst):
         existing = [p.name for p in (rec_path, idx_path) if p.exists()]
@@ -119,18 +130,20 @@ def pack_folder(
     if total == 0:
         raise DatasetError(f"{src} holds no images in <identity>/<image> folders ({', '.join(extensions)})")
     with writing("pack folder", dst):
-        return _write_pack(src, dst, identities, files, total, quality, workers, reencode, skip_corrupt, progress)
+        return _write_pack(src, dst, identities, files, total, quality, workers, reencode, skip_corrupt, progress,
+                           max_image_side)
 
 
 def _write_pack(
     src: Path, dst: Path, identities: list[str], files: list[list[str]], total: int, quality: int, workers: int,
-    reencode: bool, skip_corrupt: bool, progress: bool,
+    reencode: bool, skip_corrupt: bool, progress: bool, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
 ) -> PackSummary:
     dst.mkdir(parents=True, exist_ok=True)
     rec_path, idx_path = dst / "train.rec", dst / "train.idx"
     tmp_rec, tmp_idx = dst / "train.rec.partial", dst / "train.idx.partial"
     jobs = [
-        (str(src / name / f), quality, reencode) for name, names in zip(identities, files, strict=True) for f in names
+        (str(src / name / f), quality, reencode, max_image_side)
+        for name, names in zip(identities, files, strict=True) for f in names
     ]
     labels = [label for label, names in enumerate(files) for _ in names]
 
@@ -144,7 +157,7 @@ def _write_pack(
         with RecordWriter(tmp_rec, tmp_idx) as writer:
             writer.write(0, pack_header((0.0, 0.0)))  # placeholder: the counts are known at the end
             bar = tqdm(total=total, unit="img", desc=f"packing {src.name}", disable=not progress)
-            for (path, _, _), label, (data, size, error) in zip(jobs, labels, _mapped(jobs, workers), strict=True):
+            for (path, *_), label, (data, size, error) in zip(jobs, labels, _mapped(jobs, workers), strict=True):
                 bar.update(1)
                 if data is None:
                     if not skip_corrupt:
@@ -169,18 +182,24 @@ def _write_pack(
                 writer.write(key, pack_header((float(start), float(stop)), id=key))
                 key += 1
             writer.overwrite(0, pack_header((float(first_identity_key), float(key))))
-    except BaseException:
+    except BaseException as error:
         for partial in (tmp_rec, tmp_idx):  # no half-written pack left behind
             partial.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in NO_SPACE and not isinstance(error, DiskFullError):
+            raise disk_full_error(rec_path, error, "pack") from None
         raise
     if num_images == 0:
         tmp_rec.unlink()
         tmp_idx.unlink()
         raise DatasetError(f"every image in {src} was corrupt; nothing packed")
-    os.replace(tmp_rec, rec_path)
-    os.replace(tmp_idx, idx_path)
+    try:
+        replace_atomic(tmp_rec, rec_path, "pack")
+        replace_atomic(tmp_idx, idx_path, "pack index")
+    finally:
+        for partial in (tmp_rec, tmp_idx):
+            partial.unlink(missing_ok=True)
     if image_size is not None:
-        (dst / "property").write_text(f"{len(identities)},{image_size[0]},{image_size[1]}\n")
+        write_text_atomic(dst / "property", f"{len(identities)},{image_size[0]},{image_size[1]}\n", "pack property")
     return PackSummary(rec_path, idx_path, num_images, len(identities), skipped, image_size)
 
 
@@ -198,6 +217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reencode", action="store_true", help="re-encode JPEGs too (default: copy them as-is)")
     parser.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_IMAGE_SIDE,
+                        help="refuse images whose header declares a larger side, before decoding them (default "
+                             f"{DEFAULT_MAX_IMAGE_SIDE}; face crops are about 112)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a pack already in DST (once the new one is complete); default: refuse")
     args = parser.parse_args(argv)
@@ -205,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         summary = pack_folder(args.src, args.dst, quality=args.quality, workers=args.workers, reencode=args.reencode,
                               skip_corrupt=args.skip_corrupt, progress=not args.no_progress,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, max_image_side=args.max_image_side)
     except (DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -222,6 +222,13 @@ def _read_index(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{idx_path}: could not parse the index")  # pragma: no cover - defensive
     table = numbers.reshape(-1, 2)
     keys, offsets = table[:, 0].copy(), table[:, 1].copy()
+    limits = (np.iinfo(np.int64).max, np.iinfo(np.int64).min)  # numpy saturates a number beyond int64 to these
+    saturated = np.flatnonzero(np.isin(table, limits).any(axis=1))
+    if saturated.size:
+        line = int(saturated[0]) + 1
+        text = stripped.split(b"\n")[line - 1][:80]
+        raise DatasetError(f"{idx_path}: line {line} holds a key or offset beyond the 64-bit range ({text!r}); "
+                           "the .idx is corrupt")
     if keys.size and (keys.min() < 0 or offsets.min() < 0):
         bad = int(np.flatnonzero((keys < 0) | (offsets < 0))[0])
         raise DatasetError(f"{idx_path}: line {bad + 1} has a negative key or offset ({keys[bad]}, {offsets[bad]})")
@@ -231,6 +238,14 @@ def _read_index(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
         dup = np.flatnonzero(keys[1:] == keys[:-1])
         if dup.size:
             raise DatasetError(f"{idx_path}: key {int(keys[dup[0]])} appears more than once")
+    if offsets.size > 1:
+        by_offset = np.argsort(offsets, kind="stable")
+        same = np.flatnonzero(offsets[by_offset][1:] == offsets[by_offset][:-1])
+        if same.size:
+            first, second = sorted((int(keys[by_offset[same[0]]]), int(keys[by_offset[same[0] + 1]])))
+            raise DatasetError(f"{idx_path}: keys {first} and {second} point at the same byte offset "
+                               f"{int(offsets[by_offset[same[0]]])}, so one record would be read twice; the .idx "
+                               "is corrupt (rebuild it, or re-pack the data)")
     return keys, offsets
 
 

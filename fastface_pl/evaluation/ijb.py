@@ -25,6 +25,7 @@ a JSON file, the scores and a ROC plot. Command line::
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import time
@@ -38,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from fastface_pl.atomic import atomic_write, write_text_atomic
+from fastface_pl.data.datasets import declared_size
 from fastface_pl.data.errors import DatasetError
 from fastface_pl.evaluation.alignment import arcface_template, similarity_transform, warp_affine
 
@@ -46,6 +49,9 @@ __all__ = ["IJB_FARS", "IJBMeta", "read_ijb_meta", "IJBImages", "extract_feature
 
 IJB_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 _TARGETS = ("ijbb", "ijbc")
+#: Largest side of an IJB loose crop read (they are photos and video frames, larger than training crops); a larger
+#: header is refused before decoding. Raise it with ``evaluate_ijb(max_image_side=...)``.
+IJB_MAX_IMAGE_SIDE = 8192
 _META_FILES = ("{t}_name_5pts_score.txt", "{t}_face_tid_mid.txt", "{t}_template_pair_label.txt")
 
 
@@ -76,27 +82,54 @@ def _target_of(meta_dir: Path) -> str:
 
 
 def _read_integers(path: Path, columns: int) -> np.ndarray:
-    """A whitespace-separated integer table, parsed by numpy in one pass (15.7M IJB-C pairs in seconds)."""
+    """A whitespace-separated integer table, parsed by numpy in one pass (15.7M IJB-C pairs in seconds); a
+    malformed line is named by its number."""
     text = path.read_text().strip()
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # numpy warns, and stops, at a token it cannot parse
         try:
             values = np.fromstring(text, dtype=np.int64, sep=" ")  # text mode (not the deprecated binary one)
         except (DeprecationWarning, ValueError):
-            values = np.zeros(0, dtype=np.int64)
+            values = None
     lines = text.count("\n") + 1 if text else 0
-    if lines == 0 or values.size != lines * columns:
-        raise ValueError(f"{path} must hold {columns} integers on each of its {lines} lines, "
-                         f"read {values.size} integers; is it the right file, unmodified?")
+    if lines == 0:
+        raise DatasetError(f"{path} is empty: expected {columns} integers on each line")
+    if values is None or values.size != lines * columns:
+        for number, line in enumerate(text.splitlines(), 1):  # the slow path, only to name the bad line
+            fields = line.split()
+            if len(fields) != columns or not all(f.lstrip("-").isdigit() for f in fields):
+                raise DatasetError(f"{path}:{number}: expected {columns} integers, got {line!r}; is it the right "
+                                   "file, unmodified?")
+        raise DatasetError(f"{path} must hold {columns} integers on each of its {lines} lines")
     return values.reshape(-1, columns)
 
 
+def _first_bad(mask: np.ndarray) -> int | None:
+    """1-based line number of the first True of ``mask``, or None."""
+    bad = np.flatnonzero(mask)
+    return int(bad[0]) + 1 if bad.size else None
+
+
+def _check_image_name(name: str, path: Path, number: int) -> None:
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if (PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or ".." in PurePosixPath(name).parts
+            or ".." in PureWindowsPath(name).parts):
+        raise DatasetError(f"{path}:{number}: the image {name!r} is not a path inside loose_crop/ (an absolute "
+                           "path or '..'): IJB meta files name images relative to loose_crop/")
+
+
 def read_ijb_meta(root: str | Path) -> IJBMeta:
-    """Reads the meta files of an IJB folder (``root/meta``); the target (ijbb | ijbc) from their names.
+    """Reads and checks the meta files of an IJB folder (``root/meta``); the target (ijbb | ijbc) from their names.
+
+    Every value is checked before any image is read, each error naming the file and line: image names stay
+    inside ``loose_crop/``, landmarks are finite numbers, detector scores finite and >= 0, pair labels 0 or 1,
+    and every template of a pair has images.
 
     Raises:
         FileNotFoundError: when ``root/meta`` or ``root/loose_crop`` or a meta file is missing.
-        ValueError: for malformed lines, or when the image lists of the two per-image files disagree.
+        DatasetError: (a ``ValueError``) for malformed lines or values, or when the image lists of the two
+            per-image files disagree.
     """
     root = Path(root)
     if not (root / "meta").is_dir() or not (root / "loose_crop").is_dir():
@@ -113,10 +146,22 @@ def read_ijb_meta(root: str | Path) -> IJBMeta:
         if not fields:
             continue
         if len(fields) != 12:
-            raise ValueError(f"{landmark_file}:{number}: expected 'image x1 y1 … x5 y5 score' (12 fields), got {line!r}")
+            raise DatasetError(f"{landmark_file}:{number}: expected 'image x1 y1 … x5 y5 score' (12 fields), "
+                               f"got {line!r}")
+        _check_image_name(fields[0], landmark_file, number)
+        try:
+            values = [float(v) for v in fields[1:12]]
+        except ValueError:
+            raise DatasetError(f"{landmark_file}:{number}: the landmarks and the score must be numbers, got "
+                               f"{line!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise DatasetError(f"{landmark_file}:{number}: a landmark or the score is not finite: {line!r}")
+        if values[10] < 0:
+            raise DatasetError(f"{landmark_file}:{number}: the detector score {fields[11]} is negative; scores are "
+                               "detection confidences >= 0 (a negative one would flip the sign of the features)")
         names.append(fields[0])
-        landmarks.append([float(v) for v in fields[1:11]])
-        faceness.append(float(fields[11]))
+        landmarks.append(values[:10])
+        faceness.append(values[10])
 
     template_names, template_media = [], []
     for number, line in enumerate(template_file.read_text().splitlines(), 1):
@@ -124,16 +169,32 @@ def read_ijb_meta(root: str | Path) -> IJBMeta:
         if not fields:
             continue
         if len(fields) != 3:
-            raise ValueError(f"{template_file}:{number}: expected 'image template_id media_id', got {line!r}")
+            raise DatasetError(f"{template_file}:{number}: expected 'image template_id media_id', got {line!r}")
+        try:
+            template_media.append((int(fields[1]), int(fields[2])))
+        except ValueError:
+            raise DatasetError(f"{template_file}:{number}: template and media ids must be integers, got "
+                               f"{line!r}") from None
         template_names.append(fields[0])
-        template_media.append((int(fields[1]), int(fields[2])))
     if template_names != names:
-        raise ValueError(
+        differ = next((i for i, (a, b) in enumerate(zip(names, template_names)) if a != b),
+                      min(len(names), len(template_names)))
+        raise DatasetError(
             f"{landmark_file.name} and {template_file.name} must list the same images in the same order "
-            f"({len(names)} and {len(template_names)} lines); the features are matched to templates by line"
+            f"({len(names)} and {len(template_names)} lines; the first difference is at image {differ + 1}); the "
+            "features are matched to templates by line"
         )
     pairs = _read_integers(pair_file, 3)
+    number = _first_bad((pairs[:, 2] != 0) & (pairs[:, 2] != 1))
+    if number is not None:
+        raise DatasetError(f"{pair_file}:{number}: the pair label is {pairs[number - 1, 2]}, expected 1 (same "
+                           "person) or 0")
     template_media_array = np.asarray(template_media, dtype=np.int64).reshape(-1, 2)
+    known = np.unique(template_media_array[:, 0])
+    number = _first_bad(~np.isin(pairs[:, :2], known).all(axis=1))
+    if number is not None:
+        raise DatasetError(f"{pair_file}:{number}: template {pairs[number - 1, 0]} or {pairs[number - 1, 1]} has no "
+                           f"image in {template_file.name}")
     return IJBMeta(
         target=target,
         image_names=names,
@@ -150,8 +211,10 @@ def read_ijb_meta(root: str | Path) -> IJBMeta:
 class IJBImages(Dataset):
     """Loose crops aligned to ``image_size`` squares: item ``i`` is ``uint8[3, S, S]`` (RGB)."""
 
-    def __init__(self, image_dir: str | Path, names: Sequence[str], landmarks: np.ndarray, image_size: int = 112):
+    def __init__(self, image_dir: str | Path, names: Sequence[str], landmarks: np.ndarray, image_size: int = 112,
+                 max_image_side: int = IJB_MAX_IMAGE_SIDE):
         self.image_dir = Path(image_dir)
+        self.max_image_side = int(max_image_side)
         self.names = list(names)
         self.landmarks = np.asarray(landmarks, dtype=np.float32)
         self.image_size = image_size
@@ -165,9 +228,13 @@ class IJBImages(Dataset):
 
         path = self.image_dir / self.names[index]
         try:
-            with Image.open(path) as image:
+            data = path.read_bytes()
+            declared_size(data, str(path), self.max_image_side)  # the header alone: a bomb is refused here
+            with Image.open(io.BytesIO(data)) as image:
                 # cv2.imread (the reference) applies the EXIF orientation and always gives 3 channels
                 pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        except DatasetError:
+            raise
         except (OSError, ValueError) as error:  # missing, unreadable or corrupt: a message, not a traceback
             raise DatasetError(f"cannot read IJB image {path}: {error}; check the IJB folder (loose_crop/) "
                                "or re-extract it") from error
@@ -460,7 +527,7 @@ def format_ijb_table(name: str, tars: dict[float, float]) -> str:
     return f"{header}\n{row}"
 
 
-def _plot_roc(fpr: np.ndarray, tpr: np.ndarray, label: str, path: Path) -> None:
+def _plot_roc(fpr: np.ndarray, tpr: np.ndarray, label: str, path: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -478,7 +545,7 @@ def _plot_roc(fpr: np.ndarray, tpr: np.ndarray, label: str, path: Path) -> None:
     axis.grid(linestyle="--", linewidth=1)
     axis.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")
     plt.close(figure)
 
 
@@ -486,7 +553,7 @@ def evaluate_ijb(backbone: torch.nn.Module, root: str | Path, output_dir: str | 
                  image_size: int = 112, batch_size: int = 128, num_workers: int = 4,
                  device: str | torch.device | None = None, precision: str = "32-true", norm_score: bool = True,
                  detector_score: bool = True, fars: Sequence[float] = IJB_FARS,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, max_image_side: int = IJB_MAX_IMAGE_SIDE) -> dict[str, Any]:
     """IJB-B or IJB-C 1:1 verification of ``backbone``; prints the table and writes its results.
 
     Writes ``<output_dir>/<name>_<target>.json`` (TAR per FAR, AUC, counts, options),
@@ -502,6 +569,7 @@ def evaluate_ijb(backbone: torch.nn.Module, root: str | Path, output_dir: str | 
         batch_size, num_workers, device, precision: see :func:`extract_features`.
         norm_score, detector_score: see :func:`pair_scores` (both on, as the reference).
         fars: FARs of the table.
+        max_image_side: a crop whose header declares a larger side is refused before decoding.
 
     Returns:
         the JSON content as a dict (``tar_at_far`` maps ``"1e-04"``-style keys to TAR fractions).
@@ -517,7 +585,7 @@ def evaluate_ijb(backbone: torch.nn.Module, root: str | Path, output_dir: str | 
     output_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    dataset = IJBImages(Path(root) / "loose_crop", meta.image_names, meta.landmarks, image_size)
+    dataset = IJBImages(Path(root) / "loose_crop", meta.image_names, meta.landmarks, image_size, max_image_side)
     features = extract_features(backbone, dataset, batch_size, num_workers, device, precision, progress)
     feature_seconds = time.perf_counter() - started
     feature_device = torch.device(device) if device is not None else _default_device()
@@ -545,8 +613,10 @@ def evaluate_ijb(backbone: torch.nn.Module, root: str | Path, output_dir: str | 
         "image_size": image_size,
         "seconds": {"features": round(feature_seconds, 3), "scores_and_roc": round(score_seconds, 3)},
     }
-    np.save(paths["npy"], scores)
-    _plot_roc(fpr, tpr, f"{label} (AUC = {100 * auc:.4f} %)", paths["png"])
-    paths["json"].write_text(json.dumps(result, indent=2))
+    with atomic_write(paths["npy"], "wb", what="IJB scores") as handle:  # each written whole, or not at all
+        np.save(handle, scores)
+    with atomic_write(paths["png"], "wb", what="IJB ROC plot") as handle:
+        _plot_roc(fpr, tpr, f"{label} (AUC = {100 * auc:.4f} %)", handle)
+    write_text_atomic(paths["json"], json.dumps(result, indent=2), "IJB results")
     print(f"IJB results: {paths['json']}, {paths['png']}, {paths['npy']}")
     return result
