@@ -202,7 +202,7 @@ def test_synthetic_faces_are_deterministic():
     assert not torch.equal(a[7][0], c[7][0]) and not torch.equal(a[7][0], a[6][0])
     image = a[0][0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and -1 <= image.min() and image.max() <= 1
-    with pytest.raises(ValueError, match="num_identities must be a positive int"):
+    with pytest.raises(ValueError, match="num_identities must be an int >= 1"):
         SyntheticFaces(num_identities=0)
     with pytest.raises(IndexError):
         a[20]

@@ -239,14 +239,14 @@ def test_a_dcp_resume_says_the_checkpoints_pool_size_is_kept(caplog):
     """The F2C pool is restored with the size it was saved with, whatever the config says (no false 'config wins')."""
     from types import SimpleNamespace
 
-    from fastface_pl.train import _compare_with_checkpoint
+    from fastface_pl.resume import compare_with_checkpoint
 
-    saved = {"hyper_parameters": {"classifier": "dcp", "dcp_pool_size": 32, "dcp_pool_fraction": 0.01, "lr": 0.1},
-             "datamodule_hyper_parameters": {"batch_size": 16}}
-    module = SimpleNamespace(hparams={"classifier": "dcp", "dcp_pool_size": None, "dcp_pool_fraction": 0.02,
-                                      "lr": 0.1})
+    saved = {"hyper_parameters": {"classifier": "dcp", "classifier_kwargs": {"pool_size": 32, "pool_fraction": 0.01},
+                                  "lr": 0.1}, "datamodule_hyper_parameters": {"batch_size": 16}}
+    module = SimpleNamespace(hparams={"classifier": "dcp", "classifier_kwargs": {"pool_size": None,
+                                                                                 "pool_fraction": 0.02}, "lr": 0.1})
     with caplog.at_level("WARNING", logger="fastface_pl.train"):
-        _compare_with_checkpoint(saved, module, SimpleNamespace(hparams={"batch_size": 16}))
-    assert "model.dcp_pool_size: checkpoint 32, config None -> the checkpoint's pool size is kept" in caplog.text
-    assert "model.dcp_pool_fraction: checkpoint 0.01, config 0.02 -> the checkpoint's pool size is kept" in caplog.text
+        compare_with_checkpoint(saved, module, SimpleNamespace(hparams={"batch_size": 16}))
+    assert "model.classifier_kwargs.pool_size: checkpoint 32, config None -> the checkpoint's pool size is kept" in caplog.text
+    assert "model.classifier_kwargs.pool_fraction: checkpoint 0.01, config 0.02 -> the checkpoint's pool size is kept" in caplog.text
     assert "config's value is used" not in caplog.text

@@ -30,7 +30,7 @@ def test_ints_are_returned_as_python_ints():
     (lambda: check_int("quality", 101, 1, 100), "quality must be an int in 1..100, got 101"),
     (lambda: check_int("max_decays", -1, 0, allow_none=True, none_means="unlimited"),
      r"max_decays must be an int >= 0 or None \(unlimited\), got -1"),
-    (lambda: check_positive_int("num_classes", 0), "num_classes must be a positive int, got 0"),
+    (lambda: check_int("num_classes", 0, 1), "num_classes must be an int >= 1, got 0"),
     (lambda: check_real("alpha", 0.0, 0.0, 1.0), r"alpha must be a finite number in \(0, 1\], got 0.0"),
     (lambda: check_real("alpha", math.nan, 0.0, 1.0), r"alpha must be a finite number in \(0, 1\], got nan"),
     (lambda: check_real("decay", 1.0, 1.0), r"decay must be a finite number in \(1, inf\), got 1.0"),
