@@ -1,62 +1,40 @@
 """Face data without MXNet: RecordIO packs, image folders, synthetic identities, ``.bin`` verification sets.
 
-``FaceDataModule`` is the entry point for training; the readers below are usable on their own (and do not
-import Lightning: ``FaceDataModule`` and ``detect_layout`` are loaded on first use).
+``FaceDataModule`` is the entry point for training; the readers below are usable on their own. Names are
+imported lazily (``fastface_pl.data.FaceDataModule`` imports Lightning on first use, the readers do not).
 """
 
-from typing import Any
+from __future__ import annotations
 
-from fastface_pl.data import datasets
-from fastface_pl.data.datasets import (
-    FaceTransform,
-    ImageFolderDataset,
-    RecordDataset,
-    SyntheticFaces,
-    SyntheticPairs,
-    decode_image,
-)
-from fastface_pl.data.errors import CorruptImageError, CorruptRecordError, DatasetError, RecordKeyError
-from fastface_pl.data.recordio import (
-    RecordFile,
-    RecordHeader,
-    RecordLayout,
-    RecordWriter,
-    pack_header,
-    parse_layout,
-    unpack_header,
-)
-from fastface_pl.data.bin_format import VerificationPairs, load_bin, write_bin
+from fastface_pl._lazy import lazy_exports
 
-__all__ = [
-    "CorruptImageError",
-    "CorruptRecordError",
-    "DatasetError",
-    "FaceDataModule",
-    "FaceTransform",
-    "ImageFolderDataset",
-    "RecordDataset",
-    "RecordFile",
-    "RecordHeader",
-    "RecordKeyError",
-    "RecordLayout",
-    "RecordWriter",
-    "SyntheticFaces",
-    "SyntheticPairs",
-    "VerificationPairs",
-    "datasets",
-    "decode_image",
-    "detect_layout",
-    "load_bin",
-    "pack_header",
-    "parse_layout",
-    "unpack_header",
-    "write_bin",
-]
+_EXPORTS = {
+    "FaceTransform": "fastface_pl.data.datasets",
+    "ImageFolderDataset": "fastface_pl.data.datasets",
+    "RecordDataset": "fastface_pl.data.datasets",
+    "SyntheticFaces": "fastface_pl.data.datasets",
+    "SyntheticPairs": "fastface_pl.data.datasets",
+    "decode_image": "fastface_pl.data.datasets",
+    "CorruptImageError": "fastface_pl.data.errors",
+    "CorruptRecordError": "fastface_pl.data.errors",
+    "DatasetError": "fastface_pl.data.errors",
+    "RecordKeyError": "fastface_pl.data.errors",
+    "RecordFile": "fastface_pl.data.recordio",
+    "RecordHeader": "fastface_pl.data.recordio",
+    "RecordLayout": "fastface_pl.data.recordio",
+    "RecordWriter": "fastface_pl.data.recordio",
+    "pack_header": "fastface_pl.data.recordio",
+    "parse_layout": "fastface_pl.data.recordio",
+    "unpack_header": "fastface_pl.data.recordio",
+    "VerificationPairs": "fastface_pl.data.bin_format",
+    "find_bin_files": "fastface_pl.data.bin_format",
+    "load_bin": "fastface_pl.data.bin_format",
+    "write_bin": "fastface_pl.data.bin_format",
+    "FaceDataModule": "fastface_pl.data.datamodule",
+    "detect_layout": "fastface_pl.data.datamodule",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("FaceDataModule", "detect_layout"):
-        from fastface_pl.data import datamodule
-
-        return getattr(datamodule, name)
-    raise AttributeError(f"module 'fastface_pl.data' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -194,16 +194,21 @@ class ArcFaceExact(MarginHead):
 
 
 class CombinedMargin(MarginHead):
-    """Combined margin (m1, m2, m3): target cos(m1·θ + m2) − m3 (InsightFace's combined loss).
+    """Combined margin (m1, m2, m3): target cos(m1·θ + m2) − m3, all three margins at once (InsightFace's
+    original combined loss, docs/models.md).
 
     ArcFace is (1, 0.5, 0), CosFace (1, 0, 0.4), SphereFace-like (m1 > 1, 0, 0).
+
+    .. note:: arcface_torch's ``CombinedMarginLoss`` is not this formula in general: it handles (1, m2, 0)
+       (ArcFace, the same values as here) and, whenever m3 > 0, computes cos θ − m3, ignoring m1 and m2 (it
+       refuses m1 ≠ 1 with m3 = 0). Here every margin applies. They agree on ArcFace and CosFace.
 
     Args:
         s: scale.
         m1: multiplicative angular margin (≥ 1).
         m2: additive angular margin.
         m3: additive cosine margin.
-        straight_through: if True (default, as arcface_torch's ``CombinedMarginLoss``), the angular part
+        straight_through: if True (default, as arcface_torch's ArcFace branch), the angular part
             cos(m1·θ + m2) is computed under ``no_grad`` (with no rule beyond π, as there) and the gradient
             w.r.t. cos θ is 1. If False,
             differentiates through it (with :func:`safe_arccos`) and uses cos θ − m3 − m2·sin m2 where
