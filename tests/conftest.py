@@ -1,7 +1,7 @@
 """What several test files share: image folders on disk, and the train and evaluate commands run as a user runs them.
 
 Plain functions, imported by the tests that need them (``from conftest import run_train``): module-level
-fixtures and helpers call them as well as tests do.
+fixtures and helpers call them as well as tests do; and the fixture ``listed``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from fastface_pl.data.datasets import SyntheticFaceGenerator
 
 
 def write_image_folder(root: Path, counts: Union[Mapping[str, int], Sequence[int]], *, size: int = 16, seed: int = 0,
@@ -37,6 +40,33 @@ def write_image_folder(root: Path, counts: Union[Mapping[str, int], Sequence[int
                 image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
             image.save(root / name / f"{i:03d}.{'png' if png_first and i == 0 else 'jpg'}", quality=92)
     return root
+
+
+def write_face_folder(folder: Path, identities: int, per_identity: int, *, size: int, seed: int,
+                      noise: float) -> SyntheticFaceGenerator:
+    """An image folder ``<folder>/id<nnn>/<n>.jpg`` of synthetic faces (JPEG q95); returns their generator, whose
+    ``render(identity, sample)`` with later samples gives held-out images of the same identities."""
+    generator = SyntheticFaceGenerator(image_size=size, seed=seed, noise=noise)
+    for identity in range(identities):
+        (folder / f"id{identity:03d}").mkdir(parents=True)
+        for sample in range(per_identity):
+            image = generator.render(identity, sample).permute(1, 2, 0).numpy()
+            Image.fromarray(image, "RGB").save(folder / f"id{identity:03d}" / f"{sample}.jpg", quality=95)
+    return generator
+
+
+@pytest.fixture
+def listed(monkeypatch) -> list[str]:
+    """The folders listed with ``os.scandir`` from now on (the image-folder index avoids listing them again)."""
+    calls: list[str] = []
+    real_scandir = os.scandir
+
+    def recording_scandir(path="."):
+        calls.append(os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", recording_scandir)
+    return calls
 
 
 def command_env() -> dict[str, str]:

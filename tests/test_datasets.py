@@ -114,7 +114,7 @@ def test_record_label_out_of_range_is_reported(tmp_path):
         dataset.validate()
 
 
-def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, caplog):
+def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, caplog, listed):
     folder = write_image_folder(tmp_path / "faces", {"id0": 2, "id1": 3}, size=24, smooth=True)
     for path in (folder / "id0", folder / "id1", folder):  # a dataset prepared a while ago
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 3600 * 10**9))
@@ -124,23 +124,16 @@ def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, ca
     assert cache.is_file() and first.index_path == cache
     assert f"index cached at {cache}" in caplog.text
 
-    scanned: list[str] = []
-    real_scandir = os.scandir
-
-    def recording_scandir(path="."):
-        scanned.append(os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", recording_scandir)
+    listed.clear()
     second = ImageFolderDataset(folder)
     assert [second.path(i) for i in range(len(second))] == [first.path(i) for i in range(len(first))]
-    assert not any(Path(p).name in ("id0", "id1") for p in scanned)  # no identity folder was walked again
+    assert not any(Path(p).name in ("id0", "id1") for p in listed)  # no identity folder was walked again
 
     write_image_folder(folder, {"id2": 1}, seed=1, size=24, smooth=True)  # a new identity changes the top level
-    scanned.clear()
+    listed.clear()
     third = ImageFolderDataset(folder)
     assert third.num_classes == 3 and len(third) == 6
-    assert [Path(p).name for p in scanned if Path(p).parent == folder] == ["id2"]  # only the new folder listed
+    assert [Path(p).name for p in listed if Path(p).parent == folder] == ["id2"]  # only the new folder listed
     monkeypatch.undo()
     assert ImageFolderDataset(folder, rebuild_index=True).num_classes == 3
 

@@ -26,20 +26,6 @@ def age(root: Path) -> None:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - HOUR_NS))
 
 
-@pytest.fixture
-def listed(monkeypatch) -> list[str]:
-    """The folders listed with ``os.scandir`` from now on."""
-    calls: list[str] = []
-    real_scandir = os.scandir
-
-    def recording_scandir(path="."):
-        calls.append(os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", recording_scandir)
-    return calls
-
-
 def identity_folders_listed(calls: list[str], root: Path) -> list[str]:
     return sorted(Path(c).name for c in calls if Path(c).parent == root)
 

@@ -79,12 +79,16 @@ def _interrupt(run: Path, signum: int, *overrides: str, group: bool = False) -> 
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("full") / "run"
-    result = run_train(run, *LONG, "validate_at_end=false")
+def _completed_run(tmp_path_factory, name: str, *overrides: str) -> Path:
+    run = tmp_path_factory.mktemp(name) / "run"
+    result = run_train(run, *overrides, "validate_at_end=false")
     assert result.returncode == 0, explain(result)
     return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    return _completed_run(tmp_path_factory, "full", *LONG)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -129,10 +133,7 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers_checkpoints_the_ste
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("tiny") / "run"
-    result = run_train(run, *TINY, "validate_at_end=false")
-    assert result.returncode == 0, explain(result)
-    return run
+    return _completed_run(tmp_path_factory, "tiny", *TINY)
 
 
 def test_resume_from_a_run_folder_names_the_changed_settings(tmp_path, tiny_run):

@@ -11,11 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import explain, run_python
-from PIL import Image
+from conftest import explain, run_python, write_face_folder
 
 from fastface_pl.data import RecordFile, write_bin
-from fastface_pl.data.datasets import SyntheticFaceGenerator
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +39,7 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
     """``webface/faces/<id>/<n>.jpg`` + ``webface/lfw.bin``, packed into ``pack/train.rec`` + ``pack/lfw.bin``."""
     base = tmp_path_factory.mktemp("real_formats")
     faces = base / "webface" / "faces"
-    generator = SyntheticFaceGenerator(image_size=SIZE, seed=11, noise=4.0)
-    for identity in range(IDENTITIES):
-        folder = faces / f"id{identity:03d}"
-        folder.mkdir(parents=True)
-        for sample in range(IMAGES_PER_IDENTITY):
-            image = generator.render(identity, sample).permute(1, 2, 0).numpy()
-            Image.fromarray(image, "RGB").save(folder / f"{sample}.jpg", quality=95)
+    generator = write_face_folder(faces, IDENTITIES, IMAGES_PER_IDENTITY, size=SIZE, seed=11, noise=4.0)
     # held-out images (samples not in the folder) for the verification pairs, half genuine
     images, issame = [], []
     for pair in range(NUM_PAIRS):
