@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from fastface_pl._lazy import lazy_exports
 
-_EXPORTS = {
-    "VerificationMetric": "fastface_pl.evaluation.verification",
-    "evaluate_pairs": "fastface_pl.evaluation.verification",
-    "verification_from_scores": "fastface_pl.evaluation.verification",
-    "evaluate_ijb": "fastface_pl.evaluation.ijb",
+_MODULES = {
+    "fastface_pl.evaluation.verification": ("VerificationMetric", "evaluate_pairs", "verification_from_scores"),
+    "fastface_pl.evaluation.ijb": ("evaluate_ijb",),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _MODULES.values() for name in names)
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)

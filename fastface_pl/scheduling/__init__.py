@@ -8,20 +8,16 @@ from __future__ import annotations
 
 from fastface_pl._lazy import lazy_exports
 
-_EXPORTS = {
-    "Detector": "fastface_pl.scheduling.detectors",
-    "FastFaceDetector": "fastface_pl.scheduling.detectors",
-    "MovingHaarDetector": "fastface_pl.scheduling.detectors",
-    "NonFiniteLossError": "fastface_pl.scheduling.detectors",
-    "build_detector": "fastface_pl.scheduling.detectors",
-    "AutoFastFaceDetector": "fastface_pl.scheduling.auto",
-    "FastFaceLRCallback": "fastface_pl.scheduling.callback",
-    "FastFaceLR": "fastface_pl.scheduling.lr_scheduler",
-    "lr_callback": "fastface_pl.scheduling.presets",
-    "torch_schedule": "fastface_pl.scheduling.presets",
+_MODULES = {
+    "fastface_pl.scheduling.detectors": ("Detector", "FastFaceDetector", "MovingHaarDetector",
+                                         "NonFiniteLossError", "build_detector"),
+    "fastface_pl.scheduling.auto": ("AutoFastFaceDetector",),
+    "fastface_pl.scheduling.callback": ("FastFaceLRCallback",),
+    "fastface_pl.scheduling.lr_scheduler": ("FastFaceLR",),
+    "fastface_pl.scheduling.presets": ("lr_callback", "torch_schedule"),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _MODULES.values() for name in names)
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)
