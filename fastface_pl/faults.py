@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -33,6 +34,7 @@ from fastface_pl.scheduling.detectors import NonFiniteLossError
 __all__ = ["EXIT_USAGE", "Outcome", "UsageError", "classify_fault", "reason_of", "resume_command"]
 
 EXIT_USAGE = 2
+_PACKAGE = Path(__file__).resolve().parent
 
 
 class UsageError(Exception):
@@ -135,6 +137,14 @@ def _interrupted(error: BaseException, signum: int, run_dir: Path, overrides: Se
     return Outcome("interrupted", 128 + int(signum), message, Path(checkpoint) if checkpoint else None, record)
 
 
+def _raised_here(error: BaseException) -> bool:
+    """Whether ``error`` is of a fastface_pl type, or was raised by fastface_pl's own code (its argument checks)."""
+    if type(error).__module__.startswith("fastface_pl"):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+
+
 def _usage_message(error: BaseException) -> Optional[str]:
     """The message of an error about the user's configuration, data or checkpoint, else None (a crash)."""
     if isinstance(error, UsageError):
@@ -145,8 +155,7 @@ def _usage_message(error: BaseException) -> Optional[str]:
     if not isinstance(error, (ValueError, RuntimeError)):
         return None
     message = str(error).rstrip()
-    if isinstance(error, (DatasetError, CheckpointError)) or (isinstance(error, ValueError)
-                                                               and type(error).__module__.startswith("fastface_pl")):
+    if isinstance(error, (DatasetError, CheckpointError)) or (isinstance(error, ValueError) and _raised_here(error)):
         return reason_of(error)  # DatasetError and argument checks: the message says what to fix
     if "Error(s) in loading state_dict" in message or "size mismatch" in message:  # a checkpoint of another model
         return (f"the checkpoint does not fit the model this config builds ({describe_load_error(error)}): resume "
