@@ -4,13 +4,10 @@
 exit code, the message for the user and the checkpoint to resume from. ``train.py`` uses it on every path, so a
 fault is worded, coded and recorded in one place:
 
-=====================================================  ===========  ====
-fault                                                  status       exit
-=====================================================  ===========  ====
-:class:`UsageError`, bad data or checkpoint, argument  usage        2
-the divergence guard, a non-finite loss set to raise   diverged     3
-SIGTERM, Ctrl+C (:class:`~fastface_pl.safety.TrainingInterrupted`)  interrupted  128 + signal
-=====================================================  ===========  ====
+- ``usage``, exit 2: a :class:`UsageError`, bad data (``DatasetError``) or checkpoint (``CheckpointError``), an
+  argument check raised by fastface_pl's own code, a permission denied;
+- ``diverged``, exit 3: the divergence guard, or a non-finite loss with the LR callback set to raise;
+- ``interrupted``, exit 128 + the signal: SIGTERM (143) or Ctrl+C (130), with the checkpoint of the step reached.
 
 Any other exception is a crash: not classified, its traceback is shown (exit 1).
 """
