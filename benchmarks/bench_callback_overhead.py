@@ -24,6 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastface_pl.scheduling.callback import FastFaceLRCallback
+from _record import add_json_argument, write_json
 
 
 class TinyMLP(LightningModule):
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, nargs="+", default=[1, 16], help="values of k to time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on shared CPUs)")
     parser.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto (on a GPU, k=1 syncs every step)")
+    add_json_argument(parser, "callback_overhead")  # callback_overhead_hidden<N> with --hidden N
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -131,6 +133,7 @@ def main() -> None:
           f"{args.threads} torch thread(s), accelerator {args.accelerator}")
     print(f"{'setting':<26}{'ms/step':>9}{'min':>8}{'max':>8}{'ratio':>8}{'overhead':>10}"
           f"{'hook us/step':>14}{'hook share':>12}")
+    rows = {}
     for setting in settings:
         label = {None: "without callback", 0: "empty Callback()"}.get(setting, f"FastFaceLRCallback k={setting}")
         median = statistics.median(times[setting])
@@ -139,9 +142,12 @@ def main() -> None:
         hook_us = 1e3 * statistics.median(hook_times[setting])
         print(f"{label:<26}{median:>9.3f}{min(times[setting]):>8.3f}{max(times[setting]):>8.3f}"
               f"{ratio:>8.3f}{100 * (ratio - 1):>9.1f}%{hook_us:>14.1f}{hook_us / (10 * base):>11.2f}%")
+        rows[label] = {"ms_per_step": median, "ratio": ratio, "overhead_percent": 100 * (ratio - 1),
+                       "hook_us_per_step": hook_us, "hook_share_percent": hook_us / (10 * base)}
     print("ratio/overhead: median over rounds of the fit time per step against the run without the callback in the "
           "same round\n(includes Lightning's dispatch of one more callback's hooks, see the empty Callback); hook: time "
           "inside the callback's on_train_batch_end per step, as a share of the step time without it.")
+    write_json(args, rows, "callback_overhead" + ("" if args.hidden == 256 else f"_hidden{args.hidden}"))
 
 
 if __name__ == "__main__":

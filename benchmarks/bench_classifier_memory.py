@@ -27,6 +27,7 @@ import math
 import os
 import subprocess
 import sys
+from _record import add_json_argument, write_json
 
 VARIANTS = ["straightforward", "arcface_torch-style", "fastface_pl full", "fastface_pl sampled"]
 
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.5, help="ArcFace m")
     parser.add_argument("--scale", type=float, default=64.0, help="s")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    add_json_argument(parser, "classifier_memory")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(_run_variant(args.variant, args.classes, args.batch, args.dim, args.sample_rate,
@@ -140,6 +142,7 @@ def main() -> None:
     for result in results:
         print(f"{result['variant']:<24}{result['step_mib']:>15.1f}{result['step_mib'] / reference:>20.2f}"
               f"{result['loss']:>10.3f}")
+    write_json(args, {"variants": results}, "classifier_memory")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from fastface_pl.data.datasets import FaceTransform, ImageFolderDataset, RecordDataset, SyntheticFaceGenerator
 from fastface_pl.data.pack import pack_folder
+from _record import add_json_argument, write_json
 
 
 def make_jpegs(root: Path, num_images: int, per_identity: int, size: int, quality: int) -> None:
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="epochs per source (alternating)")
+    add_json_argument(parser, "dataloader")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fastface_bench_") as tmp:
@@ -118,6 +120,10 @@ def main() -> None:
         print(f"{name:<12} {statistics.median(values):>13.0f} img/s (median of {len(values)})")
     read_ratio = statistics.median(read_rates["record file"]) / statistics.median(read_rates["jpeg folder"])
     print(f"ratio record/folder (read only): {read_ratio:.2f}x")
+    write_json(args, {"median_images_per_s": {name: statistics.median(values) for name, values in rates.items()},
+                      "ratio_record_to_folder": ratio,
+                      "read_only_median_images_per_s": {n: statistics.median(v) for n, v in read_rates.items()},
+                      "read_only_ratio_record_to_folder": read_ratio}, "dataloader")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector
 from fastface_pl.scheduling.replay import expand_loss_log, load_loss_log
 from fastface_pl.scheduling.lr_scheduler import FastFaceLR
+from _record import add_json_argument, write_json
 
 
 def time_once(make_step: Callable[[], Callable[[float], object]], losses: list[float]) -> float:
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="number of updates (default: the whole real curve)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per contender; the best one counts")
     parser.add_argument("--window", type=int, default=4000, help="Moving Haar window m")
+    add_json_argument(parser, "detectors")
     args = parser.parse_args()
 
     losses = expand_loss_log(load_loss_log())
@@ -86,6 +88,8 @@ def main() -> None:
     haar = results[contenders[2][0]] / baseline
     print(f"targets: FastFace <= 1x: {fast:.2f}x {'OK' if fast <= 1.0 else 'MISSED'}; "
           f"Moving Haar <= 1x: {haar:.2f}x {'OK' if haar <= 1.0 else 'MISSED'}")
+    write_json(args, {"updates": total, "us_per_update": results,
+                      "ratio_to_reduce_lr_on_plateau": {name: micros / baseline for name, micros in results.items()}}, "detectors")
 
 
 if __name__ == "__main__":

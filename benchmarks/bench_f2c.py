@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _record import add_json_argument, write_json
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,7 +124,7 @@ def accuracy(epochs: int) -> dict[str, tuple[dict, float]]:
     runs = {}
     with tempfile.TemporaryDirectory() as root:
         for layer in ("full", "dcp"):
-            command = [sys.executable, "-m", "fastface_pl.train", f"model.classifier={layer}",
+            command = [sys.executable, "-m", "fastface_pl.train", f"classifier={layer}",
                        f"trainer.max_epochs={epochs}", f"hydra.run.dir={root}/{layer}", "plot=false",
                        "loggers=[csv]", "trainer.enable_progress_bar=false"]
             env = dict(os.environ, OMP_NUM_THREADS="1")  # one core each: two runs at once, no oversubscription
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="also train the demo with full and dcp")
     parser.add_argument("--epochs", type=int, default=16, help="demo epochs for --accuracy")
     parser.add_argument("--run", help=argparse.SUPPRESS)
+    add_json_argument(parser, "f2c")  # f2c_accuracy.json with --accuracy
     args = parser.parse_args()
     if args.run:
         layer, classes = args.run.split(":")
@@ -180,13 +182,18 @@ def main() -> None:
             output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(output.strip().splitlines()[-1]))
 
+    figures: dict = {}
     if rows:
         _print_rows(rows, args)
+        figures["layer_step"] = rows
     if args.accuracy:
         results = accuracy(args.epochs)
         print(f"\ndemo (synthetic verification pairs, {args.epochs} epochs, same seed):")
         for layer, (summary, seconds) in results.items():
             print(f"  {layer:<5} accuracy {_accuracy_of(summary):.4f}   wall {seconds:.0f} s")
+        figures["demo_accuracy"] = {layer: {"accuracy": _accuracy_of(summary), "wall_s": seconds}
+                                    for layer, (summary, seconds) in results.items()}
+    write_json(args, figures, "f2c_accuracy" if args.accuracy else "f2c")
 
 
 def _print_rows(rows: list[dict], args: argparse.Namespace) -> None:

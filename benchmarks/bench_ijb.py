@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fastface_pl.evaluation.ijb import IJB_FARS, pair_scores, tar_at_far
+from _record import add_json_argument, write_json
 
 NOISE = 3.0  # per-dimension noise around each subject's centre: TAR@FAR=1e-4 about 42 % at full size
 IJBC = {"images": 469_375, "enrolment": 3_531, "verification": 19_593, "pairs": 15_658_489, "genuine": 19_557}
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of IJB-C's images, templates and pairs")
     parser.add_argument("--dims", type=int, default=512, help="feature dimension")
     parser.add_argument("--device", default="cpu", help="device for ours: cpu | cuda")
+    add_json_argument(parser, "ijb")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -151,6 +153,11 @@ def main() -> None:
     print(f"{'TAR (%) at FAR':<16}" + "".join(f"{far:>9.0e}" for far in IJB_FARS))
     print(f"{'reference':<16}" + "".join(f"{100 * reference_tars[far]:>9.2f}" for far in IJB_FARS))
     print(f"{'fastface_pl':<16}" + "".join(f"{100 * tars[far]:>9.2f}" for far in IJB_FARS))
+    write_json(args, {"reference_seconds": reference_seconds, "ours_seconds": ours_seconds,
+                      "ratio": ours_seconds / reference_seconds,
+                      "largest_score_difference": float(np.abs(scores - reference_scores).max()),
+                      "tar_at_far": {f"{far:.0e}": {"reference": float(reference_tars[far]), "ours": float(tars[far])}
+                                     for far in IJB_FARS}}, "ijb")
 
 
 if __name__ == "__main__":

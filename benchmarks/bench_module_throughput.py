@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastface_pl.models.module import FaceRecognitionModule
+from _record import add_json_argument, write_json
 
 
 def _clocks() -> tuple[float, float]:
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternating")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (1: least sensitive to other processes on a shared CPU)")
+    add_json_argument(parser, "module_throughput")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loader = make_loader(args)
@@ -128,9 +130,12 @@ def main() -> None:
             rates = [run[index] for run in runs[side]]
             medians[side, clock] = statistics.median(rates)
             print(f"{label:<22}{clock:<6}{medians[side, clock]:>14.1f}   " + ", ".join(f"{r:.1f}" for r in rates))
+    ratios = {}
     for clock in ("wall", "cpu"):
-        ratio = medians["lightning", clock] / medians["plain", clock]
-        print(f"ratio Lightning / plain ({clock} time): {ratio:.3f} (target >= 0.95)")
+        ratios[clock] = medians["lightning", clock] / medians["plain", clock]
+        print(f"ratio Lightning / plain ({clock} time): {ratios[clock]:.3f} (target >= 0.95)")
+    write_json(args, {"median_images_per_s": {f"{side} ({clock})": rate for (side, clock), rate in medians.items()},
+                      "ratio_lightning_to_plain": ratios}, "module_throughput")
 
 
 if __name__ == "__main__":

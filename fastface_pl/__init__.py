@@ -13,20 +13,18 @@ from fastface_pl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "FastFaceDetector": "fastface_pl.scheduling.detectors",
-    "MovingHaarDetector": "fastface_pl.scheduling.detectors",
-    "build_detector": "fastface_pl.scheduling.detectors",
-    "NonFiniteLossError": "fastface_pl.scheduling.detectors",
-    "FastFaceLRCallback": "fastface_pl.scheduling.callback",
-    "FastFaceLR": "fastface_pl.scheduling.lr_scheduler",
-    "FaceRecognitionModule": "fastface_pl.models.module",
-    "build_backbone": "fastface_pl.models.backbones",
-    "FaceDataModule": "fastface_pl.data.datamodule",
-    "VerificationMetric": "fastface_pl.evaluation.verification",
+_MODULES = {
+    "fastface_pl.scheduling.detectors": ("FastFaceDetector", "MovingHaarDetector", "build_detector",
+                                         "NonFiniteLossError"),
+    "fastface_pl.scheduling.callback": ("FastFaceLRCallback",),
+    "fastface_pl.scheduling.lr_scheduler": ("FastFaceLR",),
+    "fastface_pl.models.module": ("FaceRecognitionModule",),
+    "fastface_pl.models.backbones": ("build_backbone",),
+    "fastface_pl.data.datamodule": ("FaceDataModule",),
+    "fastface_pl.evaluation.verification": ("VerificationMetric",),
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(name for names in _MODULES.values() for name in names) + ["__version__"]
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, eager=("__version__",))
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, eager=("__version__",))

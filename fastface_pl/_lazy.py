@@ -7,10 +7,16 @@ from typing import Any, Callable, Mapping
 
 
 def lazy_exports(
-    package: str, exports: Mapping[str, str], eager: tuple[str, ...] = ()
+    package: str, modules: Mapping[str, tuple[str, ...]], eager: tuple[str, ...] = ()
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package``: ``exports`` maps each public name to the module defining it;
-    ``eager`` names the package's own attributes that ``dir()`` should list too."""
+    """``(__getattr__, __dir__)`` for ``package``: ``modules`` maps each module to the public names it defines;
+    ``eager`` names the package's own attributes that ``dir()`` should list too.
+
+    Example (a package's ``__init__.py``)::
+
+        __getattr__, __dir__ = lazy_exports(__name__, {"fastface_pl.data.recordio": ("RecordFile",)})
+    """
+    exports = {name: module for module, names in modules.items() for name in names}
     names = sorted([*exports, *eager])
 
     def __getattr__(name: str) -> Any:

@@ -20,7 +20,21 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-LAYOUT_SYNTHETIC = "synthetic"
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from fastface_pl.checkpoints import (SAFE_GLOBALS, CheckpointError, describe_load_error, load_backbone_weights,
+                                     load_checkpoint)
+from fastface_pl.data.bin_format import find_bin_files, load_bin
+from fastface_pl.data.datamodule import LAYOUT_SYNTHETIC, FaceDataModule
+from fastface_pl.data.datasets import FaceTransform
+from fastface_pl.data.errors import DatasetError
+from fastface_pl.evaluation.ijb import evaluate_ijb
+from fastface_pl.evaluation.report import format_results
+from fastface_pl.faults import reason_of
+from fastface_pl.models.module import FaceRecognitionModule
+from fastface_pl.safety import finite_or_none
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,8 +67,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def evaluate_ijb_command(args: argparse.Namespace, backbone: Any) -> dict[str, Any]:
     """IJB-B/C 1:1 verification of ``backbone`` (see :mod:`fastface_pl.evaluation.ijb`)."""
-    from fastface_pl.evaluation.ijb import evaluate_ijb
-
     accelerator = {"gpu": "cuda", "auto": None}.get(args.accelerator, args.accelerator)
     return evaluate_ijb(backbone, args.ijb, args.ijb_out, name=args.checkpoint.stem,
                         image_size=getattr(backbone, "input_size", 112), batch_size=args.batch_size,
@@ -71,11 +83,6 @@ def load_model(path: Path, backbone: Optional[str] = None, embedding_size: Optio
     Raises:
         CheckpointError: the file is refused, corrupt, or its weights do not fit the backbone.
     """
-    import torch
-
-    from fastface_pl.checkpoints import SAFE_GLOBALS, CheckpointError, describe_load_error, load_checkpoint
-    from fastface_pl.models.module import FaceRecognitionModule
-
     content = load_checkpoint(path)  # weights-only, memory-mapped: the weights are read once, below
     if isinstance(content, dict) and "state_dict" in content and "hyper_parameters" in content:
         data_settings = dict(content.get("datamodule_hyper_parameters") or {})
@@ -88,7 +95,6 @@ def load_model(path: Path, backbone: Optional[str] = None, embedding_size: Optio
             raise CheckpointError(f"checkpoint {path} does not rebuild a FaceRecognitionModule: "
                                   f"{describe_load_error(err)}") from None
         return module, data_settings
-    from fastface_pl.checkpoints import load_backbone_weights
 
     del content
     state, _ = load_backbone_weights(path)
@@ -113,16 +119,10 @@ def verification_sets(data: Optional[str], sets: Optional[Sequence[str]], data_s
 
     ``.bin`` names are looked up in the data folder and the folder above it (an image folder keeps them there).
     """
-    from fastface_pl.data.bin_format import load_bin
-    from fastface_pl.data.datasets import FaceTransform
-    from fastface_pl.data.errors import DatasetError
-
     root = data if data is not None else data_settings.get("root")
     if not root:
         raise DatasetError("the checkpoint does not say which data it was trained on: pass --data /path/to/bins")
     if str(root) == LAYOUT_SYNTHETIC:
-        from fastface_pl.data.datamodule import FaceDataModule
-
         synthetic = data_settings.get("synthetic") if data_settings.get("root") == LAYOUT_SYNTHETIC else None
         datamodule = FaceDataModule(root=LAYOUT_SYNTHETIC, image_size=image_size,
                                     **({"synthetic": synthetic} if synthetic else {}))
@@ -140,29 +140,11 @@ def verification_sets(data: Optional[str], sets: Optional[Sequence[str]], data_s
         if not names:
             raise DatasetError(f"no .bin verification sets in {base}: give --data the folder that holds them")
     transform = FaceTransform(image_size=image_size)
-    datasets, missing = [], []
-    for name in names:
-        candidates = [Path(name)] if name.endswith(".bin") and Path(name).is_file() else \
-            [place / (name if name.endswith(".bin") else f"{name}.bin") for place in places]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            missing.append(" or ".join(str(c) for c in candidates))
-        else:
-            datasets.append(load_bin(found, transform=transform))
-    if missing:
-        available = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.bin")})
-        raise DatasetError(f"verification set(s) not found: {'; '.join(missing)}. Available in {base} and "
-                           f"{base.parent}: {available or 'none'}")
-    return datasets
+    paths = find_bin_files(names, places, "Give --sets the ones you have.")
+    return [load_bin(path, transform=transform) for path in paths]
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
-    from fastface_pl.evaluation.report import format_results
-    from fastface_pl.safety import finite_or_none
-
     module, data_settings = load_model(args.checkpoint, args.backbone, args.embedding_size, args.input_size)
     run_bins = args.ijb is None or args.data is not None or args.sets is not None
     datasets: list[Any] = []
@@ -196,10 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError) as err:  # CheckpointError, DatasetError, argument checks
-        message = str(err).rstrip()
-        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the reason only
-            message = message.splitlines()[-1]
-        print(f"fastface_pl.evaluate: error: {message}", file=sys.stderr)
+        print(f"fastface_pl.evaluate: error: {reason_of(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from fastface_pl.scheduling.loss_reader import StepLoss, StepLossReader
-from fastface_pl.validation import check_int, check_positive_int
+from fastface_pl.validation import check_int
 
 __all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted", "EXIT_DIVERGED",
            "finite_or_none"]
@@ -75,8 +75,8 @@ class DivergenceGuard(Callback):
     """
 
     def __init__(self, max_nonfinite_steps: int = 20, check_every_n_steps: int = 16) -> None:
-        self.max_nonfinite_steps = check_positive_int("DivergenceGuard max_nonfinite_steps", max_nonfinite_steps)
-        self.check_every_n_steps = check_positive_int("DivergenceGuard check_every_n_steps", check_every_n_steps)
+        self.max_nonfinite_steps = check_int("DivergenceGuard max_nonfinite_steps", max_nonfinite_steps, 1)
+        self.check_every_n_steps = check_int("DivergenceGuard check_every_n_steps", check_every_n_steps, 1)
         self._reader: Optional[StepLossReader] = None
         self._streak = 0
         self._streak_start: Optional[int] = None

@@ -10,7 +10,7 @@ import math
 import numbers
 from typing import Any, Iterable
 
-__all__ = ["check_int", "check_positive_int", "check_real", "check_bool", "check_choice"]
+__all__ = ["check_int", "check_real", "check_bool", "check_choice"]
 
 
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *,
@@ -30,13 +30,6 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *
         if allow_none:
             allowed += f" or None ({none_means})" if none_means else " or None"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return int(value)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` as an int >= 1, else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 

@@ -198,16 +198,17 @@ def test_callback_without_settings_uses_the_auto_rule():
 def test_explicit_settings_and_presets_keep_the_paper_rule():
     from fastface_pl.scheduling.callback import FastFaceLRCallback
     from fastface_pl.scheduling.lr_scheduler import uses_auto_settings
-    from fastface_pl.scheduling.presets import fastface_auto_callback, fastface_callback
+    from fastface_pl.scheduling.presets import lr_callback
 
     assert uses_auto_settings("fastface", {}) and uses_auto_settings("fastface", {"decay": 3.0})
     assert not uses_auto_settings("fastface", {"threshold": 5e-5}) and not uses_auto_settings("moving_haar", {})
-    assert fastface_auto_callback()._detector_kwargs == {"decay": 2.0, "max_decays": 8}
-    assert fastface_callback()._detector_kwargs["threshold"] == 5e-5  # the paper preset stays explicit
+    assert lr_callback("fastface", decay=2.0, max_decays=8)._detector_kwargs == {"decay": 2.0, "max_decays": 8}
+    assert lr_callback("fastface", threshold=5e-5)._detector_kwargs["threshold"] == 5e-5  # explicit stays explicit
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     assert isinstance(FastFaceLR(optimizer, "fastface", patience=10).detector, FastFaceDetector)
     assert isinstance(FastFaceLR(optimizer, "fastface", total_steps=100).detector, AutoFastFaceDetector)
-    assert isinstance(FastFaceLRCallback("fastface", detector_kwargs={"alpha": 0.01}), FastFaceLRCallback)
+    explicit = FastFaceLRCallback("fastface", detector_kwargs={"alpha": 0.01}, patience=10).detector
+    assert type(explicit) is FastFaceDetector and explicit.alpha == 0.01
 
 
 def test_repr_while_calibrating_and_after():

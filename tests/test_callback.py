@@ -48,7 +48,7 @@ def staircase_losses(n: int, seed: int = 0, drop: float = 0.1, fall: int = 12, f
     return out[:n]
 
 
-def replay(name: str, kwargs: dict, values: list[float]) -> list[tuple[int, float]]:
+def detector_decisions(name: str, kwargs: dict, values: list[float]) -> list[tuple[int, float]]:
     detector = build_detector(name, **kwargs)
     for value in values:
         detector.update(value)
@@ -136,7 +136,7 @@ def test_decisions_equal_a_detector_replay(name, kwargs):
     model = ScriptedModule(losses)
     make_trainer(max_steps=100, callbacks=[callback]).fit(model)
 
-    expected = replay(name, kwargs, losses)
+    expected = detector_decisions(name, kwargs, losses)
     assert len(expected) >= 3
     assert [(s, f) for s, f, _ in callback.decisions] == expected
     assert callback.detector.steps_seen == 100
@@ -187,7 +187,7 @@ def test_block_reading_makes_the_same_decisions_at_most_k_minus_1_steps_late():
         make_trainer(max_steps=150, callbacks=[callback]).fit(model)
         runs[k] = (callback, model)
 
-    decided = replay("fastface", FASTFACE, losses)
+    decided = detector_decisions("fastface", FASTFACE, losses)
     assert len(decided) >= 4
     assert any(d % 4 for d, _ in decided)  # some decision falls inside a block
     for k, (callback, model) in runs.items():
@@ -206,7 +206,7 @@ def test_partial_block_is_flushed_at_train_end():
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, sync_every_n_steps=8, verbose=False)
     make_trainer(max_steps=50, callbacks=[callback]).fit(ScriptedModule(losses))
     assert callback.detector.steps_seen == 50  # 6 full blocks of 8 + the last 2 steps
-    assert [(s, f) for s, f, _ in callback.decisions] == replay("fastface", FASTFACE, losses)
+    assert [(s, f) for s, f, _ in callback.decisions] == detector_decisions("fastface", FASTFACE, losses)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_resume_mid_epoch_and_mid_block_repeats_the_uninterrupted_run(tmp_path, 
 
     resumed, resumed_model, trainer = run(total_steps, ckpt_path=ckpt)
     assert trainer.global_step == total_steps
-    decided = replay("fastface", FASTFACE, means[:total_steps])
+    decided = detector_decisions("fastface", FASTFACE, means[:total_steps])
     assert any(d <= 30 for d, _ in decided) and any(d > 30 for d, _ in decided)
     assert resumed.decisions == full.decisions
     assert [(s, f) for s, f, _ in resumed.decisions] == decided
@@ -281,7 +281,7 @@ def test_state_dict_round_trip_and_tolerates_missing_keys():
     extended = losses + [losses[-1]]
     make_trainer(max_steps=1, callbacks=[other]).fit(ScriptedModule(extended[40:]))
     assert other.steps_observed == 41 and other.detector.steps_seen == 41
-    assert [(s, f) for s, f, _ in other.decisions] == replay("fastface", FASTFACE, extended)
+    assert [(s, f) for s, f, _ in other.decisions] == detector_decisions("fastface", FASTFACE, extended)
     assert other.decisions[: len(callback.decisions)] == callback.decisions
 
     partial = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
@@ -334,7 +334,7 @@ def test_nonfinite_losses_are_skipped_counted_and_reported_once():
     assert callback.nonfinite_count == 3
     assert callback.detector.steps_seen == 77
     finite = [(step, v) for step, v in enumerate(losses, start=1) if math.isfinite(v)]
-    replayed = replay("fastface", FASTFACE, [v for _, v in finite])
+    replayed = detector_decisions("fastface", FASTFACE, [v for _, v in finite])
     assert replayed
     # Detector step i is optimizer step finite[i-1][0].
     assert [(s, f) for s, f, _ in callback.decisions] == [(finite[i - 1][0], f) for i, f in replayed]
@@ -378,7 +378,7 @@ def test_plateau_scheduler_is_left_alone():
     losses = staircase_losses(40)
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
     make_trainer(max_steps=40, callbacks=[callback]).fit(Monitored(losses, scheduler=scheduler))
-    assert [(s, f) for s, f, _ in callback.decisions] == replay("fastface", FASTFACE, losses)
+    assert [(s, f) for s, f, _ in callback.decisions] == detector_decisions("fastface", FASTFACE, losses)
 
 
 def test_epoch_interval_multiplicative_scheduler_composes():
@@ -388,7 +388,7 @@ def test_epoch_interval_multiplicative_scheduler_composes():
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
     model = ScriptedModule(losses, batches_per_epoch=20, scheduler=scheduler)
     make_trainer(max_steps=60, callbacks=[callback]).fit(model)
-    decided = replay("fastface", FASTFACE, losses)
+    decided = detector_decisions("fastface", FASTFACE, losses)
     assert [(s, f) for s, f, _ in callback.decisions] == decided
     scale = expected_lrs(decided, 60)
     expected = [scale[i] * 0.5 ** (i // 20) for i in range(60)]
@@ -404,7 +404,7 @@ def test_compose_with_lambda_lr_multiplies_its_lr_by_the_cumulative_scale():
     )
     model = ScriptedModule(losses, scheduler=scheduler)
     make_trainer(max_steps=70, callbacks=[callback]).fit(model)
-    decided = replay("fastface", FASTFACE, losses)
+    decided = detector_decisions("fastface", FASTFACE, losses)
     assert [(s, f) for s, f, _ in callback.decisions] == decided and len(decided) >= 2
     scale = [lr / LR0 for lr in expected_lrs(decided, 70, delay_to_block=2)]
     assert model.lrs == pytest.approx([LR0 * warmup(i) * scale[i] for i in range(70)], rel=1e-12)
@@ -510,7 +510,7 @@ def test_every_param_group_of_every_optimizer_is_scaled_alike():
     model = TwoOptimizerModule(losses)
     trainer = make_trainer(max_epochs=1, callbacks=[callback])
     trainer.fit(model)
-    decided = replay("fastface", FASTFACE, losses)
+    decided = detector_decisions("fastface", FASTFACE, losses)
     assert [(s, f) for s, f, _ in callback.decisions] == decided  # one update per batch, not per optimizer
     scale = math.prod(f for _, f in decided)
     lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
@@ -612,7 +612,7 @@ def test_chained_multiplicative_schedulers_compose_as_they_are():
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
     model = ScriptedModule(losses, scheduler={"scheduler": chained, "interval": "epoch"})
     make_trainer(max_steps=60, callbacks=[callback]).fit(model)
-    scale = expected_lrs(replay("fastface", FASTFACE, losses), 60)
+    scale = expected_lrs(detector_decisions("fastface", FASTFACE, losses), 60)
     assert model.lrs == pytest.approx([scale[i] * 0.45 ** (i // 20) for i in range(60)], rel=1e-12)
 
 
@@ -624,7 +624,7 @@ def test_composed_sequential_lr_keeps_the_decisions_at_its_milestone():
     model = ScriptedModule(losses, batches_per_epoch=20,
                            scheduler={"scheduler": sequential_warmup_cosine, "interval": "epoch"})
     make_trainer(max_steps=100, callbacks=[callback]).fit(model)
-    decided = replay("fastface", FASTFACE, losses)
+    decided = detector_decisions("fastface", FASTFACE, losses)
     assert len(decided) >= 3
     reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR0)
     sequential, own = sequential_warmup_cosine(reference), []
@@ -653,7 +653,7 @@ def test_compose_with_a_multiplicative_step_scheduler_does_not_compound_the_scal
         own.append(reference.param_groups[0]["lr"])
         reference.step()
         scheduler.step()
-    decided = replay("fastface", FASTFACE, losses)
+    decided = detector_decisions("fastface", FASTFACE, losses)
     assert len(decided) >= 2
     scale = [lr / LR0 for lr in expected_lrs(decided, 90, delay_to_block=2)]
     assert model.lrs == pytest.approx([o * s for o, s in zip(own, scale)], rel=1e-12)

@@ -9,7 +9,9 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from fastface_pl.config_check import check_arguments, describe_type, value_matches
-from fastface_pl.train import UsageError, check_writable_folder, claim_run_folder, validate_config
+from fastface_pl.config_check import validate_config
+from fastface_pl.faults import UsageError
+from fastface_pl.runs import check_writable_folder, claim_run_folder
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 
@@ -58,8 +60,16 @@ def test_the_demo_with_every_scheduler_passes(scheduler):
     ("model.lr=fast", "model.lr='fast': expected a number"),
     ("+model.dropout=0.1", "model.dropout: unknown key"),
     ("data.batch_size=1.5", "data.batch_size=1.5: expected an integer"),
-    ("checkpoint_every_n_steps=0", "checkpoint_every_n_steps=0: expected an integer >= 1"),
-    ("divergence.max_nonfinite_steps=-1", "divergence.max_nonfinite_steps=-1"),
+    ("checkpoint_every_n_steps=0", "checkpoint_every_n_steps must be an int >= 1, got 0"),
+    ("divergence.max_nonfinite_steps=-1", "divergence.max_nonfinite_steps must be an int >= 1, got -1"),
+    # the ranges, checked before any data is read
+    ("model.lr=-0.1", "model: lr must be a finite number in (0, inf), got -0.1"),
+    ("data.batch_size=0", "data: batch_size must be an int >= 1, got 0"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0: expected an int >= 1 (or -1: no limit)"),
+    ("trainer.max_steps=0", "trainer.max_steps=0: expected an int >= 1 (or -1: no limit)"),
+    ("+model.classifier_kwargs.pool_size=8", "do not apply to classifier='full'"),
+    ("+scheduler.thresold=1e-3", "thresold"),
+    ("scheduler.patience=100", "give either patience (optimizer steps) or patience_fraction"),
 ])
 def test_a_bad_value_is_named(override, named):
     with pytest.raises(UsageError, match="invalid configuration") as info:

@@ -36,7 +36,7 @@ def test_paper_experiment_has_the_papers_settings(name):
     assert cfg.data.batch_size == 128 and cfg.data.flip is True
     assert cfg.trainer.max_epochs == 5 and cfg.trainer.precision == "16-mixed"
     assert cfg.seed == 3407
-    assert cfg.scheduler._target_.endswith("fastface_callback")
+    assert cfg.scheduler.detector == "fastface"
     assert (cfg.scheduler.alpha, cfg.scheduler.beta, cfg.scheduler.threshold) == (1e-3, 1e-3, 5e-5)
     assert (cfg.scheduler.patience_fraction, cfg.scheduler.decay, cfg.scheduler.max_decays) == (0.05, 2.0, 8)
 
@@ -44,7 +44,7 @@ def test_paper_experiment_has_the_papers_settings(name):
 @pytest.mark.parametrize("name", sorted(PAPER_RUNS))
 def test_moving_haar_variant_keeps_the_run_and_swaps_the_scheduler(name):
     base, variant = _compose(f"+experiment={name}"), _compose(f"+experiment={name}_mh")
-    assert variant.scheduler._target_.endswith("moving_haar_callback")
+    assert variant.scheduler.detector == "moving_haar"
     assert (variant.scheduler.threshold, variant.scheduler.decay, variant.scheduler.restart_after) == (0.06, 2.0, 3)
     assert variant.scheduler.patience is None  # 2·window, the authors' rule
     if name == "r100_ms1mv3":
@@ -82,7 +82,7 @@ def test_comparison_schedules(name, expected):
 def test_demo_defaults_are_small():
     cfg = _compose()
     assert cfg.data.root == "synthetic" and cfg.model.backbone == "tiny"
-    assert cfg.scheduler._target_.endswith("fastface_callback")
+    assert cfg.scheduler.detector == "fastface" and cfg.model.classifier == "full"
 
 
 def test_configs_ship_inside_the_package():
@@ -111,10 +111,10 @@ def test_resolved_experiments_are_what_the_recipe_says():
 
 
 def test_paper_run_with_the_f2c_pool_composes_and_builds():
-    cfg = _compose("+experiment=r100_webface12m", "model.classifier=dcp", "model.backbone=tiny",
+    cfg = _compose("+experiment=r100_webface12m", "classifier=dcp", "model.backbone=tiny",
                    "model.backbone_kwargs.input_size=32")
-    assert (cfg.model.dcp_pool_fraction, cfg.model.dcp_momentum) == (0.01, 0.99)
-    assert cfg.model.dcp_pool_size is None and cfg.model.dcp_push_topk is None
+    assert cfg.model.classifier == "dcp"
+    assert cfg.model.classifier_kwargs == {"pool_fraction": 0.01, "pool_size": None, "momentum": 0.99, "push_topk": None}
     assert cfg.data.identity_fraction is None
     module = instantiate(cfg.model, lr_schedule=None, _convert_="all")
     assert module.classifier.pool_size == 6180  # 1 % of 617,970 identities

@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,18 +17,9 @@ from fastface_pl.data import DatasetError, FaceDataModule, RecordWriter, detect_
 from fastface_pl.data.datamodule import SeededRandomSampler
 from fastface_pl.data.pack import pack_folder
 from fastface_pl.data.recordio import pack_header
+from conftest import write_image_folder
 
 SMALL_SYNTHETIC = {"num_identities": 6, "images_per_identity": 4, "image_size": 16, "num_val_pairs": 10}
-
-
-def make_folder(root: Path, identities: int, per_identity: int, size: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    for k in range(identities):
-        (root / f"id{k:02d}").mkdir(parents=True)
-        for i in range(per_identity):
-            base = rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)
-            Image.fromarray(base).resize((size, size), Image.BILINEAR).save(root / f"id{k:02d}" / f"{i}.jpg")
-    return root
 
 
 def jpeg(colour=(128, 64, 32), size: int = 16) -> bytes:
@@ -39,7 +29,7 @@ def jpeg(colour=(128, 64, 32), size: int = 16) -> bytes:
 
 
 def make_pack(tmp_path: Path, bins=("lfw", "cfp_fp")) -> Path:
-    folder = make_folder(tmp_path / "folder", identities=3, per_identity=4)
+    folder = write_image_folder(tmp_path / "folder", [4] * 3, smooth=True)
     pack_folder(folder, tmp_path / "pack", progress=False)
     for name in bins:
         write_bin(tmp_path / "pack" / f"{name}.bin", [jpeg()] * 6, [True, False, True])
@@ -178,10 +168,10 @@ def test_distributed_ranks_share_the_seeded_permutation():
 
 
 def test_skip_corrupt_counts_across_workers(tmp_path):
-    folder = make_folder(tmp_path / "faces", identities=2, per_identity=4)
-    (folder / "id01" / "2.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    folder = write_image_folder(tmp_path / "faces", [4] * 2, smooth=True)
+    (folder / "id01" / "002.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     strict = FaceDataModule(str(folder), batch_size=4, num_workers=0, val_sets=[])
-    with pytest.raises(DatasetError, match=r"id01/2\.jpg: cannot decode image"):
+    with pytest.raises(DatasetError, match=r"id01/002\.jpg: cannot decode image"):
         list(strict.train_dataloader())
     dm = FaceDataModule(str(folder), batch_size=4, num_workers=2, val_sets=[], skip_corrupt=True,
                         persistent_workers=False)
@@ -222,7 +212,7 @@ def test_fits_with_a_lightning_trainer(tmp_path):
 
 
 def test_image_folder_finds_val_sets_beside_or_above(tmp_path):
-    folder = make_folder(tmp_path / "webface", identities=2, per_identity=2)
+    folder = write_image_folder(tmp_path / "webface", [2] * 2, smooth=True)
     write_bin(tmp_path / "lfw.bin", [jpeg()] * 4, [True, False])  # one level up, next to the folder
     dm = FaceDataModule(str(folder), batch_size=2, num_workers=0, val_sets=["lfw"])
     dm.setup("fit")

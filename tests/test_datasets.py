@@ -25,22 +25,11 @@ from fastface_pl.data.datasets import (
 )
 from fastface_pl.data.pack import pack_folder
 from fastface_pl.data.recordio import pack_header
-
-
-def make_folder(root: Path, counts: dict[str, int], size: int = 24, seed: int = 0) -> Path:
-    """An image folder of random smooth JPEGs: ``counts`` maps identity name -> number of images."""
-    rng = np.random.default_rng(seed)
-    for name, count in counts.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            base = rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)
-            image = Image.fromarray(base).resize((size, size), Image.BILINEAR)
-            image.save(root / name / f"{i:03d}.jpg", quality=92)
-    return root
+from conftest import write_image_folder
 
 
 def test_record_pack_and_image_folder_give_identical_samples(tmp_path):
-    folder = make_folder(tmp_path / "faces", {"alice": 3, "bob": 2, "carol": 4})
+    folder = write_image_folder(tmp_path / "faces", {"alice": 3, "bob": 2, "carol": 4}, size=24, smooth=True)
     pack_folder(folder, tmp_path / "pack", progress=False)
     from_folder = ImageFolderDataset(folder)
     from_records = RecordDataset(tmp_path / "pack")
@@ -97,7 +86,7 @@ def test_transform_flip_extra_and_resize():
 
 
 def test_broken_image_names_its_source(tmp_path):
-    folder = make_folder(tmp_path / "faces", {"a": 2})
+    folder = write_image_folder(tmp_path / "faces", {"a": 2}, size=24, smooth=True)
     broken = folder / "a" / "001.jpg"
     broken.write_bytes(broken.read_bytes()[:60])
     dataset = ImageFolderDataset(folder)
@@ -125,8 +114,8 @@ def test_record_label_out_of_range_is_reported(tmp_path):
         dataset.validate()
 
 
-def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, caplog):
-    folder = make_folder(tmp_path / "faces", {"id0": 2, "id1": 3})
+def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, caplog, listed):
+    folder = write_image_folder(tmp_path / "faces", {"id0": 2, "id1": 3}, size=24, smooth=True)
     for path in (folder / "id0", folder / "id1", folder):  # a dataset prepared a while ago
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 3600 * 10**9))
     with caplog.at_level(logging.INFO, logger="fastface_pl.data.folder_index"):
@@ -135,29 +124,22 @@ def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, ca
     assert cache.is_file() and first.index_path == cache
     assert f"index cached at {cache}" in caplog.text
 
-    scanned: list[str] = []
-    real_scandir = os.scandir
-
-    def recording_scandir(path="."):
-        scanned.append(os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", recording_scandir)
+    listed.clear()
     second = ImageFolderDataset(folder)
     assert [second.path(i) for i in range(len(second))] == [first.path(i) for i in range(len(first))]
-    assert not any(Path(p).name in ("id0", "id1") for p in scanned)  # no identity folder was walked again
+    assert not any(Path(p).name in ("id0", "id1") for p in listed)  # no identity folder was walked again
 
-    make_folder(folder, {"id2": 1}, seed=1)  # a new identity changes the top level
-    scanned.clear()
+    write_image_folder(folder, {"id2": 1}, seed=1, size=24, smooth=True)  # a new identity changes the top level
+    listed.clear()
     third = ImageFolderDataset(folder)
     assert third.num_classes == 3 and len(third) == 6
-    assert [Path(p).name for p in scanned if Path(p).parent == folder] == ["id2"]  # only the new folder listed
+    assert [Path(p).name for p in listed if Path(p).parent == folder] == ["id2"]  # only the new folder listed
     monkeypatch.undo()
     assert ImageFolderDataset(folder, rebuild_index=True).num_classes == 3
 
 
 def test_folder_index_falls_back_to_xdg_cache_when_root_is_read_only(tmp_path, monkeypatch, caplog):
-    folder = make_folder(tmp_path / "faces", {"a": 1, "b": 1})
+    folder = write_image_folder(tmp_path / "faces", {"a": 1, "b": 1}, size=24, smooth=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     real_replace = os.replace
 
@@ -177,7 +159,7 @@ def test_folder_index_falls_back_to_xdg_cache_when_root_is_read_only(tmp_path, m
 
 
 def test_explicit_index_cache_path(tmp_path):
-    folder = make_folder(tmp_path / "faces", {"a": 2})
+    folder = write_image_folder(tmp_path / "faces", {"a": 2}, size=24, smooth=True)
     target = tmp_path / "elsewhere" / "index.json"
     dataset = ImageFolderDataset(folder, index_cache=target)
     assert target.is_file() and dataset.index_path == target and not (folder / INDEX_CACHE_NAME).exists()
@@ -202,7 +184,7 @@ def test_synthetic_faces_are_deterministic():
     assert not torch.equal(a[7][0], c[7][0]) and not torch.equal(a[7][0], a[6][0])
     image = a[0][0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and -1 <= image.min() and image.max() <= 1
-    with pytest.raises(ValueError, match="num_identities must be a positive int"):
+    with pytest.raises(ValueError, match="num_identities must be an int >= 1"):
         SyntheticFaces(num_identities=0)
     with pytest.raises(IndexError):
         a[20]
@@ -254,7 +236,7 @@ def test_opencv_encoded_bgr_decodes_to_rgb():
 
 
 def test_record_dataset_in_dataloader_workers(tmp_path):
-    folder = make_folder(tmp_path / "faces", {"a": 4, "b": 4})
+    folder = write_image_folder(tmp_path / "faces", {"a": 4, "b": 4}, size=24, smooth=True)
     pack_folder(folder, tmp_path / "pack", progress=False)
     dataset = RecordDataset(tmp_path / "pack")
     expected = torch.stack([dataset[i][0] for i in range(len(dataset))])  # opens the file in this process first

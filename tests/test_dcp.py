@@ -103,7 +103,7 @@ def test_rollback_restores_pool_and_lru_exactly():
 
 def test_gallery_batch_larger_than_the_pool_is_refused():
     pool = DynamicClassPool(4, num_classes=30, pool_size=3)
-    with pytest.raises(ValueError, match="dcp_pool_size >= 4"):
+    with pytest.raises(ValueError, match="pool_size >= 4"):
         pool.write(torch.arange(4), torch.randn(4, 4))
 
 
@@ -163,7 +163,7 @@ def test_checkpoint_with_another_pool_size_loads():
 def make_dcp_module(**kwargs) -> FaceRecognitionModule:
     options = dict(num_classes=SYNTHETIC["num_identities"], backbone="tiny", backbone_kwargs={"input_size": 16},
                    embedding_size=16, margin="cosface", margin_kwargs={"s": 16.0, "m": 0.2}, classifier="dcp",
-                   lr=0.05, dcp_momentum=0.9)
+                   lr=0.05, classifier_kwargs={"momentum": 0.9})
     options.update(kwargs)
     return FaceRecognitionModule(**options)
 
@@ -203,7 +203,7 @@ def test_fit_with_pairs_updates_gallery_as_an_ema(tmp_path):
         changed |= not torch.equal(p0, p1)
     assert changed
     assert module.classifier.pool_size == 4  # raised from ceil(1 % of 12) to one gallery view (8 / 2)
-    assert module.hparams.dcp_pool_size == 4
+    assert module.hparams.classifier_kwargs["pool_size"] == 4
     assert module.classifier.occupancy().item() > 0
     assert trainer.train_dataloader.sampler.num_pairs == 2  # identity_fraction auto: 0.5 of 8 images
 
@@ -218,8 +218,8 @@ def test_embed_uses_the_probe_backbone():
 
 def test_explicit_pool_size_too_small_is_a_clear_error(tmp_path):
     trainer = quiet_trainer(max_steps=1, enable_checkpointing=False, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match="dcp_pool_size=2 is smaller than one step's gallery view"):
-        trainer.fit(make_dcp_module(dcp_pool_size=2), datamodule=make_datamodule())
+    with pytest.raises(ValueError, match="pool_size=2 is smaller than one step's gallery view"):
+        trainer.fit(make_dcp_module(classifier_kwargs={"momentum": 0.9, "pool_size": 2}), datamodule=make_datamodule())
 
 
 def test_pairs_switched_off_is_a_clear_error(tmp_path):

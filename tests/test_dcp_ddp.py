@@ -39,7 +39,7 @@ def test_dcp_ranks_keep_identical_pools_with_all_gallery_features(tmp_path):
     model = FaceRecognitionModule(
         num_classes=SYNTHETIC["num_identities"], backbone="tiny", backbone_kwargs={"input_size": 16},
         embedding_size=16, margin="cosface", margin_kwargs={"s": 16.0, "m": 0.2}, classifier="dcp", lr=0.05,
-        dcp_momentum=0.9,
+        classifier_kwargs={"momentum": 0.9},
     )
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[RankState(str(tmp_path))],

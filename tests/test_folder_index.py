@@ -9,24 +9,14 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from fastface_pl.data import CorruptImageError, ImageFolderDataset
 from fastface_pl.data.folder_index import INDEX_CACHE_NAME, UNKNOWN_MTIME, scan_image_folder
+from conftest import write_image_folder
 
 LOGGER = "fastface_pl.data.folder_index"
 HOUR_NS = 3600 * 10**9
-
-
-def make_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for name, count in counts.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i:03d}.jpg")
-    return root
 
 
 def age(root: Path) -> None:
@@ -36,26 +26,12 @@ def age(root: Path) -> None:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - HOUR_NS))
 
 
-@pytest.fixture
-def listed(monkeypatch) -> list[str]:
-    """The folders listed with ``os.scandir`` from now on."""
-    calls: list[str] = []
-    real_scandir = os.scandir
-
-    def recording_scandir(path="."):
-        calls.append(os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", recording_scandir)
-    return calls
-
-
 def identity_folders_listed(calls: list[str], root: Path) -> list[str]:
     return sorted(Path(c).name for c in calls if Path(c).parent == root)
 
 
 def test_an_unchanged_folder_is_read_from_the_cache_without_listing(tmp_path, listed, caplog):
-    folder = make_folder(tmp_path / "faces", {"a": 2, "b": 3, "c": 1})
+    folder = write_image_folder(tmp_path / "faces", {"a": 2, "b": 3, "c": 1}, size=8)
     age(folder)
     first = ImageFolderDataset(folder)
     listed.clear()
@@ -68,13 +44,13 @@ def test_an_unchanged_folder_is_read_from_the_cache_without_listing(tmp_path, li
 @pytest.mark.parametrize("edit", ["remove", "add", "rename"])
 def test_images_changed_in_an_identity_folder_are_found(tmp_path, listed, caplog, edit):
     """The issue's case: an error names a broken image, the user deletes it, the next start must not fail."""
-    folder = make_folder(tmp_path / "faces", {"a": 2, "b": 3, "c": 2})
+    folder = write_image_folder(tmp_path / "faces", {"a": 2, "b": 3, "c": 2}, size=8)
     age(folder)
     ImageFolderDataset(folder)
     if edit == "remove":
         (folder / "b" / "001.jpg").unlink()
     elif edit == "add":
-        make_folder(folder, {"b": 4}, seed=1)  # writes 000..003.jpg: one new file, three replaced in place
+        write_image_folder(folder, {"b": 4}, seed=1, size=8)  # writes 000..003.jpg: one new file, three replaced in place
     else:
         (folder / "b" / "001.jpg").rename(folder / "b" / "001_renamed.jpg")
     listed.clear()
@@ -97,13 +73,13 @@ def test_images_changed_in_an_identity_folder_are_found(tmp_path, listed, caplog
 
 
 def test_identity_folders_added_and_removed_are_found(tmp_path, listed, caplog):
-    folder = make_folder(tmp_path / "faces", {"a": 1, "b": 1, "c": 1})
+    folder = write_image_folder(tmp_path / "faces", {"a": 1, "b": 1, "c": 1}, size=8)
     age(folder)
     ImageFolderDataset(folder)
     for image in (folder / "b").iterdir():
         image.unlink()
     (folder / "b").rmdir()
-    make_folder(folder, {"d": 2, "aa": 1})
+    write_image_folder(folder, {"d": 2, "aa": 1}, size=8)
     listed.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         dataset = ImageFolderDataset(folder)
@@ -117,7 +93,7 @@ def test_identity_folders_added_and_removed_are_found(tmp_path, listed, caplog):
 
 def test_a_folder_modified_just_before_the_walk_is_listed_again_once(tmp_path, listed, caplog):
     """A change in the same clock tick as the recorded time would keep that time: such a folder is not trusted."""
-    folder = make_folder(tmp_path / "faces", {"a": 1, "b": 1})
+    folder = write_image_folder(tmp_path / "faces", {"a": 1, "b": 1}, size=8)
     age(folder)
     (folder / "b" / "new.jpg").write_bytes((folder / "b" / "000.jpg").read_bytes())  # b: modified just now
     ImageFolderDataset(folder)
@@ -136,7 +112,7 @@ def test_a_folder_modified_just_before_the_walk_is_listed_again_once(tmp_path, l
 
 
 def test_a_cache_of_the_first_format_is_replaced(tmp_path, caplog):
-    folder = make_folder(tmp_path / "faces", {"a": 2})
+    folder = write_image_folder(tmp_path / "faces", {"a": 2}, size=8)
     age(folder)
     cache = folder / INDEX_CACHE_NAME
     (folder / "a" / "001.jpg").unlink()  # the old cache below still lists it, and cannot tell
@@ -152,7 +128,7 @@ def test_a_cache_of_the_first_format_is_replaced(tmp_path, caplog):
 
 
 def test_a_file_gone_during_training_names_the_index(tmp_path):
-    folder = make_folder(tmp_path / "faces", {"a": 2})
+    folder = write_image_folder(tmp_path / "faces", {"a": 2}, size=8)
     dataset = ImageFolderDataset(folder)
     (folder / "a" / "001.jpg").unlink()
     with pytest.raises(CorruptImageError, match=r"001\.jpg: no such file, yet the folder's index .* lists it"):

@@ -40,6 +40,27 @@ def test_values_against_formulas():
     torch.testing.assert_close(combined.target_logit(cos), expected)
 
 
+def arcface_torch_combined_target(cos, m1, m2, m3):
+    """arcface_torch's ``CombinedMarginLoss`` target logit (losses.py): the ArcFace branch for m1 = 1, m3 = 0,
+    else, for m3 > 0, the CosFace branch, which leaves m1 and m2 out."""
+    if m1 == 1.0 and m3 == 0.0:
+        return torch.cos(torch.arccos(cos) + m2)
+    if m3 > 0:
+        return cos - m3
+    raise ValueError("arcface_torch refuses this combination")
+
+
+def test_combined_matches_arcface_torch_on_arcface_and_cosface_and_differs_with_m2_and_m3():
+    """Ours applies all three margins; arcface_torch's drops m2 whenever m3 > 0 (the docstring says so)."""
+    cos = torch.tensor([-0.9, -0.2, 0.0, 0.4, 0.95], dtype=torch.float64)
+    for m1, m2, m3 in [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4)]:
+        torch.testing.assert_close(CombinedMargin(m1=m1, m2=m2, m3=m3).target_logit(cos),
+                                   arcface_torch_combined_target(cos, m1, m2, m3))
+    ours = CombinedMargin(m1=1.0, m2=0.3, m3=0.2).target_logit(cos)
+    torch.testing.assert_close(ours, torch.cos(torch.arccos(cos) + 0.3) - 0.2)
+    assert (arcface_torch_combined_target(cos, 1.0, 0.3, 0.2) - ours).abs().min() > 0.01
+
+
 def test_combined_reduces_to_arcface_and_cosface():
     cos = torch.linspace(-0.99, 0.99, 41, dtype=torch.float64)
     torch.testing.assert_close(CombinedMargin(m1=1, m2=0.5, m3=0).target_logit(cos), ArcFace().target_logit(cos))

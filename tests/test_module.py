@@ -231,7 +231,7 @@ def test_module_backbone_needs_passing_again(tmp_path):
 
 def test_sampled_classifier_module_uses_row_sparse_sgd(tmp_path):
     torch.manual_seed(0)
-    module = make_module(num_classes=64, classifier="sampled", sample_rate=0.25)
+    module = make_module(num_classes=64, classifier="sampled", classifier_kwargs={"sample_rate": 0.25})
     images, labels = identity_images(4)
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)  # labels < 8 of 64 classes
     before = module.classifier.weight.detach().clone()
@@ -266,7 +266,8 @@ def test_wrong_embedding_size_is_explained():
         (dict(num_classes=4, backbone="r1000"), "r1000"),
         (dict(num_classes=4, lr=0.0), "lr"),
         (dict(num_classes=4, momentum=1.5), "momentum"),
-        (dict(num_classes=4, sample_rate=0.0, classifier="sampled"), "sample_rate"),
+        (dict(num_classes=4, classifier_kwargs={"sample_rate": 0.0}, classifier="sampled"), "sample_rate"),
+        (dict(num_classes=4, classifier_kwargs={"pool_size": 8}), "do not apply to classifier='full'"),
         (dict(num_classes=4, clip_grad_norm=-1.0), "clip_grad_norm"),
     ],
 )

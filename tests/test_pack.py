@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from fastface_pl.data import DatasetError, RecordFile, parse_layout, unpack_header
 from fastface_pl.data.pack import main, pack_folder
 from fastface_pl.data.recordio import read_identity_range
-
-
-def make_folder(root: Path, counts: dict[str, int], size: int = 20) -> Path:
-    rng = np.random.default_rng(0)
-    for name, count in counts.items():
-        (root / name).mkdir(parents=True)
-        for i in range(count):
-            image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-            image.save(root / name / f"{i}.{'png' if i == 0 else 'jpg'}")
-    return root
+from conftest import write_image_folder
 
 
 def test_pack_writes_insightface_layout(tmp_path):
-    src = make_folder(tmp_path / "src", {"b_person": 2, "a_person": 3, "c_person": 1})
+    src = write_image_folder(tmp_path / "src", {"b_person": 2, "a_person": 3, "c_person": 1}, size=20, png_first=True)
     assert main([str(src), str(tmp_path / "dst"), "--workers", "0", "--no-progress"]) == 0
     rec = RecordFile(tmp_path / "dst" / "train.rec")
     layout = parse_layout(rec)
@@ -36,7 +24,7 @@ def test_pack_writes_insightface_layout(tmp_path):
     assert [rec.read_label(k) for k in layout.image_keys] == [0, 0, 0, 1, 1, 2]
     assert [read_identity_range(rec, k) for k in layout.identity_keys] == [(1, 4), (4, 6), (6, 7)]
     header, jpeg = unpack_header(rec.read(2))
-    assert header.id == 2 and jpeg == (src / "a_person" / "1.jpg").read_bytes()  # JPEGs stored byte for byte
+    assert header.id == 2 and jpeg == (src / "a_person" / "001.jpg").read_bytes()  # JPEGs stored byte for byte
     _, converted = unpack_header(rec.read(1))
     assert converted[:3] == b"\xff\xd8\xff"  # the PNG was encoded as JPEG
     assert (tmp_path / "dst" / "property").read_text() == "3,20,20\n"
@@ -44,7 +32,7 @@ def test_pack_writes_insightface_layout(tmp_path):
 
 
 def test_pack_with_workers_matches_in_process(tmp_path):
-    src = make_folder(tmp_path / "src", {"x": 3, "y": 3})
+    src = write_image_folder(tmp_path / "src", {"x": 3, "y": 3}, size=20, png_first=True)
     pack_folder(src, tmp_path / "serial", workers=0, progress=False)
     summary = pack_folder(src, tmp_path / "parallel", workers=2, progress=False)
     assert summary.num_images == 6 and summary.num_identities == 2 and summary.num_skipped == 0
@@ -53,9 +41,9 @@ def test_pack_with_workers_matches_in_process(tmp_path):
 
 
 def test_pack_corrupt_images_stop_or_are_skipped(tmp_path):
-    src = make_folder(tmp_path / "src", {"x": 3, "y": 2})
-    (src / "x" / "1.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    with pytest.raises(DatasetError, match=r"corrupt image .*x/1\.jpg"):
+    src = write_image_folder(tmp_path / "src", {"x": 3, "y": 2}, size=20, png_first=True)
+    (src / "x" / "001.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(DatasetError, match=r"corrupt image .*x/001\.jpg"):
         pack_folder(src, tmp_path / "dst", progress=False)
     assert not (tmp_path / "dst" / "train.rec").exists() and not list((tmp_path / "dst").glob("*.partial"))
     summary = pack_folder(src, tmp_path / "dst", skip_corrupt=True, progress=False)
@@ -73,7 +61,7 @@ def test_pack_command_line_errors(tmp_path, capsys):
 
 
 def test_pack_runs_as_module(tmp_path):
-    src = make_folder(tmp_path / "src", {"p": 1, "q": 1})
+    src = write_image_folder(tmp_path / "src", {"p": 1, "q": 1}, size=20, png_first=True)
     result = subprocess.run(
         [sys.executable, "-m", "fastface_pl.data.pack", str(src), str(tmp_path / "dst"), "--workers", "0",
          "--no-progress"],
@@ -85,11 +73,11 @@ def test_pack_runs_as_module(tmp_path):
 
 
 def test_an_existing_pack_is_kept_unless_overwrite(tmp_path, capsys):
-    src = make_folder(tmp_path / "src", {"p": 2, "q": 1})
+    src = write_image_folder(tmp_path / "src", {"p": 2, "q": 1}, size=20, png_first=True)
     dst = tmp_path / "dst"
     assert main([str(src), str(dst), "--workers", "0", "--no-progress"]) == 0
     before = {name: (dst / name).read_bytes() for name in ("train.rec", "train.idx", "property")}
-    make_folder(tmp_path / "other", {"r": 3})
+    write_image_folder(tmp_path / "other", {"r": 3}, size=20, png_first=True)
     capsys.readouterr()
     assert main([str(tmp_path / "other"), str(dst), "--workers", "0", "--no-progress"]) == 2
     message = capsys.readouterr().err

@@ -16,11 +16,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from PIL import Image
 
 from fastface_pl.data import FaceDataModule, write_bin
-from fastface_pl.data.datasets import SyntheticFaceGenerator
 from fastface_pl.data.pack import pack_folder
+from conftest import write_face_folder
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +36,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     """``faces/<id>/<n>.jpg`` (``lfw.bin`` one level up) and the same images packed into ``pack/train.rec``."""
     base = tmp_path_factory.mktemp("resume_workers")
     faces = base / "webface" / "faces"
-    generator = SyntheticFaceGenerator(image_size=SIZE, seed=5, noise=6.0)
-    for identity in range(IDENTITIES):
-        (faces / f"id{identity}").mkdir(parents=True)
-        for sample in range(PER_IDENTITY):
-            image = generator.render(identity, sample).permute(1, 2, 0).numpy()
-            Image.fromarray(image, "RGB").save(faces / f"id{identity}" / f"{sample}.jpg", quality=95)
+    generator = write_face_folder(faces, IDENTITIES, PER_IDENTITY, size=SIZE, seed=5, noise=6.0)
     pairs = [generator.render(k % IDENTITIES, 50 + k) for k in range(8)]
     write_bin(faces.parent / "lfw.bin", pairs, [True, False, True, False])
     pack_folder(faces, base / "pack", progress=False)

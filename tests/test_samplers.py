@@ -3,27 +3,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fastface_pl.data import DatasetError, FaceDataModule
 from fastface_pl.data.datasets import ImageFolderDataset, RecordDataset, SyntheticFaces
 from fastface_pl.data.pack import pack_folder
 from fastface_pl.data.samplers import IdentityIndex, IdentityPairSampler, identity_index
-
-
-def make_folder(root: Path, counts: list[int], size: int = 8) -> Path:
-    rng = np.random.default_rng(0)
-    for k, count in enumerate(counts):
-        (root / f"id{k:02d}").mkdir(parents=True)
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"id{k:02d}" / f"{i}.jpg")
-    return root
+from conftest import write_image_folder
 
 
 def labels_of(dataset) -> list[int]:
@@ -36,7 +26,7 @@ def test_identity_index_of_every_layout(tmp_path, layout):
     if layout == "synthetic":
         dataset, counts = SyntheticFaces(4, 3, 8, 0), [3, 3, 3, 3]
     else:
-        folder = make_folder(tmp_path / "folder", counts)
+        folder = write_image_folder(tmp_path / "folder", counts, size=8)
         if layout == "image_folder":
             dataset = ImageFolderDataset(folder, index_cache=str(tmp_path / "index.json"))
         else:

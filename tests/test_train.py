@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import explain, run_python, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -23,19 +23,10 @@ SHORT_DEMO = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FASTFACE_DATA_ROOT"}
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
 def _train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "fastface_pl.train", f"hydra.run.dir={run_dir}", *overrides],
-        capture_output=True, text=True, env=_env(), timeout=600,
-    )
+    result = run_train(run_dir, *overrides)
     if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == 0, explain(result)
     return result
 
 
@@ -116,9 +107,8 @@ def test_wrong_data_path_names_the_path(tmp_path):
 def test_evaluate_command_prints_a_table(demo_run, tmp_path):
     ckpt = demo_run[0] / "checkpoints" / "last.ckpt"
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "-m", "fastface_pl.evaluate", str(ckpt), "--num-workers", "0",
-                             "--json", str(out)], capture_output=True, text=True, env=_env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-m", "fastface_pl.evaluate", str(ckpt), "--num-workers", "0", "--json", str(out), timeout=300)
+    assert result.returncode == 0, explain(result)
     per_set = json.loads(out.read_text())
     assert "synthetic" in per_set and 0.5 <= per_set["synthetic"]["accuracy"] <= 1.0
     assert "synthetic" in result.stdout and "accuracy" in result.stdout and "VAL@FAR" in result.stdout
@@ -126,20 +116,16 @@ def test_evaluate_command_prints_a_table(demo_run, tmp_path):
 
 
 def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "fastface_pl.evaluate", str(tmp_path / "none.ckpt")],
-                            capture_output=True, text=True, env=_env(), timeout=120)
+    result = run_python("-m", "fastface_pl.evaluate", str(tmp_path / "none.ckpt"), timeout=120)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_multirun_sweeps_the_threshold(tmp_path):
     sweep = tmp_path / "sweep"
     overrides = [o for o in SHORT_DEMO if not o.startswith(("scheduler.threshold", "trainer.max_epochs"))]
-    result = subprocess.run(
-        [sys.executable, "-m", "fastface_pl.train", "-m", f"hydra.sweep.dir={sweep}", *overrides,
-         "trainer.max_epochs=1", "validate_at_end=false", "plot=false", "scheduler.threshold=0.5,1e9"],
-        capture_output=True, text=True, env=_env(), timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_train(None, "-m", f"hydra.sweep.dir={sweep}", *overrides, "trainer.max_epochs=1",
+                       "validate_at_end=false", "plot=false", "scheduler.threshold=0.5,1e9")
+    assert result.returncode == 0, explain(result)
     summaries = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
     assert all(s["global_step"] == 12 for s in summaries)
     configs = [(sweep / str(i) / "config.yaml").read_text() for i in (0, 1)]
@@ -164,9 +150,8 @@ def test_demo_trains_and_evaluates_with_the_f2c_pool(tmp_path):
     config = (run_dir / "config.yaml").read_text()
     assert "classifier: dcp" in config and "identity_fraction: null" in config
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "-m", "fastface_pl.evaluate", str(run_dir / "checkpoints" / "last.ckpt"),
-                             "--num-workers", "0", "--json", str(out)], capture_output=True, text=True, env=_env(),
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-m", "fastface_pl.evaluate", str(run_dir / "checkpoints" / "last.ckpt"), "--num-workers", "0",
+                        "--json", str(out), timeout=300)
+    assert result.returncode == 0, explain(result)
     assert json.loads(out.read_text())["synthetic"]["accuracy"] == pytest.approx(
         summary["verification"]["synthetic"]["accuracy"])

@@ -10,12 +10,12 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import command_env, explain, run_train, train_command
 
 from fastface_pl.checkpoints import load_lightning_checkpoint
 
@@ -29,26 +29,6 @@ TINY = [
 ]
 # one epoch of 48 steps, long enough to be interrupted in the middle
 LONG = [o for o in TINY if not o.startswith("data.synthetic.num_identities")] + ["data.synthetic.num_identities=96"]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FASTFACE_DATA_ROOT"}
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
-def _command(run_dir: Path | None, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "fastface_pl.train", *([f"hydra.run.dir={run_dir}"] if run_dir else []),
-            *overrides]
-
-
-def _train(run_dir: Path | None, *overrides: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(run_dir, *overrides), capture_output=True, text=True, env=_env(), timeout=600,
-                          cwd=cwd)
-
-
-def _explain(result) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
 
 
 def _strict_json(path: Path) -> dict:
@@ -66,8 +46,8 @@ def _losses(run_dir: Path) -> dict[int, str]:
                                        ["scheduler=fastface_demo", "scheduler.on_nonfinite=raise"]])
 def test_divergence_stops_with_exit_3_and_keeps_good_checkpoints(tmp_path, scheduler):
     run = tmp_path / "run"
-    result = _train(run, *TINY, "model.lr=1e6", *scheduler, "checkpoint_every_n_steps=2")
-    assert result.returncode == 3, _explain(result)
+    result = run_train(run, *TINY, "model.lr=1e6", *scheduler, "checkpoint_every_n_steps=2")
+    assert result.returncode == 3, explain(result)
     assert "training diverged at optimizer step" in result.stderr and "Traceback" not in result.stderr
     assert "model.lr" in result.stderr and "trainer.precision=bf16-mixed" in result.stderr
     summary = _strict_json(run / "results.json")
@@ -85,8 +65,8 @@ def _interrupt(run: Path, signum: int, *overrides: str, group: bool = False) -> 
     With ``group`` the signal goes to the whole process group, as a terminal's Ctrl+C does (DataLoader
     workers included).
     """
-    process = subprocess.Popen(_command(run, *overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=_env(), start_new_session=group)
+    process = subprocess.Popen(train_command(run, *overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=command_env(), start_new_session=group)
     marker = run / "checkpoints" / "step0000005.ckpt"
     deadline = time.monotonic() + 300
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -99,12 +79,16 @@ def _interrupt(run: Path, signum: int, *overrides: str, group: bool = False) -> 
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def _completed_run(tmp_path_factory, name: str, *overrides: str) -> Path:
+    run = tmp_path_factory.mktemp(name) / "run"
+    result = run_train(run, *overrides, "validate_at_end=false")
+    assert result.returncode == 0, explain(result)
+    return run
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("full") / "run"
-    result = _train(run, *LONG, "validate_at_end=false")
-    assert result.returncode == 0, _explain(result)
-    return run
+    return _completed_run(tmp_path_factory, "full", *LONG)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -112,9 +96,9 @@ def test_a_signal_checkpoints_the_step_and_the_printed_command_resumes_exactly(t
                                                                                code):
     run = tmp_path / "run"
     result = _interrupt(run, signum, *LONG, "validate_at_end=false")
-    assert result.returncode == code, _explain(result)
+    assert result.returncode == code, explain(result)
     saved = sorted((run / "checkpoints").glob("interrupted-step*.ckpt"))
-    assert len(saved) == 1, _explain(result)
+    assert len(saved) == 1, explain(result)
     step = int(saved[0].stem.split("step")[1])
     assert 5 <= step < 48 and load_lightning_checkpoint(saved[0])["global_step"] == step
     assert f"stopped by {signal.Signals(signum).name}" in result.stderr and str(saved[0]) in result.stderr
@@ -126,8 +110,8 @@ def test_a_signal_checkpoints_the_step_and_the_printed_command_resumes_exactly(t
     command = shlex.split(result.stderr.split("Resume with:")[1].strip().splitlines()[0])
     assert command[:3] == ["python", "-m", "fastface_pl.train"] and command[-1] == f"ckpt_path={saved[0]}"
     resumed_dir = tmp_path / "resumed"
-    resumed = _train(resumed_dir, *command[3:])
-    assert resumed.returncode == 0, _explain(resumed)
+    resumed = run_train(resumed_dir, *command[3:])
+    assert resumed.returncode == 0, explain(resumed)
     assert _strict_json(resumed_dir / "results.json")["global_step"] == 48
     after = _losses(resumed_dir)
     assert min(after) == step + 1 or min(after) == step  # logging starts where the checkpoint stood
@@ -140,26 +124,23 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers_checkpoints_the_ste
     run = tmp_path / "run"
     result = _interrupt(run, signal.SIGINT, *LONG, "validate_at_end=false", "data.num_workers=2",
                         "data.persistent_workers=true", group=True)
-    assert result.returncode == 130, _explain(result)
+    assert result.returncode == 130, explain(result)
     assert "exited unexpectedly" not in result.stderr
     saved = sorted((run / "checkpoints").glob("interrupted-step*.ckpt"))
-    assert len(saved) == 1, _explain(result)
+    assert len(saved) == 1, explain(result)
     assert load_lightning_checkpoint(saved[0])["global_step"] >= 5
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("tiny") / "run"
-    result = _train(run, *TINY, "validate_at_end=false")
-    assert result.returncode == 0, _explain(result)
-    return run
+    return _completed_run(tmp_path_factory, "tiny", *TINY)
 
 
 def test_resume_from_a_run_folder_names_the_changed_settings(tmp_path, tiny_run):
     first = tiny_run
-    result = _train(tmp_path / "second", *TINY, f"ckpt_path={first}", "trainer.max_epochs=2", "model.lr=0.05",
+    result = run_train(tmp_path / "second", *TINY, f"ckpt_path={first}", "trainer.max_epochs=2", "model.lr=0.05",
                     "model.margin_kwargs.m=0.3")
-    assert result.returncode == 0, _explain(result)
+    assert result.returncode == 0, explain(result)
     log = result.stdout + result.stderr
     assert "resuming from" in log and str(first / "checkpoints") in log
     assert "model.lr: checkpoint 0.1, config 0.05 -> the checkpoint's value is used" in log
@@ -169,13 +150,13 @@ def test_resume_from_a_run_folder_names_the_changed_settings(tmp_path, tiny_run)
 
 def test_ckpt_path_last_resumes_in_place_and_keeps_the_earlier_files(tmp_path):
     run = tmp_path / "run"
-    fresh = _train(run, *TINY, "ckpt_path=last")  # nothing there yet: a fresh start (a requeued job's first start)
-    assert fresh.returncode == 0, _explain(fresh)
+    fresh = run_train(run, *TINY, "ckpt_path=last")  # nothing there yet: a fresh start (a requeued job's first start)
+    assert fresh.returncode == 0, explain(fresh)
     assert "no checkpoint in" in fresh.stdout + fresh.stderr
-    again = _train(run, *TINY)  # the same folder without a resume: refused, nothing overwritten
+    again = run_train(run, *TINY)  # the same folder without a resume: refused, nothing overwritten
     assert again.returncode == 2 and "already holds a run" in again.stderr and "ckpt_path=last" in again.stderr
-    resumed = _train(run, *TINY, "ckpt_path=last", "trainer.max_epochs=2")
-    assert resumed.returncode == 0, _explain(resumed)
+    resumed = run_train(run, *TINY, "ckpt_path=last", "trainer.max_epochs=2")
+    assert resumed.returncode == 0, explain(resumed)
     assert _strict_json(run / "results.json")["global_step"] == 24
     assert _strict_json(run / "results.1.json")["global_step"] == 12  # the first start's files, renamed
     assert (run / "config.1.yaml").is_file() and (run / "logs" / "metrics.1.csv").is_file()
@@ -183,7 +164,7 @@ def test_ckpt_path_last_resumes_in_place_and_keeps_the_earlier_files(tmp_path):
 
 def test_two_runs_started_together_get_two_folders(tmp_path):
     overrides = [*TINY, "validate_at_end=false"]
-    processes = [subprocess.Popen(_command(None, *overrides), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+    processes = [subprocess.Popen(train_command(None, *overrides), cwd=tmp_path, env=command_env(), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [p.communicate(timeout=600)[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], errors
@@ -197,39 +178,60 @@ def test_a_bad_checkpoint_is_one_message_and_exit_2(tmp_path, kind):
     from test_checkpoints import bad_files
 
     path, phrase = bad_files(tmp_path)[kind]
-    result = _train(tmp_path / "run", *TINY, f"ckpt_path={path}")
-    assert result.returncode == 2, _explain(result)
+    result = run_train(tmp_path / "run", *TINY, f"ckpt_path={path}")
+    assert result.returncode == 2, explain(result)
     assert phrase in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "ran").exists()
 
 
 def test_a_checkpoint_of_another_model_size_is_a_message(tmp_path, tiny_run):
-    result = _train(tmp_path / "other", *TINY, f"ckpt_path={tiny_run / 'checkpoints' / 'last.ckpt'}",
+    result = run_train(tmp_path / "other", *TINY, f"ckpt_path={tiny_run / 'checkpoints' / 'last.ckpt'}",
                     "model.embedding_size=64")
-    assert result.returncode == 2, _explain(result)
+    assert result.returncode == 2, explain(result)
     assert "model.embedding_size: checkpoint 128, config 64" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_bad_config_value_stops_before_the_data_is_built(tmp_path):
-    result = _train(tmp_path / "run", *TINY, "trainer.max_epochs=abc")
-    assert result.returncode == 2, _explain(result)
+    result = run_train(tmp_path / "run", *TINY, "trainer.max_epochs=abc")
+    assert result.returncode == 2, explain(result)
     assert "trainer.max_epochs='abc': expected an integer or null" in result.stderr
     assert "Traceback" not in result.stderr and "FaceDataModule" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("overrides, said", [
+    (("model.lr=-0.1",), "model: lr must be a finite number in (0, inf), got -0.1"),
+    (("data.batch_size=0",), "data: batch_size must be an int >= 1, got 0"),
+    (("trainer.max_epochs=0",), "trainer.max_epochs=0: expected an int >= 1"),
+    (("scheduler=fastfac",), "Could not find 'scheduler/fastfac'"),
+    (("+experiment=r100_ms1mv4",), "Could not find 'experiment/r100_ms1mv4'"),
+    (("-m", "scheduler=fastface,fastfac"), "Could not find 'scheduler/fastfac'"),
+    (("+scheduler.thresold=1e-3",), "thresold"),
+    (("scheduler.thresold=1e-3",), "Could not override 'scheduler.thresold'"),  # Hydra's own message
+])
+def test_a_config_error_exits_2_before_any_data_is_read(tmp_path, overrides, said):
+    """README: a usage error exits 2. The data root does not exist: a check that ran after reading the data would
+    name it instead."""
+    result = run_train(tmp_path / "run", "data=insightface", f"data.root={tmp_path / 'nowhere'}", *overrides)
+    assert result.returncode == 2, explain(result)
+    assert said in result.stderr and "nowhere" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+    if "Could not find 'scheduler" in said:  # the group's options, as Hydra lists them
+        assert "Available options in 'scheduler':" in result.stderr and "fastface_auto" in result.stderr
+
+
 def test_an_unusable_run_folder_is_a_message(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    result = _train(tmp_path / "a_file" / "run", *TINY)
-    assert result.returncode == 2, _explain(result)
+    result = run_train(tmp_path / "a_file" / "run", *TINY)
+    assert result.returncode == 2, explain(result)
     assert "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_diverged_job_of_a_sweep_lets_the_others_run_and_exits_3(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "-m", "fastface_pl.train", "-m", f"hydra.sweep.dir={sweep}", *TINY, "validate_at_end=false",
-         "scheduler=constant", "model.lr=1e6,0.1"], capture_output=True, text=True, env=_env(), timeout=600)
-    assert result.returncode == 3, _explain(result)
+        train_command(None, "-m", f"hydra.sweep.dir={sweep}", *TINY, "validate_at_end=false", "scheduler=constant",
+                      "model.lr=1e6,0.1"), capture_output=True, text=True, env=command_env(), timeout=600)
+    assert result.returncode == 3, explain(result)
     assert _strict_json(sweep / "0" / "results.json")["status"] == "diverged"
     assert _strict_json(sweep / "1" / "results.json")["status"] == "completed"
     assert f"1 run(s) of the sweep diverged: {sweep / '0'}" in result.stderr
@@ -239,16 +241,16 @@ def test_a_dcp_resume_says_the_checkpoints_pool_size_is_kept(caplog):
     """The F2C pool is restored with the size it was saved with, whatever the config says (no false 'config wins')."""
     from types import SimpleNamespace
 
-    from fastface_pl.train import _compare_with_checkpoint
+    from fastface_pl.resume import compare_with_checkpoint
 
-    saved = {"hyper_parameters": {"classifier": "dcp", "dcp_pool_size": 32, "dcp_pool_fraction": 0.01, "lr": 0.1},
-             "datamodule_hyper_parameters": {"batch_size": 16}}
-    module = SimpleNamespace(hparams={"classifier": "dcp", "dcp_pool_size": None, "dcp_pool_fraction": 0.02,
-                                      "lr": 0.1})
+    saved = {"hyper_parameters": {"classifier": "dcp", "classifier_kwargs": {"pool_size": 32, "pool_fraction": 0.01},
+                                  "lr": 0.1}, "datamodule_hyper_parameters": {"batch_size": 16}}
+    module = SimpleNamespace(hparams={"classifier": "dcp", "classifier_kwargs": {"pool_size": None,
+                                                                                 "pool_fraction": 0.02}, "lr": 0.1})
     with caplog.at_level("WARNING", logger="fastface_pl.train"):
-        _compare_with_checkpoint(saved, module, SimpleNamespace(hparams={"batch_size": 16}))
-    assert "model.dcp_pool_size: checkpoint 32, config None -> the checkpoint's pool size is kept" in caplog.text
-    assert "model.dcp_pool_fraction: checkpoint 0.01, config 0.02 -> the checkpoint's pool size is kept" in caplog.text
+        compare_with_checkpoint(saved, module, SimpleNamespace(hparams={"batch_size": 16}))
+    assert "model.classifier_kwargs.pool_size: checkpoint 32, config None -> the checkpoint's pool size is kept" in caplog.text
+    assert "model.classifier_kwargs.pool_fraction: checkpoint 0.01, config 0.02 -> the checkpoint's pool size is kept" in caplog.text
     assert "config's value is used" not in caplog.text
 
 

@@ -7,16 +7,13 @@ pack and on the folder, ``python -m fastface_pl.evaluate`` on the checkpoint, an
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from conftest import explain, run_python, write_face_folder
 
 from fastface_pl.data import RecordFile, write_bin
-from fastface_pl.data.datasets import SyntheticFaceGenerator
 
 pytestmark = pytest.mark.slow
 
@@ -26,20 +23,10 @@ SIZE = 32  # the demo model's input_size
 NUM_PAIRS = 20
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FASTFACE_DATA_ROOT"}
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
-def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env(), timeout=timeout)
-
-
 def _train(root: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     if not any(e.startswith("data.num_workers=") for e in extra):
         extra = ("data.num_workers=0", *extra)
-    return _run(
+    return run_python(
         "-m", "fastface_pl.train", "data=insightface", f"data.root={root}", "data.val_sets=[lfw]",
         "data.batch_size=8", "model=demo", "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "plot=false", "loggers=[csv]",
@@ -47,22 +34,12 @@ def _train(root: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProces
     )
 
 
-def _explain(result: subprocess.CompletedProcess) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict[str, Path]:
     """``webface/faces/<id>/<n>.jpg`` + ``webface/lfw.bin``, packed into ``pack/train.rec`` + ``pack/lfw.bin``."""
     base = tmp_path_factory.mktemp("real_formats")
     faces = base / "webface" / "faces"
-    generator = SyntheticFaceGenerator(image_size=SIZE, seed=11, noise=4.0)
-    for identity in range(IDENTITIES):
-        folder = faces / f"id{identity:03d}"
-        folder.mkdir(parents=True)
-        for sample in range(IMAGES_PER_IDENTITY):
-            image = generator.render(identity, sample).permute(1, 2, 0).numpy()
-            Image.fromarray(image, "RGB").save(folder / f"{sample}.jpg", quality=95)
+    generator = write_face_folder(faces, IDENTITIES, IMAGES_PER_IDENTITY, size=SIZE, seed=11, noise=4.0)
     # held-out images (samples not in the folder) for the verification pairs, half genuine
     images, issame = [], []
     for pair in range(NUM_PAIRS):
@@ -71,8 +48,8 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
         images += [generator.render(a, 100 + 2 * pair), generator.render(b, 101 + 2 * pair)]
         issame.append(a == b)
     pack = base / "pack"
-    result = _run("-m", "fastface_pl.data.pack", str(faces), str(pack), "--workers", "0", "--no-progress")
-    assert result.returncode == 0, _explain(result)
+    result = run_python("-m", "fastface_pl.data.pack", str(faces), str(pack), "--workers", "0", "--no-progress")
+    assert result.returncode == 0, explain(result)
     assert f"packed {IDENTITIES * IMAGES_PER_IDENTITY} images of {IDENTITIES} identities" in result.stdout
     write_bin(pack / "lfw.bin", images, issame)
     write_bin(faces.parent / "lfw.bin", images, issame)  # an image folder's sets live one level up
@@ -80,7 +57,7 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
 
 
 def _check_run(run_dir: Path, result: subprocess.CompletedProcess) -> dict:
-    assert result.returncode == 0, _explain(result)
+    assert result.returncode == 0, explain(result)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").is_file()
     summary = json.loads((run_dir / "results.json").read_text())
@@ -117,13 +94,13 @@ def test_train_on_an_image_folder(dataset, tmp_path):
 
 def test_evaluate_a_checkpoint_on_the_pack(dataset, record_run, tmp_path):
     run_dir, result = record_run
-    assert result.returncode == 0, _explain(result)
+    assert result.returncode == 0, explain(result)
     out_json = tmp_path / "eval.json"
-    evaluation = _run(
+    evaluation = run_python(
         "-m", "fastface_pl.evaluate", str(run_dir / "checkpoints" / "last.ckpt"), "--data", str(dataset["pack"]),
         "--sets", "lfw", "--num-workers", "0", "--accelerator", "cpu", "--json", str(out_json),
     )
-    assert evaluation.returncode == 0, _explain(evaluation)
+    assert evaluation.returncode == 0, explain(evaluation)
     assert "accuracy" in evaluation.stdout and "\nlfw " in evaluation.stdout
     per_set = json.loads(out_json.read_text())
     trained = json.loads((run_dir / "results.json").read_text())["verification"]["lfw"]
@@ -149,7 +126,7 @@ def _corrupt_copy(dataset, tmp_path: Path, position: str) -> tuple[Path, int, in
 def test_a_corrupt_record_stops_training_naming_file_key_and_offset(dataset, tmp_path):
     pack, key, offset = _corrupt_copy(dataset, tmp_path, "magic")
     result = _train(pack, tmp_path / "run")
-    assert result.returncode == 2, _explain(result)
+    assert result.returncode == 2, explain(result)
     assert f"key {key}" in result.stderr and f"byte offset {offset}" in result.stderr
     assert "train.rec" in result.stderr and "bad magic number" in result.stderr
     assert "Traceback" not in result.stderr
@@ -159,13 +136,13 @@ def test_a_corrupt_record_stops_training_naming_file_key_and_offset(dataset, tmp
 def test_an_undecodable_image_stops_training_naming_its_record(dataset, tmp_path, workers):
     pack, key, offset = _corrupt_copy(dataset, tmp_path, "jpeg")
     result = _train(pack, tmp_path / "run", f"data.num_workers={workers}")
-    assert result.returncode == 2, _explain(result)  # also from a worker (it re-raises the same error type)
+    assert result.returncode == 2, explain(result)  # also from a worker (it re-raises the same error type)
     assert f"key {key} (byte offset {offset})" in result.stderr and "cannot decode image" in result.stderr
     assert "CorruptImageError" in result.stderr or workers == 0
 
 
 def test_num_classes_mismatch_is_a_clear_error(dataset, tmp_path):
     result = _train(dataset["pack"], tmp_path / "run", "model.num_classes=99")
-    assert result.returncode == 2, _explain(result)
+    assert result.returncode == 2, explain(result)
     assert "model.num_classes=99" in result.stderr and f"has {IDENTITIES} identities" in result.stderr
     assert "Traceback" not in result.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastface_pl import validation
-from fastface_pl.validation import check_bool, check_choice, check_int, check_positive_int, check_real
+from fastface_pl.validation import check_bool, check_choice, check_int, check_real
 
 
 def test_ints_are_returned_as_python_ints():
@@ -20,7 +20,7 @@ def test_ints_are_returned_as_python_ints():
     assert value == 3 and type(value) is int
     assert check_int("quality", 100, 1, 100) == 100
     assert check_int("max_decays", None, 0, allow_none=True) is None
-    assert check_positive_int("embedding_size", np.int32(512)) == 512
+    assert check_int("embedding_size", np.int32(512), 1) == 512
 
 
 @pytest.mark.parametrize("call, message", [
@@ -30,7 +30,7 @@ def test_ints_are_returned_as_python_ints():
     (lambda: check_int("quality", 101, 1, 100), "quality must be an int in 1..100, got 101"),
     (lambda: check_int("max_decays", -1, 0, allow_none=True, none_means="unlimited"),
      r"max_decays must be an int >= 0 or None \(unlimited\), got -1"),
-    (lambda: check_positive_int("num_classes", 0), "num_classes must be a positive int, got 0"),
+    (lambda: check_int("num_classes", 0, 1), "num_classes must be an int >= 1, got 0"),
     (lambda: check_real("alpha", 0.0, 0.0, 1.0), r"alpha must be a finite number in \(0, 1\], got 0.0"),
     (lambda: check_real("alpha", math.nan, 0.0, 1.0), r"alpha must be a finite number in \(0, 1\], got nan"),
     (lambda: check_real("decay", 1.0, 1.0), r"decay must be a finite number in \(1, inf\), got 1.0"),

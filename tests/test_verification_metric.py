@@ -21,17 +21,21 @@ def pairs_with_distances(distances, norms=(1.0, 1.0)):
     return emb_a, emb_b
 
 
+def loop_folds(n, num_folds):
+    """(train, test) indices of each fold, as sklearn's KFold(shuffle=False) splits ``n`` pairs in file order."""
+    sizes = [n // num_folds + (1 if k < n % num_folds else 0) for k in range(num_folds)]
+    starts = np.cumsum([0] + sizes)
+    for k in range(num_folds):
+        test = np.arange(starts[k], starts[k + 1])
+        yield np.setdiff1d(np.arange(n), test), test
+
+
 def loop_protocol(distances, issame, num_folds=10):
     """Independent, deliberately plain version of InsightFace's calculate_roc accuracy (numpy, loops)."""
     distances, issame = np.asarray(distances, dtype=np.float64), np.asarray(issame, dtype=bool)
-    n = len(distances)
     thresholds = np.arange(0, 4, 0.01)
-    sizes = [n // num_folds + (1 if k < n % num_folds else 0) for k in range(num_folds)]
-    starts = np.cumsum([0] + sizes)
     accuracies, chosen = [], []
-    for k in range(num_folds):
-        test = np.arange(starts[k], starts[k + 1])
-        train = np.setdiff1d(np.arange(n), test)
+    for train, test in loop_folds(len(distances), num_folds):
         train_acc = [np.mean((distances[train] < t) == issame[train]) for t in thresholds]
         best = int(np.argmax(train_acc))
         chosen.append(thresholds[best])
@@ -59,14 +63,9 @@ def loop_val_far(threshold, distances, issame):
 def loop_calculate_val(distances, issame, far_target, num_folds=10):
     """InsightFace's calculate_val, with loops, on distances in file order."""
     distances, issame = np.asarray(distances, dtype=np.float64), np.asarray(issame, dtype=bool)
-    n = len(distances)
     thresholds = np.arange(0, 4, 0.001)
-    sizes = [n // num_folds + (1 if k < n % num_folds else 0) for k in range(num_folds)]
-    starts = np.cumsum([0] + sizes)
     vals, fars = [], []
-    for k in range(num_folds):
-        test = np.arange(starts[k], starts[k + 1])
-        train = np.setdiff1d(np.arange(n), test)
+    for train, test in loop_folds(len(distances), num_folds):
         far_train = np.array([loop_val_far(t, distances[train], issame[train])[1] for t in thresholds])
         threshold = legacy_slinear(far_train, thresholds, far_target) if far_train.max() >= far_target else 0.0
         val, far = loop_val_far(threshold, distances[test], issame[test])

@@ -267,4 +267,25 @@ def write_bin(
     return path
 
 
-__all__ = ["VerificationPairs", "load_bin", "write_bin"]
+def find_bin_files(names: Sequence[str], places: Sequence[Path], fix: str) -> list[Path]:
+    """The file of each verification set: ``lfw`` is the first ``<place>/lfw.bin`` found, a path to an existing
+    ``.bin`` is itself. Raises DatasetError listing the sets not found, the ``.bin`` files that are there, and
+    ``fix`` (what the user should change)."""
+    paths, missing = [], []
+    for name in map(str, names):
+        file_name = name if name.endswith(".bin") else f"{name}.bin"
+        with reading("verification set", name):
+            candidates = [Path(name)] if name.endswith(".bin") and Path(name).is_file() else \
+                [place / file_name for place in places]
+            found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            missing.append(" or ".join(str(c) for c in candidates))
+        paths.append(found)
+    if missing:
+        available = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.bin")})
+        raise DatasetError(f"verification set(s) not found: {'; '.join(missing)}. Available .bin files in "
+                           f"{' and '.join(str(p) for p in places)}: {available or 'none'}. {fix}")
+    return paths  # type: ignore[return-value]
+
+
+__all__ = ["VerificationPairs", "find_bin_files", "load_bin", "write_bin"]

@@ -40,7 +40,7 @@ from fastface_pl.data.samplers import (
     DEFAULT_IDENTITY_FRACTION, IdentityPairSampler, PositionedSampler, identity_index,
 )
 from fastface_pl.checkpoints import SavedStateError
-from fastface_pl.data.bin_format import load_bin
+from fastface_pl.data.bin_format import find_bin_files, load_bin
 from fastface_pl.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -478,22 +478,8 @@ class FaceDataModule(pl.LightningDataModule):
             base = base.parent
         # Beside train.rec; for an image folder also one level up (keeping the identity folders pure).
         places = [base] + ([base.parent] if self.layout == LAYOUT_IMAGE_FOLDER else [])
-        paths, missing = [], []
-        for name in self.val_sets:
-            candidates = [Path(name)] if name.endswith(".bin") else [place / f"{name}.bin" for place in places]
-            with reading("verification set", name):
-                found = next((c for c in candidates if c.is_file()), None)
-            if found is None:
-                missing.append(" or ".join(str(c) for c in candidates))
-            paths.append(found)
-        if missing:
-            available = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.bin")})
-            raise DatasetError(
-                f"verification set(s) not found: {'; '.join(missing)}. Available .bin files in "
-                f"{' and '.join(str(p) for p in places)}: {available or 'none'}. Set val_sets to the ones you have, "
-                "or to [] to train without validation."
-            )
-        return paths  # type: ignore[return-value]
+        return find_bin_files(self.val_sets, places,
+                              "Set val_sets to the ones you have, or to [] to train without validation.")
 
     @property
     def num_skipped(self) -> int:

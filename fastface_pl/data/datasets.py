@@ -42,7 +42,7 @@ from fastface_pl.data.recordio import (
     read_identity_range,
     unpack_header,
 )
-from fastface_pl.validation import check_int, check_positive_int
+from fastface_pl.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class _FileDataset(Dataset):
                  max_image_side: Optional[int] = None) -> None:
         self.transform = transform if transform is not None else FaceTransform()
         self.skip_corrupt = bool(skip_corrupt)
-        self.max_image_side = (check_positive_int("max_image_side", max_image_side) if max_image_side is not None
+        self.max_image_side = (check_int("max_image_side", max_image_side, 1) if max_image_side is not None
                                else DEFAULT_MAX_IMAGE_SIDE)
         self._skipped = _SkipCounter()
         self._size: Optional[tuple[int, ...]] = None  # the stored size of the images seen (no resize configured)
@@ -653,8 +653,8 @@ class SyntheticFaces(Dataset):
         self, num_identities: int = 100, images_per_identity: int = 20, image_size: int = 112, seed: int = 0,
         transform: Optional[Callable[[torch.Tensor], Any]] = None, noise: float = 8.0,
     ) -> None:
-        self.num_identities = check_positive_int("num_identities", num_identities)
-        self.images_per_identity = check_positive_int("images_per_identity", images_per_identity)
+        self.num_identities = check_int("num_identities", num_identities, 1)
+        self.images_per_identity = check_int("images_per_identity", images_per_identity, 1)
         self.generator = SyntheticFaceGenerator(image_size, seed, noise)
         self.transform = transform if transform is not None else FaceTransform()
 
@@ -701,9 +701,9 @@ class SyntheticPairs(Dataset):
         seed: int = 0, unseen_identities: int = 0, transform: Optional[Callable[[torch.Tensor], Any]] = None,
         noise: float = 8.0,
     ) -> None:
-        self.num_pairs = check_positive_int("num_pairs", num_pairs)
-        self.num_identities = check_positive_int("num_identities", num_identities)
-        self.images_per_identity = check_positive_int("images_per_identity", images_per_identity)
+        self.num_pairs = check_int("num_pairs", num_pairs, 1)
+        self.num_identities = check_int("num_identities", num_identities, 1)
+        self.images_per_identity = check_int("images_per_identity", images_per_identity, 1)
         check_int("unseen_identities", unseen_identities, 0)
         if num_identities + unseen_identities < 2:
             raise ValueError("impostor pairs need at least 2 identities in num_identities + unseen_identities")

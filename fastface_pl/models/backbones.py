@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastface_pl.validation import check_positive_int
+from fastface_pl.validation import check_int
 
 __all__ = ["IResNet", "MobileFaceNet", "build_backbone", "BACKBONES", "count_parameters"]
 
@@ -117,7 +117,7 @@ class IResNet(nn.Module):
             raise ValueError(f"width_multiplier must be > 0, got {width_multiplier!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        check_positive_int("embedding_size", embedding_size)
+        check_int("embedding_size", embedding_size, 1)
         self.input_size = _check_input_size(input_size)
         self.embedding_size = embedding_size
         self.depths = tuple(depths)
@@ -259,8 +259,8 @@ class MobileFaceNet(nn.Module):
     def __init__(self, embedding_size: int = 512, input_size: int = 112, blocks: Sequence[int] = (1, 4, 6, 2),
                  scale: int = 2) -> None:
         super().__init__()
-        check_positive_int("embedding_size", embedding_size)
-        check_positive_int("scale", scale)
+        check_int("embedding_size", embedding_size, 1)
+        check_int("scale", scale, 1)
         if len(blocks) != 4 or any(not isinstance(b, int) or b < 1 for b in blocks):
             raise ValueError(f"blocks must be four positive integers, got {tuple(blocks)!r}")
         self.input_size = _check_input_size(input_size)

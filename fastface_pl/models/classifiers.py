@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
-from fastface_pl.validation import check_positive_int
+from fastface_pl.validation import check_int, check_real
 
 __all__ = ["margin_cross_entropy", "FullClassifier", "SampledClassifier", "build_classifier", "CLASSIFIERS"]
 
@@ -172,8 +172,8 @@ class FullClassifier(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str = "arcface",
                  check_labels: bool = False) -> None:
         super().__init__()
-        check_positive_int("embedding_size", embedding_size)
-        check_positive_int("num_classes", num_classes)
+        check_int("embedding_size", embedding_size, 1)
+        check_int("num_classes", num_classes, 1)
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.margin = build_margin(margin) if isinstance(margin, str) else margin
         self.check_labels = check_labels
@@ -212,9 +212,7 @@ class SampledClassifier(FullClassifier):
     def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str = "arcface",
                  sample_rate: float = 0.1, check_labels: bool = False) -> None:
         super().__init__(embedding_size, num_classes, margin, check_labels)
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        self.sample_rate = float(sample_rate)
+        self.sample_rate = check_real("sample_rate", sample_rate, 0.0, 1.0)
         self.num_sample = max(1, int(round(self.sample_rate * num_classes)))
         self.last_sampled: torch.Tensor | None = None  # sorted class indices of the last training step
 

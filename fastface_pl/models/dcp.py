@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface_pl.validation import check_positive_int
+from fastface_pl.validation import check_int
 from fastface_pl.models.margins import MarginHead, build_margin
 
 __all__ = ["DynamicClassPool", "PoolUndo", "default_pool_size", "default_push_topk"]
@@ -81,11 +81,11 @@ class DynamicClassPool(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, pool_size: int, margin: MarginHead | str = "cosface",
                  push_topk: int | None = None) -> None:
         super().__init__()
-        check_positive_int("embedding_size", embedding_size)
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("pool_size", pool_size)
+        check_int("embedding_size", embedding_size, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("pool_size", pool_size, 1)
         if push_topk is not None:
-            check_positive_int("push_topk", push_topk)
+            check_int("push_topk", push_topk, 1)
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.margin = build_margin(margin) if isinstance(margin, str) else margin
         self._push_topk = push_topk
@@ -111,7 +111,7 @@ class DynamicClassPool(nn.Module):
 
     def resize(self, pool_size: int) -> None:
         """Empties the pool and gives it ``pool_size`` entries (before training starts)."""
-        check_positive_int("pool_size", pool_size)
+        check_int("pool_size", pool_size, 1)
         self._allocate(int(pool_size), self.features.device)
         self.identity_entry.fill_(-1)
         self.clock.zero_()
@@ -148,7 +148,7 @@ class DynamicClassPool(nn.Module):
         if n > q:
             raise ValueError(
                 f"the gallery batch holds {n} images (all ranks) but the pool has only {q} entries: one step could "
-                f"evict identities it has just written; set dcp_pool_size >= {n} (or a larger dcp_pool_fraction)"
+                f"evict identities it has just written; set model.classifier_kwargs.pool_size >= {n} (or a larger pool_fraction)"
             )
         device = self.features.device
         labels = labels.to(device=device, dtype=torch.long)

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastface_pl.validation import check_real
+
 __all__ = [
     "MarginHead",
     "ArcFace",
@@ -85,16 +87,6 @@ def safe_arccos(x: torch.Tensor) -> torch.Tensor:
     return _SafeArccos.apply(x)
 
 
-def _check_float(name: str, value: Any, low: float, high: float, *, low_inclusive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number in {'[' if low_inclusive else '('}{low}, {high}], "
-                         f"got {value!r}")
-    ok_low = value >= low if low_inclusive else value > low
-    if not (ok_low and value <= high):
-        raise ValueError(f"{name} must be in {'[' if low_inclusive else '('}{low}, {high}], got {value!r}")
-    return float(value)
-
-
 class MarginHead(nn.Module):
     """Base class: modifies the target cosine and scales every logit by ``s``.
 
@@ -108,7 +100,7 @@ class MarginHead(nn.Module):
 
     def __init__(self, s: float = 64.0) -> None:
         super().__init__()
-        self.s = _check_float("s", s, 0.0, 1e4, low_inclusive=False)
+        self.s = check_real("s", s, 0.0, 1e4)
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
         """Maps target cosines ``float[N]`` (in [−1, 1]) to unscaled margin logits, differentiable per the
@@ -145,7 +137,7 @@ class CosFace(MarginHead):
 
     def __init__(self, s: float = 64.0, m: float = 0.4) -> None:
         super().__init__(s)
-        self.m = _check_float("m", m, 0.0, 2.0)
+        self.m = check_real("m", m, 0.0, 2.0, low_open=False)
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
         return cos_target - self.m
@@ -165,7 +157,7 @@ class ArcFace(MarginHead):
 
     def __init__(self, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__(s)
-        self.m = _check_float("m", m, 0.0, math.pi)
+        self.m = check_real("m", m, 0.0, math.pi, low_open=False)
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -187,7 +179,7 @@ class ArcFaceExact(MarginHead):
 
     def __init__(self, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__(s)
-        self.m = _check_float("m", m, 0.0, math.pi)
+        self.m = check_real("m", m, 0.0, math.pi, low_open=False)
         self.cos_m, self.sin_m = math.cos(self.m), math.sin(self.m)
         self.threshold = math.cos(math.pi - self.m)  # θ + m > π  ⇔  cos θ < cos(π − m)
         self.fallback_offset = self.m * self.sin_m
@@ -202,16 +194,21 @@ class ArcFaceExact(MarginHead):
 
 
 class CombinedMargin(MarginHead):
-    """Combined margin (m1, m2, m3): target cos(m1·θ + m2) − m3 (InsightFace's combined loss).
+    """Combined margin (m1, m2, m3): target cos(m1·θ + m2) − m3, all three margins at once (InsightFace's
+    original combined loss, docs/models.md).
 
     ArcFace is (1, 0.5, 0), CosFace (1, 0, 0.4), SphereFace-like (m1 > 1, 0, 0).
+
+    .. note:: arcface_torch's ``CombinedMarginLoss`` is not this formula in general: it handles (1, m2, 0)
+       (ArcFace, the same values as here) and, whenever m3 > 0, computes cos θ − m3, ignoring m1 and m2 (it
+       refuses m1 ≠ 1 with m3 = 0). Here every margin applies. They agree on ArcFace and CosFace.
 
     Args:
         s: scale.
         m1: multiplicative angular margin (≥ 1).
         m2: additive angular margin.
         m3: additive cosine margin.
-        straight_through: if True (default, as arcface_torch's ``CombinedMarginLoss``), the angular part
+        straight_through: if True (default, as arcface_torch's ArcFace branch), the angular part
             cos(m1·θ + m2) is computed under ``no_grad`` (with no rule beyond π, as there) and the gradient
             w.r.t. cos θ is 1. If False,
             differentiates through it (with :func:`safe_arccos`) and uses cos θ − m3 − m2·sin m2 where
@@ -223,9 +220,9 @@ class CombinedMargin(MarginHead):
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
                  straight_through: bool = True) -> None:
         super().__init__(s)
-        self.m1 = _check_float("m1", m1, 1.0, 10.0)
-        self.m2 = _check_float("m2", m2, 0.0, math.pi)
-        self.m3 = _check_float("m3", m3, 0.0, 2.0)
+        self.m1 = check_real("m1", m1, 1.0, 10.0, low_open=False)
+        self.m2 = check_real("m2", m2, 0.0, math.pi, low_open=False)
+        self.m3 = check_real("m3", m3, 0.0, 2.0, low_open=False)
         self.straight_through = bool(straight_through)
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,11 +36,17 @@ from fastface_pl.models.classifiers import CLASSIFIERS, FullClassifier, SampledC
 from fastface_pl.models.dcp import DynamicClassPool, default_pool_size
 from fastface_pl.models.margins import build_margin
 from fastface_pl.models.optim import RowSparseSGD
-from fastface_pl.validation import check_positive_int
+from fastface_pl.validation import check_choice, check_int, check_real
 
 __all__ = ["FaceRecognitionModule"]
 
 CLASSIFIER_NAMES = (*CLASSIFIERS, "dcp")
+# each classification layer's settings (``classifier_kwargs``, conf/classifier/*.yaml) and their defaults
+CLASSIFIER_SETTINGS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "sampled": {"sample_rate": 0.1},
+    "dcp": {"pool_fraction": 0.01, "pool_size": None, "momentum": 0.99, "push_topk": None},
+}
 _VAL_KEYS = ("accuracy", "accuracy_std", "threshold", "val_at_far", "val_at_far_std", "far", "xnorm")
 LR_SCHEDULES = ("polynomial", "step")
 
@@ -62,37 +68,46 @@ class PolynomialFactor:
         return max(0.0, 1.0 - progress) ** self.power
 
 
-def _check_lr_schedule(schedule: dict[str, Any] | None) -> dict[str, Any] | None:
+def check_lr_schedule(schedule: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``lr_schedule`` in its plain form (see :func:`fastface_pl.scheduling.presets.torch_schedule`), else ValueError."""
     if schedule is None:
         return None
-    if not isinstance(schedule, dict) or schedule.get("name") not in LR_SCHEDULES:
+    if not isinstance(schedule, Mapping) or schedule.get("name") not in LR_SCHEDULES:
         raise ValueError(
             f"lr_schedule must be None (constant LR, or a FastFaceLRCallback) or a dict with name in "
             f"{', '.join(LR_SCHEDULES)}, got {schedule!r}"
         )
-    schedule = dict(schedule)
     if schedule["name"] == "polynomial":
-        power, warmup = schedule.get("power", 2.0), schedule.get("warmup_fraction", 0.0)
-        _check_number("lr_schedule power", power, 0.0, low_inclusive=False)
-        _check_number("lr_schedule warmup_fraction", warmup, 0.0, 1.0)
-        if warmup >= 1.0:
-            raise ValueError(f"lr_schedule warmup_fraction must be in [0, 1), got {warmup!r}")
-        return {"name": "polynomial", "power": float(power), "warmup_fraction": float(warmup)}
-    milestones, gamma = schedule.get("milestones"), schedule.get("gamma")
-    if not milestones or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
+        return {"name": "polynomial",
+                "power": check_real("lr_schedule power", schedule.get("power", 2.0), 0.0),
+                "warmup_fraction": check_real("lr_schedule warmup_fraction", schedule.get("warmup_fraction", 0.0),
+                                              0.0, 1.0, low_open=False, high_open=True)}
+    milestones = schedule.get("milestones")
+    if not isinstance(milestones, Sequence) or not milestones:
         raise ValueError(f"lr_schedule milestones must be a non-empty list of epochs >= 1, got {milestones!r}")
-    _check_number("lr_schedule gamma", gamma, 0.0, 1.0, low_inclusive=False)
-    return {"name": "step", "milestones": sorted(int(m) for m in milestones), "gamma": float(gamma)}
+    return {"name": "step", "milestones": sorted(check_int("lr_schedule milestone", m, 1) for m in milestones),
+            "gamma": check_real("lr_schedule gamma", schedule.get("gamma"), 0.0, 1.0, high_open=True)}
 
 
-def _check_number(name: str, value: Any, low: float, high: float | None = None, low_inclusive: bool = True) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if ok:
-        ok = value >= low if low_inclusive else value > low
-        ok = ok and (high is None or value <= high)
-    if not ok:
-        bound = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
-        raise ValueError(f"{name} must be a number in {bound}, got {value!r}")
+def _check_classifier(classifier: Any, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The classification layer's settings, defaults filled in; ValueError for an unknown name, key or value."""
+    check_choice("classifier", classifier, CLASSIFIER_NAMES)
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"classifier_kwargs must be a dict or None, got {kwargs!r}")
+    settings = CLASSIFIER_SETTINGS[classifier]
+    unknown = sorted(set(kwargs or {}) - set(settings))
+    if unknown:
+        raise ValueError(f"classifier_kwargs {unknown} do not apply to classifier={classifier!r}; it takes "
+                         f"{', '.join(settings) or 'none'} (conf/classifier/{classifier}.yaml)")
+    settings = {**settings, **(kwargs or {})}
+    if classifier == "sampled":
+        check_real("sample_rate", settings["sample_rate"], 0.0, 1.0)
+    if classifier == "dcp":
+        check_real("pool_fraction", settings["pool_fraction"], 0.0, 1.0)
+        check_real("momentum", settings["momentum"], 0.0, 1.0, low_open=False)
+        check_int("pool_size", settings["pool_size"], 1, allow_none=True, none_means="from pool_fraction")
+        check_int("push_topk", settings["push_topk"], 1, allow_none=True, none_means="0.02 % of the pool")
+    return settings
 
 
 class FaceRecognitionModule(pl.LightningModule):
@@ -109,12 +124,12 @@ class FaceRecognitionModule(pl.LightningModule):
         classifier: ``full`` (all identities, the paper's), ``sampled`` (Partial-FC-style) or ``dcp`` (F2C's
             Dynamic Class Pool with a gallery network, ``docs/f2c.md``; needs batches of identity pairs, which
             :class:`~fastface_pl.data.datamodule.FaceDataModule` lays out by itself for it).
-        sample_rate: fraction of classes per step for ``sampled``.
-        dcp_pool_fraction: ``dcp``: pool entries as a fraction of ``num_classes`` (1 %).
-        dcp_pool_size: ``dcp``: pool entries (overrides the fraction). Never fewer than the images of one
-            step's gallery view over all ranks: a smaller pool is enlarged at ``setup`` (a given size raises).
-        dcp_momentum: ``dcp``: EMA momentum of the gallery network (0.99).
-        dcp_push_topk: ``dcp``: k of the push-away loss (default 0.02 % of the pool, in [3, 10]).
+        classifier_kwargs: the layer's settings (``conf/classifier/*.yaml``). ``sampled``: ``sample_rate``, the
+            fraction of classes per step (0.1). ``dcp``: ``pool_fraction``, pool entries as a fraction of
+            ``num_classes`` (1 %); ``pool_size``, pool entries (overrides the fraction; never fewer than the
+            images of one step's gallery view over all ranks: a smaller pool is enlarged at ``setup``, a given
+            size raises); ``momentum``, EMA momentum of the gallery network (0.99); ``push_topk``, k of the
+            push-away loss (default 0.02 % of the pool, in [3, 10]).
         lr: learning rate η (0.02), the same for both parameter groups.
         momentum: SGD momentum (0.9).
         weight_decay: L2 weight decay λ (5e-4).
@@ -146,11 +161,7 @@ class FaceRecognitionModule(pl.LightningModule):
         margin: str = "arcface",
         margin_kwargs: dict[str, Any] | None = None,
         classifier: str = "full",
-        sample_rate: float = 1.0,
-        dcp_pool_fraction: float = 0.01,
-        dcp_pool_size: int | None = None,
-        dcp_momentum: float = 0.99,
-        dcp_push_topk: int | None = None,
+        classifier_kwargs: dict[str, Any] | None = None,
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -161,28 +172,12 @@ class FaceRecognitionModule(pl.LightningModule):
         lr_schedule: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("embedding_size", embedding_size)
-        if classifier not in CLASSIFIER_NAMES:
-            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIER_NAMES)}, got {classifier!r}")
-        _check_number("dcp_pool_fraction", dcp_pool_fraction, 0.0, 1.0, low_inclusive=False)
-        _check_number("dcp_momentum", dcp_momentum, 0.0, 1.0)
-        if dcp_pool_size is not None:
-            check_positive_int("dcp_pool_size", dcp_pool_size)
-        if dcp_push_topk is not None:
-            check_positive_int("dcp_push_topk", dcp_push_topk)
-        _check_number("lr", lr, 0.0, low_inclusive=False)
-        _check_number("momentum", momentum, 0.0, 1.0)
-        _check_number("weight_decay", weight_decay, 0.0)
-        _check_number("sample_rate", sample_rate, 0.0, 1.0, low_inclusive=False)
-        if clip_grad_norm is not None:
-            _check_number("clip_grad_norm", clip_grad_norm, 0.0, low_inclusive=False)
-        if backbone_kwargs is not None and not isinstance(backbone, str):
-            raise ValueError("backbone_kwargs only applies to a backbone given by name; "
-                             "configure the nn.Module before passing it")
+        settings = self.check_arguments(num_classes, backbone, backbone_kwargs, embedding_size, classifier,
+                                        classifier_kwargs, lr, momentum, weight_decay, clip_grad_norm, lr_schedule)
         if val_set_names is not None:
             val_set_names = [str(name) for name in val_set_names]
-        lr_schedule = _check_lr_schedule(lr_schedule)
+        lr_schedule = check_lr_schedule(lr_schedule)
+        classifier_kwargs = settings  # hparams hold every setting of the layer (a checkpoint rebuilds the same)
 
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if isinstance(backbone, str):
@@ -193,10 +188,10 @@ class FaceRecognitionModule(pl.LightningModule):
             raise ValueError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
         head = build_margin(margin, **(margin_kwargs or {}))
         if classifier == "sampled":
-            self.classifier: nn.Module = SampledClassifier(embedding_size, num_classes, head, sample_rate)
+            self.classifier: nn.Module = SampledClassifier(embedding_size, num_classes, head, settings["sample_rate"])
         elif classifier == "dcp":
-            pool_size = dcp_pool_size or default_pool_size(num_classes, dcp_pool_fraction)
-            self.classifier = DynamicClassPool(embedding_size, num_classes, pool_size, head, dcp_push_topk)
+            pool_size = settings["pool_size"] or default_pool_size(num_classes, settings["pool_fraction"])
+            self.classifier = DynamicClassPool(embedding_size, num_classes, pool_size, head, settings["push_topk"])
         else:
             self.classifier = FullClassifier(embedding_size, num_classes, head)
         if channels_last:
@@ -210,6 +205,26 @@ class FaceRecognitionModule(pl.LightningModule):
         self._compiled_backbone = torch.compile(self.backbone) if compile else None
         self.val_metrics = nn.ModuleList()
         self._val_names: list[str] = []
+
+    @staticmethod
+    def check_arguments(num_classes: int | None = None, backbone: Any = "r100", backbone_kwargs: Any = None,
+                        embedding_size: int = 512, classifier: str = "full", classifier_kwargs: Any = None,
+                        lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 5e-4,
+                        clip_grad_norm: float | None = 5.0, lr_schedule: Any = None, **_: Any) -> dict[str, Any]:
+        """Check the arguments of the constructor without building anything (``num_classes`` None: not known
+        yet); returns the classifier's settings with their defaults. Raises ValueError naming the argument."""
+        if num_classes is not None:
+            check_int("num_classes", num_classes, 1)
+        check_int("embedding_size", embedding_size, 1)
+        check_real("lr", lr, 0.0)
+        check_real("momentum", momentum, 0.0, 1.0, low_open=False)
+        check_real("weight_decay", weight_decay, 0.0, low_open=False)
+        check_real("clip_grad_norm", clip_grad_norm, 0.0, allow_none=True)
+        if backbone_kwargs is not None and not isinstance(backbone, str):
+            raise ValueError("backbone_kwargs only applies to a backbone given by name; "
+                             "configure the nn.Module before passing it")
+        check_lr_schedule(lr_schedule)
+        return _check_classifier(classifier, classifier_kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_compiled_backbone":  # an nn.Module, but not a submodule
@@ -280,7 +295,7 @@ class FaceRecognitionModule(pl.LightningModule):
     def _update_gallery(self) -> None:
         """gallery ← m · gallery + (1 − m) · probe, parameter by parameter (BatchNorm statistics are the
         gallery's own, as in the F2C reference)."""
-        m = float(self.hparams.dcp_momentum)
+        m = float(self.hparams.classifier_kwargs["momentum"])
         gallery = list(self.gallery_backbone.parameters())
         probe = [p.detach() for p in self.backbone.parameters()]
         torch._foreach_mul_(gallery, m)
@@ -313,15 +328,16 @@ class FaceRecognitionModule(pl.LightningModule):
         needed = self._dcp_gallery_batch()
         if needed is None or needed <= self.classifier.pool_size:
             return
-        if self.hparams.dcp_pool_size is not None:
+        settings = self.hparams.classifier_kwargs
+        if settings["pool_size"] is not None:
             raise ValueError(
-                f"dcp_pool_size={self.hparams.dcp_pool_size} is smaller than one step's gallery view ({needed} "
-                f"images over all ranks); set dcp_pool_size >= {needed} or leave it null"
+                f"classifier_kwargs.pool_size={settings['pool_size']} is smaller than one step's gallery view "
+                f"({needed} images over all ranks); set pool_size >= {needed} or leave it null"
             )
-        rank_zero_info(f"F2C pool: {self.classifier.pool_size} entries ({self.hparams.dcp_pool_fraction:g} of "
+        rank_zero_info(f"F2C pool: {self.classifier.pool_size} entries ({settings['pool_fraction']:g} of "
                        f"{self.hparams.num_classes} identities) raised to {needed}, the gallery images of one step")
         self.classifier.resize(needed)
-        self.hparams["dcp_pool_size"] = needed  # checkpoints rebuild the same pool
+        settings["pool_size"] = needed  # checkpoints rebuild the same pool
 
     def on_fit_start(self) -> None:
         if self.hparams.classifier == "dcp":

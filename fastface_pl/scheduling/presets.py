@@ -1,10 +1,9 @@
-"""Flat-argument builders of the LR schedules, for Hydra configs (``conf/scheduler/*.yaml``).
+"""The LR schedules of ``conf/scheduler/*.yaml``, from flat arguments that a sweep can override.
 
-Each function names every knob of one schedule, so a config can list them and a sweep can override
-them (``-m scheduler.threshold=2e-5,5e-5``). The FastFace and Moving Haar builders return a
-:class:`~fastface_pl.scheduling.callback.FastFaceLRCallback`; :func:`torch_schedule` returns the
-``lr_schedule`` dictionary that :class:`~fastface_pl.models.module.FaceRecognitionModule` turns into
-a ``torch.optim.lr_scheduler`` (the usual alternatives, for comparison).
+:func:`lr_callback` builds :class:`~fastface_pl.scheduling.callback.FastFaceLRCallback` with the detector's
+settings as flat keys (``-m scheduler.threshold=2e-5,5e-5``); :func:`torch_schedule` returns the ``lr_schedule``
+dictionary that :class:`~fastface_pl.models.module.FaceRecognitionModule` turns into a ``torch.optim.lr_scheduler``
+(the usual fixed schedules, for comparison).
 """
 
 from __future__ import annotations
@@ -14,79 +13,26 @@ from typing import Any, Sequence
 TORCH_SCHEDULES = ("polynomial", "step", "constant")
 
 
-def fastface_callback(
-    alpha: float = 1e-3,
-    beta: float = 1e-3,
-    threshold: float = 5e-5,
-    patience_fraction: float | None = 0.05,
-    patience: int | None = None,
-    decay: float = 2.0,
-    max_decays: int | None = 8,
-    min_lr: float | None = None,
-    sync_every_n_steps: int = 16,
-    on_nonfinite: str = "skip",
-):
-    """The FastFace callback (docs/scheduler.md) from flat arguments; ``patience`` overrides ``patience_fraction``."""
+def lr_callback(detector: str = "fastface", *, patience: int | None = None, patience_fraction: float | None = None,
+                min_lr: float | None = None, sync_every_n_steps: int = 16, on_nonfinite: str = "skip",
+                **detector_kwargs: Any):
+    """``FastFaceLRCallback(detector, detector_kwargs, ...)`` with the detector's arguments given flat.
+
+    Args:
+        detector: ``"fastface"`` or ``"moving_haar"`` (docs/scheduler.md).
+        patience: P in optimizer steps; give it or ``patience_fraction`` (τ), not both.
+        patience_fraction: τ: P = int(τ·T). Neither given: 0.05 for ``fastface``, 2·window for ``moving_haar``.
+        min_lr, sync_every_n_steps, on_nonfinite: as :class:`FastFaceLRCallback`.
+        **detector_kwargs: the detector's own arguments (``alpha``, ``beta``, ``threshold``, ``decay``,
+            ``max_decays`` / ``window``, ``threshold``, ``decay``, ``restart_after``, ``max_decays``). A
+            ``fastface`` detector given none of ``alpha``, ``beta``, ``threshold``, ``patience`` resolves them
+            from the run (docs/auto_settings.md).
+    """
     from fastface_pl.scheduling.callback import FastFaceLRCallback
 
-    return FastFaceLRCallback(
-        detector="fastface",
-        detector_kwargs=dict(alpha=alpha, beta=beta, threshold=threshold, decay=decay, max_decays=max_decays),
-        patience=patience,
-        patience_fraction=None if patience is not None else patience_fraction,
-        min_lr=min_lr,
-        sync_every_n_steps=sync_every_n_steps,
-        on_nonfinite=on_nonfinite,
-    )
-
-
-
-def fastface_auto_callback(
-    patience_fraction: float = 0.05,
-    decay: float = 2.0,
-    max_decays: int | None = 8,
-    min_lr: float | None = None,
-    sync_every_n_steps: int = 16,
-    on_nonfinite: str = "skip",
-):
-    """The FastFace callback with α, β, λ and P resolved from the run (docs/auto_settings.md)."""
-    from fastface_pl.scheduling.callback import FastFaceLRCallback
-
-    return FastFaceLRCallback(
-        detector="fastface",
-        detector_kwargs=dict(decay=decay, max_decays=max_decays),  # no α, β, λ, P: the auto rule sets them
-        patience_fraction=patience_fraction,
-        min_lr=min_lr,
-        sync_every_n_steps=sync_every_n_steps,
-        on_nonfinite=on_nonfinite,
-    )
-
-def moving_haar_callback(
-    window: int = 4000,
-    threshold: float = 0.06,
-    patience: int | None = None,
-    patience_fraction: float | None = None,
-    decay: float = 2.0,
-    restart_after: int | None = 3,
-    max_decays: int | None = None,
-    min_lr: float | None = None,
-    sync_every_n_steps: int = 16,
-    on_nonfinite: str = "skip",
-):
-    """The Moving Haar (MHLR) callback (docs/scheduler.md); patience defaults to 2·window."""
-    from fastface_pl.scheduling.callback import FastFaceLRCallback
-
-    return FastFaceLRCallback(
-        detector="moving_haar",
-        detector_kwargs=dict(
-            window=window, threshold=threshold, decay=decay, restart_after=restart_after, max_decays=max_decays
-        ),
-        patience=patience,
-        patience_fraction=patience_fraction,
-        min_lr=min_lr,
-        sync_every_n_steps=sync_every_n_steps,
-        on_nonfinite=on_nonfinite,
-    )
+    return FastFaceLRCallback(detector=detector, detector_kwargs=detector_kwargs, patience=patience,
+                              patience_fraction=patience_fraction, min_lr=min_lr,
+                              sync_every_n_steps=sync_every_n_steps, on_nonfinite=on_nonfinite)
 
 
 def torch_schedule(
@@ -98,20 +44,15 @@ def torch_schedule(
 ) -> dict[str, Any] | None:
     """A fixed schedule for comparison: ``polynomial`` (arcface_torch), ``step`` (epoch milestones) or ``constant``.
 
-    Returns the ``lr_schedule`` argument of :class:`FaceRecognitionModule` (``None`` for constant).
+    Returns the ``lr_schedule`` argument of :class:`FaceRecognitionModule` (``None`` for constant), checked by
+    the module's own rule.
     """
-    if name not in TORCH_SCHEDULES:
-        raise ValueError(f"scheduler name must be one of {', '.join(TORCH_SCHEDULES)}; got {name!r}")
-    if not 0.0 <= warmup_fraction < 1.0:
-        raise ValueError(f"warmup_fraction must be in [0, 1); got {warmup_fraction}")
+    from fastface_pl.models.module import check_lr_schedule
+    from fastface_pl.validation import check_choice
+
+    check_choice("scheduler name", name, TORCH_SCHEDULES)
     if name == "constant":
         return None
     if name == "polynomial":
-        if power is None or power <= 0:
-            raise ValueError(f"polynomial schedule: power must be > 0; got {power}")
-        return {"name": "polynomial", "power": float(power), "warmup_fraction": float(warmup_fraction)}
-    if not milestones or gamma is None or not 0.0 < gamma < 1.0:
-        raise ValueError(
-            f"step schedule: needs milestones (epochs, e.g. [10, 16]) and 0 < gamma < 1; got {milestones}, {gamma}"
-        )
-    return {"name": "step", "milestones": [int(m) for m in milestones], "gamma": float(gamma)}
+        return check_lr_schedule({"name": name, "power": power, "warmup_fraction": warmup_fraction})
+    return check_lr_schedule({"name": name, "milestones": milestones, "gamma": gamma})

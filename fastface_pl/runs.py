@@ -1,0 +1,123 @@
+"""Run folders: their names, the checks before Hydra creates them, claiming one, and ``results.json``.
+
+Each run writes ``runs/<date>/<time>-<id>/`` (``conf/train.yaml``'s ``hydra.run.dir``): ``config.yaml``,
+``checkpoints/``, ``logs/metrics.csv``, ``schedule.png`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf
+
+from fastface_pl.atomic import write_text_atomic
+from fastface_pl.faults import EXIT_USAGE, UsageError
+from fastface_pl.safety import EXIT_DIVERGED, finite_or_none
+
+__all__ = ["RUN_FILES", "RunFolderCheck", "check_writable_folder", "claim_run_folder", "fail", "run_id",
+           "write_results"]
+
+RUN_FILES = ("config.yaml", "results.json", "schedule.png", "logs/metrics.csv")
+
+
+@functools.lru_cache(maxsize=None)
+def run_id() -> str:
+    """A random suffix of the run folder's name, drawn once per process: two runs started in the same second
+    never share a folder (``runs/<date>/<time>-<id>``; the multirun sweep folder gets one too)."""
+    return os.urandom(3).hex()
+
+
+if not OmegaConf.has_resolver("fastface_run_id"):
+    OmegaConf.register_new_resolver("fastface_run_id", run_id)
+
+
+def fail(message: str, code: int, label: str = "error: ") -> None:
+    """Print ``fastface_pl.train: error: <message>`` and exit with ``code``."""
+    print(f"fastface_pl.train: {label}{message.rstrip()}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_writable_folder(path: Path, what: str = "run folder") -> None:
+    """Raise :class:`UsageError` unless ``path`` is, or can be created as, a folder this process can write."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"the {what} {path} cannot be created: {existing} is a file, not a folder; "
+                         "give another hydra.run.dir=...")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the {what} {path}: {existing} is not writable (permission denied); "
+                         "give a writable hydra.run.dir=... or fix the folder's permissions")
+
+
+class RunFolderCheck(HydraCallback):
+    """Hydra callback: check that the run (or sweep) folder can be written before Hydra creates it; at the end of
+    a sweep, exit 3 when some of its jobs diverged (each job reported itself; the others still ran)."""
+
+    def __init__(self) -> None:
+        self.diverged: list[str] = []
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        value = getattr(job_return, "_return_value", None)  # a failed job's exception is not read here
+        if isinstance(value, dict) and value.get("status") == "diverged":
+            self.diverged.append(str(value["run_dir"]))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.diverged:
+            print(f"fastface_pl.train: {len(self.diverged)} run(s) of the sweep diverged: {', '.join(self.diverged)}",
+                  file=sys.stderr)
+            sys.exit(EXIT_DIVERGED)
+
+    @staticmethod
+    def _check(folder: Any) -> None:
+        try:
+            check_writable_folder(Path(str(folder)))
+        except UsageError as err:
+            fail(str(err), EXIT_USAGE)
+
+
+def claim_run_folder(run_dir: Path, resume_in_place: bool) -> None:
+    """Write ``config.yaml`` only into a folder that holds no run yet; a resume in place (``ckpt_path=last``)
+    first renames the earlier run's files (``config.1.yaml``, ``logs/metrics.1.csv`` …) so nothing is lost."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "config.yaml").exists():
+            if not resume_in_place:
+                raise UsageError(f"the run folder {run_dir} already holds a run (config.yaml): give another "
+                                 "hydra.run.dir, or resume that run in place with ckpt_path=last")
+            n = 1
+            while any((run_dir / _numbered(name, n)).exists() for name in RUN_FILES):
+                n += 1
+            for name in RUN_FILES:
+                if (run_dir / name).exists():
+                    (run_dir / name).rename(run_dir / _numbered(name, n))
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        probe = run_dir / "checkpoints" / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError as err:
+        raise UsageError(f"cannot write to the run folder {err.filename or run_dir} (permission denied): give a "
+                         "writable hydra.run.dir=... or fix the folder's permissions") from None
+
+
+def _numbered(name: str, n: int) -> str:
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}.{n}.{suffix}" if dot else f"{name}.{n}"
+
+
+def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``results.json``, strict JSON: a non-finite number (a diverged loss, an undefined accuracy) is ``null``."""
+    write_text_atomic(run_dir / "results.json", json.dumps(finite_or_none(summary), indent=2, allow_nan=False),
+                      "results file")

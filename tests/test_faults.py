@@ -1,0 +1,93 @@
+"""classify_fault: every fault a run can end with -> status, exit code, message, checkpoint (docs/fault_tolerance.md)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from fastface_pl.checkpoints import CheckpointError
+from fastface_pl.data.errors import DatasetError
+from fastface_pl.faults import UsageError, classify_fault, reason_of
+from fastface_pl.safety import TrainingDiverged, TrainingInterrupted
+from fastface_pl.scheduling.detectors import NonFiniteLossError
+from fastface_pl.validation import check_real
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run folder with two checkpoints, step5.ckpt the newer."""
+    (tmp_path / "checkpoints").mkdir()
+    for age, name in ((100, "step3.ckpt"), (0, "step5.ckpt")):
+        path = tmp_path / "checkpoints" / name
+        path.write_bytes(b"")
+        os.utime(path, (1e9 - age, 1e9 - age))
+    return tmp_path
+
+
+def test_a_divergence_is_exit_3_with_the_newest_checkpoint_and_its_resume_command(run_dir):
+    outcome = classify_fault(TrainingDiverged(7, "20 non-finite losses"), run_dir, ["model.lr=1e6", "ckpt_path=x"])
+    assert (outcome.status, outcome.exit_code) == ("diverged", 3)
+    newest = run_dir / "checkpoints" / "step5.ckpt"
+    assert outcome.checkpoint == newest
+    assert outcome.record == {"status": "diverged", "diverged_at_step": 7, "reason": "20 non-finite losses",
+                              "last_good_checkpoint": str(newest)}
+    assert f"python -m fastface_pl.train model.lr=1e6 ckpt_path={newest}" in outcome.message
+
+
+def test_a_non_finite_loss_raised_by_the_lr_callback_is_a_divergence_at_the_step_reached(run_dir):
+    outcome = classify_fault(NonFiniteLossError("loss nan at step 12"), run_dir, step=12)
+    assert (outcome.status, outcome.exit_code, outcome.record["diverged_at_step"]) == ("diverged", 3, 12)
+
+
+@pytest.mark.parametrize("error, code, saved", [
+    (TrainingInterrupted(signal.SIGTERM, 9, None), 143, "step5.ckpt"),  # nothing saved: the newest one
+    (TrainingInterrupted(signal.SIGINT, 9, "interrupted-step0000009.ckpt"), 130, "interrupted-step0000009.ckpt"),
+    (SIGTERMException(), 143, "step5.ckpt"),
+    (KeyboardInterrupt(), 130, "step5.ckpt"),
+])
+def test_an_interruption_is_128_plus_the_signal_with_the_checkpoint_to_resume(run_dir, error, code, saved):
+    outcome = classify_fault(error, run_dir)
+    assert (outcome.status, outcome.exit_code, outcome.checkpoint.name) == ("interrupted", code, saved)
+    assert outcome.record["signal"] == signal.Signals(code - 128).name and "Resume with:" in outcome.message
+
+
+def test_an_interruption_before_any_checkpoint_says_so(tmp_path):
+    outcome = classify_fault(SIGTERMException(), tmp_path)
+    assert outcome.checkpoint is None and "no checkpoint had been written yet" in outcome.message
+
+
+@pytest.fixture
+def bad_lr():
+    try:
+        check_real("lr", -0.1, 0.0)
+    except ValueError as err:
+        return err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: UsageError("no dataset given"), "no dataset given"),
+    (lambda: DatasetError("data root /x does not exist"), "data root /x does not exist"),
+    (lambda: CheckpointError("x.ckpt is empty"), "x.ckpt is empty"),
+    (lambda: PermissionError(13, "Permission denied", "/data/x"), "permission denied: /data/x"),
+    (lambda: RuntimeError('Error(s) in loading state_dict: size mismatch for "fc.weight"'),
+     "the checkpoint does not fit the model"),
+    (lambda: DatasetError("Caught DatasetError in DataLoader worker.\nOriginal Traceback:\n  ...\n"
+                          "DatasetError: key 3: corrupt image"), "DatasetError: key 3: corrupt image"),
+])
+def test_a_usage_error_is_exit_2_with_one_message(tmp_path, make, message):
+    outcome = classify_fault(make(), tmp_path)
+    assert (outcome.status, outcome.exit_code, outcome.record) == ("usage", 2, {})
+    assert outcome.message.startswith(message) and "Original Traceback" not in outcome.message
+
+
+def test_an_argument_check_of_the_package_is_a_usage_error_and_a_bug_is_a_crash(tmp_path, bad_lr):
+    assert classify_fault(bad_lr, tmp_path).message == "lr must be a finite number in (0, inf), got -0.1"
+    assert classify_fault(ValueError("math domain error"), tmp_path) is None  # raised by Python: a crash
+    assert classify_fault(ZeroDivisionError(), tmp_path) is None
+
+
+def test_reason_of_keeps_a_plain_message():
+    assert reason_of(ValueError("batch_size must be an int >= 1, got 0\n")) == "batch_size must be an int >= 1, got 0"
