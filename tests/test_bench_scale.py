@@ -44,5 +44,5 @@ def test_a_small_run_writes_before_and_after(bench, tmp_path):
     result = json.loads(out.read_text())
     keys = {"epoch_start_s", "epoch_start_bytes_per_image", "index_start_s", "identity_index_reload_s"}
     assert set(result["after"]) == keys and set(result["before"]) == keys
-    assert result["details"]["pool"]["pool_size"] == 10
+    assert result["details"]["pool"]["pool_size"] == 64  # 1 % of 1000, raised to one step's gallery
     assert result["before"]["epoch_start_bytes_per_image"] > result["after"]["epoch_start_bytes_per_image"]
