@@ -289,8 +289,8 @@ def identity_index(dataset: Dataset) -> IdentityIndex:
     if isinstance(dataset, SyntheticFaces):
         counts = np.full(dataset.num_identities, dataset.images_per_identity, dtype=np.int64)
         return IdentityIndex.from_arrays(np.concatenate([[0], np.cumsum(counts)]))
-    if isinstance(dataset, ImageFolderDataset):
-        return IdentityIndex(np.asarray(dataset._labels))
+    if isinstance(dataset, ImageFolderDataset):  # its index lists each identity's images together
+        return IdentityIndex.from_arrays(np.concatenate([[0], np.cumsum(dataset._index.counts)]))
     if isinstance(dataset, RecordDataset):
         return record_identity_index(dataset)[0]
     labels = getattr(dataset, "labels", None)
