@@ -227,24 +227,27 @@ def run_index_before(path: str, images: int, identities: int) -> dict:
 
 
 def run_freshness(folders: int) -> dict:
-    """The freshness check's folder-dependent cost: one listing of the top level, one ``stat`` per folder."""
-    from fastface_pl.data.folder_index import folder_mtimes, root_entries
+    """The freshness check of an unchanged folder (``update_index``): one ``stat`` per identity folder (and one
+    listing of the top level only if it changed within a clock tick of the cache)."""
+    from fastface_pl.data.folder_index import FolderIndex, folder_mtimes, update_index
 
     tree = Path(tempfile.mkdtemp(prefix="bench_scale_tree_"))
     try:
         names = [f"m.{i:07d}" for i in range(folders)]
         for name in names:
             os.mkdir(tree / name)
-        encoded = [os.fsencode(n) for n in names]
-        folder_mtimes(tree, encoded)  # warm (the dentries of a dataset in use are cached too)
+        hour_ago = time.time_ns() - 3600 * 10**9
+        os.utime(tree, ns=(hour_ago, hour_ago))  # a dataset prepared a while ago
+        mtimes = folder_mtimes(tree, names)  # also warms the dentries (those of a dataset in use are cached too)
+        cached = FolderIndex.from_listing(names, [[] for _ in names], mtimes, folders)
+        cache_mtime = time.time_ns()
         timings, cpu = [], []
         for _ in range(3):
             started, started_cpu = time.perf_counter(), time.process_time()
-            entries = root_entries(tree)
-            mtimes = folder_mtimes(tree, encoded)
+            index, change = update_index(tree, (".jpeg", ".jpg", ".png"), cached, cache_mtime)
             timings.append(time.perf_counter() - started)
             cpu.append(time.process_time() - started_cpu)
-        assert entries == folders and len(mtimes) == folders
+        assert index is cached and change is None
         return {"check_s": statistics.median(timings), "check_cpu_s": statistics.median(cpu), "folders": folders}
     finally:
         shutil.rmtree(tree)

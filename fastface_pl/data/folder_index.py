@@ -93,8 +93,10 @@ def _mtime(folder: Path) -> int:
 def folder_mtimes(root: Path, names: Sequence[Any], threads: int = 8) -> np.ndarray:
     """``st_mtime_ns`` of each ``root/name`` (:data:`UNKNOWN_MTIME` where it is gone), ``int64``.
 
-    One ``stat`` per folder, relative to an open ``root`` where the system allows it (no path to build); threads
-    hide the latency of network file systems for large folders. ``names`` are ``str`` or file-system ``bytes``.
+    One ``stat`` per folder, relative to an open ``root`` where the system allows it (no path to build). The
+    first :data:`_PROBE` run in this thread; when they were slow (more than :data:`_SLOW_STAT_S` each: a network
+    file system), the rest run in ``threads`` threads to overlap their latency; on a local disk threads would
+    only add work. ``names`` are ``str`` or file-system ``bytes``.
     """
     fd = os.open(root, os.O_RDONLY) if os.stat in os.supports_dir_fd else None
 
@@ -110,15 +112,24 @@ def folder_mtimes(root: Path, names: Sequence[Any], threads: int = 8) -> np.ndar
         return [one(name) for name in part]
 
     try:
-        if len(names) < 4096:
-            return np.array(chunk(names), dtype=np.int64)
-        step = -(-len(names) // (4 * threads))
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(chunk, [names[i : i + step] for i in range(0, len(names), step)]))
-        return np.array([t for part in parts for t in part], dtype=np.int64)
+        started = time.perf_counter()
+        out = chunk(names[:_PROBE])
+        rest = names[_PROBE:]
+        if len(rest) and (time.perf_counter() - started) / max(1, len(out)) > _SLOW_STAT_S:
+            step = -(-len(rest) // (4 * threads))
+            with ThreadPoolExecutor(threads) as pool:
+                for part in pool.map(chunk, [rest[i : i + step] for i in range(0, len(rest), step)]):
+                    out.extend(part)
+        else:
+            out.extend(chunk(rest))
+        return np.array(out, dtype=np.int64)
     finally:
         if fd is not None:
             os.close(fd)
+
+
+_PROBE = 2048
+_SLOW_STAT_S = 20e-6
 
 
 def scan_image_folder(
@@ -246,8 +257,12 @@ def update_index(root: Path, extensions: Sequence[str], cached: FolderIndex, cac
     time differs from the recorded one (or was recorded as unknown). An unchanged folder costs one array
     comparison after the ``stat`` s: no name is decoded, nothing is listed.
     """
-    entries = root_entries(root)
-    top_changed = entries != cached.root_entries or os.stat(root).st_mtime_ns > cache_mtime_ns
+    root_mtime = os.stat(root).st_mtime_ns
+    # A change of the top level after the cache was written sets the root's time to at least the cache's (less
+    # one clock tick): the entry count, one listing of the top level, guards only a change in the same tick.
+    settled = root_mtime < cache_mtime_ns - RECENT_NS
+    entries = cached.root_entries if settled else root_entries(root)
+    top_changed = entries != cached.root_entries or root_mtime > cache_mtime_ns
     if not top_changed:
         now = folder_mtimes(root, cached.names.tolist())
         recorded = np.asarray(cached.folder_mtimes)
