@@ -193,3 +193,18 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, damage):
     again = ImageFolderDataset(folder)
     assert [again.path(i) for i in range(len(again))] == [first.path(i) for i in range(len(first))]
     assert cache.read_bytes() == data or _read_cache(cache, folder, EXTENSIONS) is not None
+
+
+def test_a_settled_top_level_is_not_listed_again(tmp_path, listed):
+    """With the cache outside the folder (a read-only dataset), a root last changed well before the cache was
+    written cannot have changed since unnoticed: its time would have moved. Its 2M entries are not listed."""
+    folder = make_folder(tmp_path / "faces", {"a": 1, "b": 2})
+    age(folder)
+    ImageFolderDataset(folder, index_cache=tmp_path / "cache" / "index.bin")
+    listed.clear()
+    ImageFolderDataset(folder, index_cache=tmp_path / "cache" / "index.bin")
+    assert os.fspath(folder) not in listed
+    ImageFolderDataset(folder)  # the cache in <root>: its own write changed the root's time just now
+    listed.clear()
+    again = ImageFolderDataset(folder)
+    assert os.fspath(folder) in listed and len(again) == 3  # counted: a change in the same tick would hide
