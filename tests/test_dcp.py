@@ -259,3 +259,72 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path):
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     assert resumed.classifier.clock.item() == 22
+
+
+# ------------------------------------------------------------------ non-finite gallery features, EMA per step
+def test_a_non_finite_gallery_feature_is_never_written():
+    """A NaN gallery feature would make every later loss NaN (present and absent probes alike): the write is
+    refused, pool and LRU stay as they were, and the refusal is counted."""
+    torch.manual_seed(0)
+    pool = DynamicClassPool(8, num_classes=20, pool_size=6, margin="cosface")
+    pool.write(torch.tensor([0, 1, 2]), torch.randn(3, 8))
+    before = {k: v.clone() for k, v in pool.state_dict().items() if k != "skipped_writes"}
+    bad = torch.randn(4, 8)
+    bad[2, 5] = float("nan")
+    pool.write(torch.tensor([3, 4, 1, 5]), bad)
+    loss, _ = pool.loss(torch.randn(4, 8), pool.lookup(torch.tensor([0, 1, 7, 8])))  # present and absent probes
+    assert torch.isfinite(loss)
+    assert all(torch.equal(pool.state_dict()[k], v) for k, v in before.items())
+    assert int(pool.skipped_writes) == 1
+    pool.write(torch.tensor([3]), torch.full((1, 8), float("inf")))
+    assert int(pool.skipped_writes) == 2
+    pool.write(torch.tensor([3]), torch.randn(1, 8))  # a finite write goes through again
+    assert int(pool.skipped_writes) == 2 and pool.lookup(torch.tensor([3])).item() >= 0
+
+
+def test_a_refused_write_is_undone_exactly_by_its_undo_record():
+    torch.manual_seed(1)
+    pool = DynamicClassPool(4, num_classes=10, pool_size=3, margin="cosface")
+    pool.write(torch.tensor([0, 1]), torch.randn(2, 4))
+    snapshot = {k: v.clone() for k, v in pool.state_dict().items()}
+    undo = pool.write(torch.tensor([2, 3]), torch.tensor([[1.0, 0, 0, 0], [float("nan"), 0, 0, 0]]))
+    pool.restore(undo)
+    for key, value in snapshot.items():
+        expected = value + 1 if key == "skipped_writes" else value
+        assert torch.equal(pool.state_dict()[key], expected), key
+
+
+def test_checkpoint_without_the_skip_counter_loads():
+    pool = DynamicClassPool(4, num_classes=10, pool_size=3)
+    state = pool.state_dict()
+    del state["skipped_writes"]
+    DynamicClassPool(4, num_classes=10, pool_size=3).load_state_dict(state)
+
+
+class _RecordWindowStarts(pl.Callback):
+    """The probe backbone's parameters at the first micro-batch of each accumulation window."""
+
+    def __init__(self, accumulate: int) -> None:
+        self.accumulate, self.probes = accumulate, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx % self.accumulate == 0:
+            self.probes.append([p.detach().clone() for p in module.backbone.parameters()])
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_gallery_ema_follows_optimizer_steps_under_accumulation(tmp_path, accumulate):
+    """gallery ← m · gallery + (1 − m) · probe once per optimizer step, replayed by hand from the probe weights at
+    each window's start: with accumulation, one update per micro-batch would give m^N per optimizer step."""
+    pl.seed_everything(0)
+    module = make_dcp_module(dcp_momentum=0.5, lr=0.5)
+    gallery = [p.detach().clone() for p in module.gallery_backbone.parameters()]
+    record = _RecordWindowStarts(accumulate)
+    trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=accumulate, enable_checkpointing=False,
+                            default_root_dir=tmp_path, callbacks=[record])
+    trainer.fit(module, datamodule=make_datamodule())
+    assert len(record.probes) == 3
+    for probe in record.probes:
+        gallery = [0.5 * g + 0.5 * p for g, p in zip(gallery, probe)]
+    for expected, actual in zip(gallery, module.gallery_backbone.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

@@ -12,10 +12,14 @@ from pathlib import Path
 import pytest
 
 from fastface_pl.data import CorruptImageError, ImageFolderDataset
-from fastface_pl.data.folder_index import INDEX_CACHE_NAME, UNKNOWN_MTIME, scan_image_folder
+from fastface_pl.data.folder_index import (
+    IMAGE_EXTENSIONS, INDEX_CACHE_NAME, OLD_CACHE_NAME, UNKNOWN_MTIME, FolderIndex, _read_cache, load_index,
+    scan_image_folder,
+)
 from conftest import write_image_folder
 
 LOGGER = "fastface_pl.data.folder_index"
+EXTENSIONS = tuple(sorted(IMAGE_EXTENSIONS))  # as ImageFolderDataset passes them
 HOUR_NS = 3600 * 10**9
 
 
@@ -97,8 +101,8 @@ def test_a_folder_modified_just_before_the_walk_is_listed_again_once(tmp_path, l
     age(folder)
     (folder / "b" / "new.jpg").write_bytes((folder / "b" / "000.jpg").read_bytes())  # b: modified just now
     ImageFolderDataset(folder)
-    recorded = dict(zip(*(json.loads((folder / INDEX_CACHE_NAME).read_text())[k]
-                          for k in ("identities", "folder_mtimes"))))
+    cached, _ = _read_cache(folder / INDEX_CACHE_NAME, folder, EXTENSIONS)
+    recorded = dict(zip(cached.identities, cached.folder_mtimes.tolist()))
     assert recorded["b"] == UNKNOWN_MTIME and recorded["a"] == (folder / "a").stat().st_mtime_ns
     stat = (folder / "b").stat()
     os.utime(folder / "b", ns=(stat.st_atime_ns, stat.st_mtime_ns - HOUR_NS))  # time passes
@@ -111,20 +115,20 @@ def test_a_folder_modified_just_before_the_walk_is_listed_again_once(tmp_path, l
     assert identity_folders_listed(listed, folder) == []  # now known
 
 
-def test_a_cache_of_the_first_format_is_replaced(tmp_path, caplog):
+@pytest.mark.parametrize("where", [OLD_CACHE_NAME, INDEX_CACHE_NAME])
+def test_a_cache_of_an_earlier_format_is_replaced(tmp_path, caplog, where):
     folder = write_image_folder(tmp_path / "faces", {"a": 2}, size=8)
     age(folder)
-    cache = folder / INDEX_CACHE_NAME
     (folder / "a" / "001.jpg").unlink()  # the old cache below still lists it, and cannot tell
-    cache.write_text(json.dumps({
-        "format": "fastface_pl.image_folder_index", "version": 1, "root": str(folder.resolve()),
-        "extensions": [".jpeg", ".jpg", ".png"], "root_entries": 1, "identities": ["a"],
+    (folder / where).write_text(json.dumps({
+        "format": "fastface_pl.image_folder_index", "version": 2, "root": str(folder.resolve()),
+        "extensions": [".jpeg", ".jpg", ".png"], "root_entries": 1, "identities": ["a"], "folder_mtimes": [0],
         "files": [["000.jpg", "001.jpg"]],
     }))
     with caplog.at_level(logging.INFO, logger=LOGGER):
         dataset = ImageFolderDataset(folder)
     assert "older format" in caplog.text and len(dataset) == 1
-    assert json.loads(cache.read_text())["version"] == 2
+    assert (folder / INDEX_CACHE_NAME).read_bytes().startswith(b"FFINDEX")
 
 
 def test_a_file_gone_during_training_names_the_index(tmp_path):
@@ -133,3 +137,50 @@ def test_a_file_gone_during_training_names_the_index(tmp_path):
     (folder / "a" / "001.jpg").unlink()
     with pytest.raises(CorruptImageError, match=r"001\.jpg: no such file, yet the folder's index .* lists it"):
         dataset[1]
+
+
+# ------------------------------------------------------------------ the binary cache (issue 17)
+def test_the_cache_is_memory_mapped_and_round_trips_names_paths_and_labels(tmp_path):
+    folder = write_image_folder(tmp_path / "faces", {"b": 2, "é-ü": 1, "a": 3, "empty": 0}, size=8)
+    age(folder)
+    built, path = load_index(folder, IMAGE_EXTENSIONS)
+    cached, _ = _read_cache(path, folder, IMAGE_EXTENSIONS)
+    assert isinstance(cached.paths, np.memmap) and isinstance(cached.labels, np.memmap)
+    identities, files = scan_image_folder(folder)
+    expected = FolderIndex.from_listing(identities, files, [0] * len(identities), 0)
+    assert cached.identities == identities == ["a", "b", "empty", "é-ü"]
+    assert cached.paths.tolist() == expected.paths.tolist()
+    assert cached.labels.tolist() == [0, 0, 0, 1, 1, 3] and cached.counts.tolist() == [3, 2, 0, 1]
+    assert [cached.files(i) for i in range(4)] == files
+    dataset = ImageFolderDataset(folder)
+    assert [dataset.path(i).relative_to(folder).as_posix() for i in range(len(dataset))] == [
+        f"{n}/{f}" for n, names in zip(identities, files) for f in names]
+    assert dataset.num_classes == 4 and dataset.identities == identities
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, damage):
+    folder = write_image_folder(tmp_path / "faces", {"a": 2, "b": 1}, size=8)
+    age(folder)
+    first = ImageFolderDataset(folder)
+    cache = folder / INDEX_CACHE_NAME
+    data = cache.read_bytes()
+    cache.write_bytes({"truncated": data[: len(data) - 10], "garbage": b"\x00" * 50, "empty": b""}[damage])
+    again = ImageFolderDataset(folder)
+    assert [again.path(i) for i in range(len(again))] == [first.path(i) for i in range(len(first))]
+    assert cache.read_bytes() == data or _read_cache(cache, folder, EXTENSIONS) is not None
+
+
+def test_a_settled_top_level_is_not_listed_again(tmp_path, listed):
+    """With the cache outside the folder (a read-only dataset), a root last changed well before the cache was
+    written cannot have changed since unnoticed: its time would have moved. Its 2M entries are not listed."""
+    folder = write_image_folder(tmp_path / "faces", {"a": 1, "b": 2}, size=8)
+    age(folder)
+    ImageFolderDataset(folder, index_cache=tmp_path / "cache" / "index.bin")
+    listed.clear()
+    ImageFolderDataset(folder, index_cache=tmp_path / "cache" / "index.bin")
+    assert os.fspath(folder) not in listed
+    ImageFolderDataset(folder)  # the cache in <root>: its own write changed the root's time just now
+    listed.clear()
+    again = ImageFolderDataset(folder)
+    assert os.fspath(folder) in listed and len(again) == 3  # counted: a change in the same tick would hide

@@ -37,7 +37,7 @@ from fastface_pl.data.datasets import (
 )
 from fastface_pl.data.errors import DatasetError, reading
 from fastface_pl.data.samplers import (
-    DEFAULT_IDENTITY_FRACTION, IdentityPairSampler, PositionedSampler, identity_index,
+    DEFAULT_IDENTITY_FRACTION, IdentityPairSampler, SeededRandomSampler, identity_index,
 )
 from fastface_pl.checkpoints import SavedStateError
 from fastface_pl.data.bin_format import find_bin_files, load_bin
@@ -175,67 +175,6 @@ def check_state(state: Any) -> None:
     if finished is not None and not isinstance(finished, bool):
         raise SavedStateError(f"the data module's saved state has epoch_finished={finished!r}, expected true, false "
                          "or null")
-
-
-class SeededRandomSampler(PositionedSampler):
-    """A shuffled order fixed by ``(seed, epoch)`` for one or many ranks, with per-sample flips, resumable mid-epoch.
-
-    Every epoch draws one permutation of the dataset from ``(seed, epoch)`` (padded by wrapping around to a multiple
-    of ``num_replicas``; rank ``r`` takes positions ``r, r + R, ...``), and, when ``flip`` is on, one coin per
-    position. It yields ``(index, flip)`` pairs, which :class:`IndexedFlip` turns into samples. So the images and
-    their flips depend only on the seed, the epoch and the position: not on the global RNG, the worker count or a
-    restart. A subclass of ``DistributedSampler``, so Lightning keeps it under DDP instead of wrapping it.
-
-    The sampler holds a *position* ``(epoch, start)``: the next pass yields this rank's order of ``epoch`` from
-    position ``start`` on, then later passes start at 0 again. :meth:`__iter__` reads the position when it is
-    called, which for a DataLoader with workers is when its iterator is created (the workers are handed the first
-    indices at once): a resume must therefore set the position (:meth:`set_position`) before the loader is
-    iterated, not in ``set_epoch``, which Lightning calls after creating the iterator of a resumed epoch.
-
-    Args:
-        num_samples: Dataset size.
-        seed: Seed of the order and the flips.
-        flip: Draw a horizontal flip for each position (probability 0.5).
-        num_replicas: Number of ranks.
-        rank: This rank.
-        epoch: The epoch of the first pass.
-        start: Samples of this rank's order of ``epoch`` to leave out in the first pass (a mid-epoch resume).
-    """
-
-    def __init__(
-        self, num_samples: int, seed: int, flip: bool = False, num_replicas: int = 1, rank: int = 0,
-        epoch: int = 0, start: int = 0,
-    ) -> None:
-        self.num_samples_total = int(num_samples)
-        self.seed = int(seed)
-        self.flip = bool(flip)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.num_samples = -(-self.num_samples_total // self.num_replicas)  # per rank (ceil)
-        self.total_size = self.num_samples * self.num_replicas
-        self.epoch, self.start = 0, 0
-        self.set_position(epoch, start)
-
-    def order(self, epoch: int) -> list[Any]:
-        """This rank's whole order of ``epoch``: indices, or ``(index, flip)`` pairs when ``flip`` is on."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.num_samples_total, generator=generator)
-        if self.total_size > self.num_samples_total:  # pad by wrapping around, as DistributedSampler does
-            order = order.repeat(-(-self.total_size // self.num_samples_total))[: self.total_size]
-        positions = slice(self.rank, self.total_size, self.num_replicas)
-        indices = order[positions].tolist()
-        if not self.flip:
-            return indices
-        coins = torch.Generator().manual_seed(self.seed + epoch + 0x9E3779B9)
-        flips = (torch.rand(self.total_size, generator=coins) < 0.5)[positions].tolist()
-        return list(zip(indices, flips))
-
-    def __iter__(self) -> Iterator[Any]:
-        start = self._take_start()
-        return iter(self.order(self.epoch)[start:])
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class ContiguousShardSampler(DistributedSampler):

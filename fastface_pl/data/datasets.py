@@ -460,7 +460,7 @@ class ImageFolderDataset(_FileDataset):
     """Images stored as ``<root>/<identity>/<image>.jpg|.png`` (WebFace42M and most custom sets).
 
     Labels are the positions of the identity folders in sorted order. The file index is cached, because walking
-    millions of files takes minutes: by default in ``<root>/.fastface_index.json``, or, when ``root`` is not
+    millions of files takes minutes: by default in ``<root>/.fastface_index.bin``, or, when ``root`` is not
     writable, in ``$XDG_CACHE_HOME/fastface_pl/`` (``~/.cache/fastface_pl/``); a log message says where. At each
     start the cache is checked against the folder at one ``stat`` per identity folder, and the folders where
     images were added, removed or renamed since are listed again, with a warning naming them
@@ -493,24 +493,24 @@ class ImageFolderDataset(_FileDataset):
         self.extensions = tuple(sorted(e.lower() for e in extensions))
         self.index_cache: Optional[Path] = Path(index_cache) if index_cache is not None else None
         index, self.index_path = load_index(self.root, self.extensions, self.index_cache, rebuild_index)
-        identities, files = index.identities, index.files
-        empty = [name for name, names in zip(identities, files, strict=True) if not names]
-        if not identities or len(empty) == len(identities):
+        empty = np.flatnonzero(np.asarray(index.counts) == 0)
+        if not len(index.counts) or len(empty) == len(index.counts):
             raise DatasetError(
                 f"{self.root} holds no identity folder with images ({', '.join(self.extensions)}); expected "
                 "<root>/<identity>/<image>.jpg"
             )
-        if empty:
+        if len(empty):
             log.warning("%s: %d identity folders hold no images (e.g. %s); they keep their labels",
-                        self.root, len(empty), empty[0])
-        self.identities = identities
-        counts = np.array([len(names) for names in files], dtype=np.int64)
-        self._labels = np.repeat(np.arange(len(identities), dtype=np.int32), counts)
-        # One bytes array instead of millions of str objects: compact, and fork-friendly (no refcount writes).
-        self._paths = np.array(
-            [os.fsencode(os.path.join(name, f)) for name, names in zip(identities, files, strict=True) for f in names],
-            dtype=np.bytes_,
-        )
+                        self.root, len(empty), os.fsdecode(bytes(index.names[empty[0]])))
+        self._index = index
+        # Arrays mapped from the index cache (no per-file Python object): constant-time start, fork-friendly.
+        self._labels = index.labels
+        self._paths = index.paths
+
+    @property
+    def identities(self) -> list[str]:
+        """The identity folder names in label order."""
+        return self._index.identities
 
     # -- samples ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -518,7 +518,7 @@ class ImageFolderDataset(_FileDataset):
 
     @property
     def num_classes(self) -> int:
-        return len(self.identities)
+        return len(self._index.names)
 
     def path(self, index: int) -> Path:
         """The file of sample ``index``."""

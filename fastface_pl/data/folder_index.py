@@ -1,8 +1,11 @@
-"""The file index of an image folder ``<root>/<identity>/<image>``: one walk, cached as JSON, kept up to date.
+"""The file index of an image folder ``<root>/<identity>/<image>``: one walk, cached in a binary file, kept up to date.
 
 Walking a WebFace42M folder (2 million identity folders, 42 million files) takes minutes, so the list of
-identities and of their images is cached: by default in ``<root>/.fastface_index.json``, else (``root`` not
-writable) in ``$XDG_CACHE_HOME/fastface_pl/index-<hash of root>.json``.
+identities and of their images is cached: by default in ``<root>/.fastface_index.bin``, else (``root`` not
+writable) in ``$XDG_CACHE_HOME/fastface_pl/index-<hash of root>.bin``. The file holds a short JSON header and
+raw arrays (identity names, their folders' times, image counts, each image's ``identity/file`` path and label),
+which a start maps into memory (``np.memmap``) instead of parsing: reading the cache costs the same whatever the
+number of files, and the pages are shared by every process on the machine.
 
 At each start the cache is checked against the folder without listing it again:
 
@@ -24,11 +27,14 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
 
 from fastface_pl.data.errors import reading, unreadable
 
@@ -36,9 +42,13 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-INDEX_CACHE_NAME = ".fastface_index.json"
+INDEX_CACHE_NAME = ".fastface_index.bin"
+OLD_CACHE_NAME = ".fastface_index.json"
+"""The JSON cache of earlier versions (no longer read: the binary cache replaces it)."""
 INDEX_FORMAT = "fastface_pl.image_folder_index"
-INDEX_VERSION = 2  # 2 added the identity folders' modification times (version 1 caches are rebuilt)
+INDEX_VERSION = 3  # 2 added the identity folders' modification times; 3 is the binary, memory-mapped file
+_MAGIC = b"FFINDEX\n"
+_ALIGN = 64
 RECENT_NS = 2_000_000_000
 """A folder modified this shortly before the walk began is listed again at the next start (clock granularity)."""
 UNKNOWN_MTIME = -1
@@ -53,7 +63,7 @@ def default_cache_dir() -> Path:
 def root_entries(root: Path) -> int:
     """Number of top-level entries of ``root``, not counting our own cache files."""
     with reading("image folder", root), os.scandir(root) as entries:
-        return sum(1 for e in entries if not e.name.startswith(INDEX_CACHE_NAME))
+        return sum(1 for e in entries if not e.name.startswith(".fastface_index"))
 
 
 def identity_folders(root: Path) -> list[str]:
@@ -80,19 +90,46 @@ def _mtime(folder: Path) -> int:
         raise unreadable("identity folder", folder, error) from None
 
 
-def folder_mtimes(root: Path, names: Sequence[str], threads: int = 8) -> list[int]:
-    """``st_mtime_ns`` of each ``root/name`` (:data:`UNKNOWN_MTIME` where it is gone).
+def folder_mtimes(root: Path, names: Sequence[Any], threads: int = 8) -> np.ndarray:
+    """``st_mtime_ns`` of each ``root/name`` (:data:`UNKNOWN_MTIME` where it is gone), ``int64``.
 
-    One ``stat`` per folder; threads hide the latency of network file systems for large folders.
+    One ``stat`` per folder, relative to an open ``root`` where the system allows it (no path to build). The
+    first :data:`_PROBE` run in this thread; when they were slow (more than :data:`_SLOW_STAT_S` each: a network
+    file system), the rest run in ``threads`` threads to overlap their latency; on a local disk threads would
+    only add work. ``names`` are ``str`` or file-system ``bytes``.
     """
-    def chunk(part: Sequence[str]) -> list[int]:
-        return [_mtime(root / name) for name in part]
+    fd = os.open(root, os.O_RDONLY) if os.stat in os.supports_dir_fd else None
 
-    if len(names) < 4096:
-        return chunk(names)
-    step = -(-len(names) // (4 * threads))
-    with ThreadPoolExecutor(threads) as pool:
-        return [t for part in pool.map(chunk, [names[i : i + step] for i in range(0, len(names), step)]) for t in part]
+    def one(name: Any) -> int:
+        try:
+            return os.stat(name, dir_fd=fd).st_mtime_ns if fd is not None else os.stat(root / os.fsdecode(name)).st_mtime_ns
+        except FileNotFoundError:
+            return UNKNOWN_MTIME
+        except PermissionError as error:
+            raise unreadable("identity folder", root / os.fsdecode(name), error) from None
+
+    def chunk(part: Sequence[Any]) -> list[int]:
+        return [one(name) for name in part]
+
+    try:
+        started = time.perf_counter()
+        out = chunk(names[:_PROBE])
+        rest = names[_PROBE:]
+        if len(rest) and (time.perf_counter() - started) / max(1, len(out)) > _SLOW_STAT_S:
+            step = -(-len(rest) // (4 * threads))
+            with ThreadPoolExecutor(threads) as pool:
+                for part in pool.map(chunk, [rest[i : i + step] for i in range(0, len(rest), step)]):
+                    out.extend(part)
+        else:
+            out.extend(chunk(rest))
+        return np.array(out, dtype=np.int64)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+_PROBE = 2048
+_SLOW_STAT_S = 20e-6
 
 
 def scan_image_folder(
@@ -122,42 +159,94 @@ def scan_image_folder(
 
 @dataclass
 class FolderIndex:
-    """The images of an image folder, per identity (in sorted order), and what the cache compares."""
+    """The images of an image folder, per identity (in sorted order), and what the cache compares.
 
-    identities: list[str]
-    files: list[list[str]]
-    folder_mtimes: list[int]
+    Arrays, memory-mapped when read from the cache: ``names`` (the identity folders, file-system bytes, sorted),
+    ``folder_mtimes`` (``int64``, :data:`UNKNOWN_MTIME` where not trusted), ``counts`` (images per identity),
+    ``paths`` (each image's ``identity/file``, grouped by identity in order) and ``labels`` (``int32``, the
+    position of each image's identity).
+    """
+
+    names: np.ndarray
+    folder_mtimes: np.ndarray
+    counts: np.ndarray
+    paths: np.ndarray
+    labels: np.ndarray
     root_entries: int
+    _identities: Optional[list[str]] = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_listing(cls, identities: Sequence[str], files: Sequence[Sequence[str]], mtimes: Sequence[int],
+                     root_entries: int) -> "FolderIndex":
+        """The index of identity folders ``identities`` holding ``files`` (names of images, sorted)."""
+        counts = np.array([len(names) for names in files], dtype=np.int64)
+        return cls(
+            names=_bytes_array([os.fsencode(name) for name in identities]),
+            folder_mtimes=np.asarray(mtimes, dtype=np.int64), counts=counts,
+            paths=_bytes_array([os.fsencode(os.path.join(name, f))
+                                for name, names in zip(identities, files, strict=True) for f in names]),
+            labels=np.repeat(np.arange(len(identities), dtype=np.int32), counts), root_entries=int(root_entries),
+        )
+
+    @property
+    def identities(self) -> list[str]:
+        """The identity folder names, sorted (decoded once, when first asked for)."""
+        if self._identities is None:
+            self._identities = [os.fsdecode(name) for name in self.names.tolist()]
+        return self._identities
+
+    def files(self, identity: int) -> list[str]:
+        """The image names of the identity at position ``identity``."""
+        offsets = self.offsets
+        prefix = len(self.names[identity]) + 1
+        return [os.fsdecode(p[prefix:]) for p in self.paths[offsets[identity]:offsets[identity + 1]].tolist()]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
 
-def _unchanged(recorded: Optional[tuple[int, list[str]]], mtime: int) -> bool:
-    return recorded is not None and recorded[0] == mtime != UNKNOWN_MTIME
+def _bytes_array(items: Sequence[bytes]) -> np.ndarray:
+    return np.array(items, dtype=np.bytes_) if len(items) else np.zeros(0, dtype="S1")
 
 
 def _walk(
-    root: Path, extensions: Sequence[str], names: Sequence[str], entries: int,
-    old: dict[str, tuple[int, list[str]]], now: Sequence[int],
-) -> tuple[FolderIndex, dict[str, list[str]]]:
-    """Index ``names``, reusing ``old`` listings whose folder time is unchanged; also returns the new listings."""
+    root: Path, extensions: Sequence[str], names: Sequence[str], entries: int, old: Optional[FolderIndex],
+    now: np.ndarray,
+) -> tuple[FolderIndex, dict[str, list[str]], dict[str, list[str]]]:
+    """Index ``names``, reusing ``old``'s listings whose folder time is unchanged. Also returns the folders listed
+    again, and the old listings of those (for the warning)."""
     started = time.time_ns()
-    files, mtimes, listed = [], [], {}
-    for name, mtime in zip(names, now, strict=True):
-        if _unchanged(old.get(name), mtime):
-            files.append(old[name][1])
+    position = {} if old is None else {name: i for i, name in enumerate(old.identities)}
+    old_offsets = None if old is None else old.offsets
+    segments, counts, mtimes, listed, before = [], [], [], {}, {}
+    for name, mtime in zip(names, now.tolist(), strict=True):
+        j = position.get(name)
+        if j is not None and old.folder_mtimes[j] == mtime != UNKNOWN_MTIME:
+            segments.append(old.paths[old_offsets[j]:old_offsets[j + 1]])
+            counts.append(int(old.counts[j]))
             mtimes.append(mtime)
             continue
         mtime = _mtime(root / name)  # before the listing: a change during it leaves this time stale
         listed[name] = list_images(root / name, extensions)
-        files.append(listed[name])
+        if j is not None:
+            before[name] = old.files(j)
+        segments.append(_bytes_array([os.fsencode(os.path.join(name, f)) for f in listed[name]]))
+        counts.append(len(listed[name]))
         mtimes.append(mtime if mtime < started - RECENT_NS else UNKNOWN_MTIME)
-    return FolderIndex(list(names), files, mtimes, entries), listed
+    counts_array = np.array(counts, dtype=np.int64)
+    paths = np.concatenate(segments) if segments else _bytes_array([])
+    index = FolderIndex(_bytes_array([os.fsencode(n) for n in names]), np.array(mtimes, dtype=np.int64),
+                        counts_array, paths, np.repeat(np.arange(len(names), dtype=np.int32), counts_array), entries)
+    index._identities = list(names)
+    return index, listed, before
 
 
 def build_index(root: Path, extensions: Sequence[str]) -> FolderIndex:
     """Walk the whole folder."""
     entries = root_entries(root)
     names = identity_folders(root)
-    return _walk(root, extensions, names, entries, {}, [UNKNOWN_MTIME] * len(names))[0]
+    return _walk(root, extensions, names, entries, None, np.full(len(names), UNKNOWN_MTIME, dtype=np.int64))[0]
 
 
 def update_index(root: Path, extensions: Sequence[str], cached: FolderIndex, cache_mtime_ns: int) -> tuple[
@@ -165,19 +254,29 @@ def update_index(root: Path, extensions: Sequence[str], cached: FolderIndex, cac
     """``cached`` brought up to date with the folder, and a description of what changed (None: nothing).
 
     Reads the top level only when it changed, ``stat`` s every identity folder, and lists only the folders whose
-    time differs from the recorded one (or was recorded as unknown).
+    time differs from the recorded one (or was recorded as unknown). An unchanged folder costs one array
+    comparison after the ``stat`` s: no name is decoded, nothing is listed.
     """
-    entries = root_entries(root)
-    top_changed = entries != cached.root_entries or os.stat(root).st_mtime_ns > cache_mtime_ns
-    names = identity_folders(root) if top_changed else cached.identities
-    now = folder_mtimes(root, names)
-    old = {name: (mtime, files) for name, mtime, files in zip(cached.identities, cached.folder_mtimes, cached.files)}
-    if not top_changed and all(_unchanged(old[name], mtime) for name, mtime in zip(names, now)):
-        return cached, None
-    index, listed = _walk(root, extensions, names, entries, old, now)
-    added = sorted(set(names) - set(old))
-    removed = sorted(set(old) - set(names))
-    changed = [name for name, files in listed.items() if name in old and old[name][1] != files]
+    root_mtime = os.stat(root).st_mtime_ns
+    # A change of the top level after the cache was written sets the root's time to at least the cache's (less
+    # one clock tick): the entry count, one listing of the top level, guards only a change in the same tick.
+    settled = root_mtime < cache_mtime_ns - RECENT_NS
+    entries = cached.root_entries if settled else root_entries(root)
+    top_changed = entries != cached.root_entries or root_mtime > cache_mtime_ns
+    if not top_changed:
+        now = folder_mtimes(root, cached.names.tolist())
+        recorded = np.asarray(cached.folder_mtimes)
+        if np.array_equal(now, recorded) and not (recorded == UNKNOWN_MTIME).any():
+            return cached, None
+        names = cached.identities
+    else:
+        names = identity_folders(root)
+        now = folder_mtimes(root, names)
+    index, listed, before = _walk(root, extensions, names, entries, cached, now)
+    old_names = set(cached.identities)
+    added = sorted(set(names) - old_names)
+    removed = sorted(old_names - set(names))
+    changed = [name for name, files in listed.items() if name in before and before[name] != files]
     if not (added or removed or changed):
         return index, None  # only folders with unknown times were listed again, and they hold the same files
     parts = []
@@ -192,44 +291,85 @@ def _cache_places(root: Path, index_cache: Optional[Path]) -> list[Path]:
     if index_cache is not None:
         return [index_cache]
     digest = hashlib.sha1(str(root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return [root / INDEX_CACHE_NAME, default_cache_dir() / f"index-{digest}.json"]
+    return [root / INDEX_CACHE_NAME, default_cache_dir() / f"index-{digest}.bin"]
+
+
+_ARRAYS = ("names", "folder_mtimes", "counts", "paths", "labels")
+
+
+def _data_start(header_length: int) -> int:
+    """Where the arrays begin: after the magic, the header's length and the header, aligned."""
+    return -(-(len(_MAGIC) + 8 + header_length) // _ALIGN) * _ALIGN
 
 
 def _read_cache(path: Path, root: Path, extensions: Sequence[str]) -> Optional[tuple[FolderIndex, int]]:
-    """The index cached at ``path`` for this folder and extensions, with the cache's time (None if unusable)."""
+    """The index cached at ``path`` for this folder and extensions, with the cache's time (None if unusable).
+
+    Reads the header and maps the arrays: constant time whatever the number of files.
+    """
     try:
         cache_mtime = path.stat().st_mtime_ns
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            magic = handle.read(len(_MAGIC))
+            if magic != _MAGIC:
+                if magic[:1] == b"{":
+                    log.info("image-folder index %s has an older format: indexing %s again", path, root)
+                return None
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
         return None
     if (
-        not isinstance(data, dict) or data.get("format") != INDEX_FORMAT
-        or (data.get("root") != str(root.resolve()) and path.parent.resolve() != root.resolve())
-        or data.get("extensions") != list(extensions)
+        not isinstance(header, dict) or header.get("format") != INDEX_FORMAT
+        or (header.get("root") != str(root.resolve()) and path.parent.resolve() != root.resolve())
+        or header.get("extensions") != list(extensions)
     ):
         return None
-    if data.get("version") != INDEX_VERSION:
+    if header.get("version") != INDEX_VERSION:
         log.info("image-folder index %s has an older format: indexing %s again", path, root)
         return None
-    index = FolderIndex(data["identities"], data["files"], data["folder_mtimes"], data["root_entries"])
-    if not len(index.identities) == len(index.files) == len(index.folder_mtimes):
+    arrays = {}
+    try:
+        for name in _ARRAYS:
+            offset, dtype, shape = header["arrays"][name]
+            offset += _data_start(length)
+            count = int(np.prod(shape))
+            if offset + count * np.dtype(dtype).itemsize > size:
+                return None  # truncated
+            arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape)) if count
+                            else np.zeros(shape, dtype=dtype))
+        index = FolderIndex(**arrays, root_entries=int(header["root_entries"]))
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    if not len(index.names) == len(index.folder_mtimes) == len(index.counts) or \
+            len(index.paths) != len(index.labels) or int(index.counts.sum()) != len(index.paths):
         return None
     return index, cache_mtime
 
 
 def _write_cache(index: FolderIndex, root: Path, extensions: Sequence[str], places: list[Path]) -> Optional[Path]:
-    data = {
+    arrays = {name: np.ascontiguousarray(getattr(index, name)) for name in _ARRAYS}
+    layout, offset = {}, 0
+    for name, array in arrays.items():
+        layout[name] = [offset, array.dtype.str, list(array.shape)]
+        offset += -(-array.nbytes // _ALIGN) * _ALIGN
+    header = {
         "format": INDEX_FORMAT, "version": INDEX_VERSION, "root": str(root.resolve()), "extensions": list(extensions),
-        "root_entries": index.root_entries, "identities": index.identities, "folder_mtimes": index.folder_mtimes,
-        "files": index.files,
+        "root_entries": index.root_entries, "arrays": layout,  # offsets from the data start
     }
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    start = _data_start(len(text))
     for target in places:
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, separators=(",", ":"))
+            with open(tmp, "wb") as handle:
+                handle.write(_MAGIC + struct.pack("<Q", len(text)) + text)
+                for name, array in arrays.items():
+                    handle.seek(start + layout[name][0])
+                    handle.write(array.reshape(-1).view(np.uint8))
+                handle.truncate(start + layout[_ARRAYS[-1]][0] + arrays[_ARRAYS[-1]].nbytes)
             os.replace(tmp, target)
             os.utime(target)  # newer than the rename's change to the folder's mtime
             return target
@@ -250,7 +390,7 @@ def load_index(
     Args:
         root: The image folder.
         extensions: Image suffixes (lower case, sorted: part of the cache's identity).
-        index_cache: The cache file; None for ``<root>/.fastface_index.json``, else the user cache.
+        index_cache: The cache file; None for ``<root>/.fastface_index.bin``, else the user cache.
         rebuild: Ignore any cache and walk the whole folder.
 
     Raises:
@@ -270,10 +410,13 @@ def load_index(
             log.warning("image-folder index %s was out of date: %s since it was built; listed those folders again",
                         path, change)
         return index, _write_cache(index, root, extensions, places[places.index(path):]) or path
+    if index_cache is None and not rebuild and (root / OLD_CACHE_NAME).is_file():
+        log.info("image-folder index %s has an older format (JSON): indexing %s again into %s; the old file can "
+                 "be deleted", root / OLD_CACHE_NAME, root, INDEX_CACHE_NAME)
     index = build_index(root, extensions)
     written = _write_cache(index, root, extensions, places)
     log.info(
-        "indexed %s: %d identities, %d images in %.1f s; index cached at %s", root, len(index.identities),
-        sum(len(f) for f in index.files), time.perf_counter() - started, written or "nowhere (no writable place)",
+        "indexed %s: %d identities, %d images in %.1f s; index cached at %s", root, len(index.names),
+        len(index.paths), time.perf_counter() - started, written or "nowhere (no writable place)",
     )
     return index, written

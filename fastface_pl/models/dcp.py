@@ -18,6 +18,11 @@ the backbone, kept by :class:`~fastface_pl.models.module.FaceRecognitionModule`)
 
 All tables are buffers: checkpoints hold them, ``.to(device)`` moves them. :meth:`write` returns an undo record
 and :meth:`restore` rolls the pool and LRU back, as F2C's symmetric step needs after its first pass.
+
+A gallery batch holding a non-finite feature (an fp16 overflow of the gallery network) is never written: once in
+the pool it would make every later loss NaN until evicted. Such a write leaves pool and LRU as they were (the
+full layer skips such a step likewise) and adds one to ``skipped_writes``; the check is a tensor operation, so
+it costs no host-device sync (``docs/f2c.md``).
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class DynamicClassPool(nn.Module):
         self._push_topk = push_topk
         self.register_buffer("identity_entry", torch.full((num_classes,), -1, dtype=torch.long))
         self.register_buffer("clock", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_writes", torch.zeros((), dtype=torch.long))
         self._allocate(int(pool_size), torch.device("cpu"))
 
     # ------------------------------------------------------------------ state
@@ -120,6 +126,8 @@ class DynamicClassPool(nn.Module):
         saved = state_dict.get(prefix + "features")
         if saved is not None and saved.dim() == 3 and saved.shape[1] != self.pool_size:
             self._allocate(int(saved.shape[1]), self.features.device)  # the checkpoint's pool size wins
+        if prefix + "features" in state_dict and prefix + "skipped_writes" not in state_dict:
+            state_dict[prefix + "skipped_writes"] = torch.zeros_like(self.skipped_writes)  # saved before it existed
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def occupancy(self) -> torch.Tensor:
@@ -135,6 +143,7 @@ class DynamicClassPool(nn.Module):
         (evicting their identities). Each occurrence of an identity writes the entry's next row (rows
         alternate; of more than two occurrences the last two are kept, as a sequential write would). All
         identities of the batch become the most recently used. Returns the undo record of :meth:`restore`.
+        A batch with a non-finite feature changes nothing and counts in ``skipped_writes``.
 
         Raises:
             ValueError: on shape errors, or when the batch holds more images than the pool has entries.
@@ -152,7 +161,9 @@ class DynamicClassPool(nn.Module):
             )
         device = self.features.device
         labels = labels.to(device=device, dtype=torch.long)
-        features = F.normalize(features.detach().float(), dim=1)
+        features = features.detach().float()
+        refused = ~torch.isfinite(features).all()  # a tensor: no host sync
+        features = F.normalize(features, dim=1)
         positions = torch.arange(n, device=device)
 
         # Group the occurrences of each identity (sorted, stable: occurrences keep their batch order).
@@ -209,16 +220,26 @@ class DynamicClassPool(nn.Module):
         self.entry_rows_filled[entry] = (filled_before + count).clamp_max(2)
         self.features[row, entry] = features[source]
         self.clock += 1
+        self._restore(undo, refused)
+        self.skipped_writes += refused.long()
         return undo
 
     @torch.no_grad()
     def restore(self, undo: PoolUndo) -> None:
         """Puts the pool and the LRU back as they were before the :meth:`write` that returned ``undo``."""
-        self.features[undo.rows, undo.entries] = undo.features
-        self.identity_entry[undo.identities] = undo.identity_values
+        self._restore(undo, None)
+
+    def _restore(self, undo: PoolUndo, when: torch.Tensor | None) -> None:
+        """:meth:`restore`, or, with a 0-dim bool ``when``, a restore where it is true (no host sync)."""
+        def back(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+            return before if when is None else torch.where(when, before, now)
+
+        self.features[undo.rows, undo.entries] = back(self.features[undo.rows, undo.entries], undo.features)
+        self.identity_entry[undo.identities] = back(self.identity_entry[undo.identities], undo.identity_values)
         for name, value in undo.lru_tables.items():
-            getattr(self, name).copy_(value)
-        self.clock.copy_(undo.clock)
+            table = getattr(self, name)
+            table.copy_(back(table, value))
+        self.clock.copy_(back(self.clock, undo.clock))
 
     def lookup(self, labels: torch.Tensor) -> torch.Tensor:
         """Pool entry of each identity in ``labels long[N]``, −1 where it is absent."""

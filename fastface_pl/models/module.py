@@ -27,7 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from fastface_pl.evaluation.verification import VerificationMetric
@@ -205,6 +205,8 @@ class FaceRecognitionModule(pl.LightningModule):
         self._compiled_backbone = torch.compile(self.backbone) if compile else None
         self.val_metrics = nn.ModuleList()
         self._val_names: list[str] = []
+        self._gallery_step: int | None = None  # the optimizer step of the last gallery update (dcp)
+        self._skipped_reported = 0  # pool writes refused (non-finite gallery features) already warned about
 
     @staticmethod
     def check_arguments(num_classes: int | None = None, backbone: Any = "r100", backbone_kwargs: Any = None,
@@ -294,7 +296,18 @@ class FaceRecognitionModule(pl.LightningModule):
     @torch.no_grad()
     def _update_gallery(self) -> None:
         """gallery ← m · gallery + (1 − m) · probe, parameter by parameter (BatchNorm statistics are the
-        gallery's own, as in the F2C reference)."""
+        gallery's own, as in the F2C reference), once per optimizer step.
+
+        Called by every micro-batch, it updates only at the first one after an optimizer step (the probe has not
+        changed since): with ``accumulate_grad_batches=N`` the momentum per optimizer step stays m, not mᴺ. Outside
+        a Trainer (a step called by hand) every call updates.
+        """
+        trainer = self._trainer
+        if trainer is not None:
+            step = int(trainer.global_step)  # a Python counter: no host sync
+            if step == self._gallery_step:
+                return
+            self._gallery_step = step
         m = float(self.hparams.classifier_kwargs["momentum"])
         gallery = list(self.gallery_backbone.parameters())
         probe = [p.detach() for p in self.backbone.parameters()]
@@ -319,7 +332,26 @@ class FaceRecognitionModule(pl.LightningModule):
         gallery_a, gallery_labels_a = self._gallery_features(view_a, labels_a)
         loss_b, present_b = self.classifier(probe_b, labels_b, gallery_a, gallery_labels_a, rollback=False)
         self.log("train/dcp_present", (present_a + present_b) / 2, on_step=True, on_epoch=False)
+        self.log("train/dcp_skipped_writes", self.classifier.skipped_writes.float(), on_step=True, on_epoch=False)
         return (loss_a + loss_b) / 2
+
+    def on_train_start(self) -> None:
+        if self.hparams.classifier == "dcp":  # after a resume, warn only about refusals of this run
+            self._skipped_reported = int(self.classifier.skipped_writes)
+
+    def on_train_epoch_end(self) -> None:
+        """``dcp``: warns when gallery writes were refused this epoch (non-finite features; one read per epoch)."""
+        if self.hparams.classifier != "dcp":
+            return
+        skipped = int(self.classifier.skipped_writes)
+        if skipped > self._skipped_reported:
+            rank_zero_warn(
+                f"F2C pool: {skipped - self._skipped_reported} gallery write(s) refused this epoch ({skipped} in "
+                "all) because the gallery network gave non-finite features (e.g. an fp16 overflow); the pool kept "
+                "its previous features. Many refusals mean the gallery network has diverged: lower the learning "
+                "rate or train in bf16/fp32"
+            )
+        self._skipped_reported = skipped
 
     def setup(self, stage: str) -> None:
         """``dcp``: enlarges the pool to hold one step's gallery view of all ranks (before a checkpoint loads)."""
