@@ -198,7 +198,8 @@ class _StationarityDetector:
 
     @property
     def lr_scale(self) -> float:
-        """Product of all factors returned so far (the LR relative to its starting value)."""
+        """Product of all factors returned so far: the detector's decisions, before any ``min_lr`` floor or a
+        composed schedule that :class:`FastFaceLR` applies on top."""
         return self._scale
 
     @property
