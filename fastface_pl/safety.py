@@ -117,9 +117,7 @@ class DivergenceGuard(Callback):
 
     def _end_fit(self, trainer: Trainer) -> None:
         if self._reader is not None:
-            self._steps = self._reader.steps
-            self._reader.detach(trainer)
-            self._reader = None
+            self._steps, self._reader = self._reader.release(trainer), None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_fit(trainer)

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from test_callback import (
-    FASTFACE, FASTFACE_NO_PATIENCE, LR0, ScriptedModule, make_trainer, replay, staircase_losses,
+    FASTFACE, FASTFACE_NO_PATIENCE, LR0, ScriptedModule, detector_decisions, make_trainer, staircase_losses,
 )
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -78,7 +78,7 @@ def test_2_the_same_callback_on_a_new_trainer_starts_a_new_run_and_says_so(caplo
         make_trainer(max_steps=60, callbacks=[cb]).fit(model)
     assert "the state of the earlier fit (60 optimizer steps" in caplog.text
     assert cb.steps_observed == 60 and cb.detector.steps_seen == 60
-    assert [(s, f) for s, f, _ in cb.decisions] == replay("fastface", FASTFACE, second)
+    assert [(s, f) for s, f, _ in cb.decisions] == detector_decisions("fastface", FASTFACE, second)
     assert model.lrs[0] == LR0
 
 
@@ -182,7 +182,7 @@ def test_5_a_loss_of_shape_one_is_read_like_a_scalar(k, n_accumulate):
     make_trainer(max_steps=60, accumulate_grad_batches=n_accumulate, callbacks=[cb]).fit(ShapeOneModule(losses))
     means = [sum(losses[i : i + n_accumulate]) / n_accumulate for i in range(0, 60 * n_accumulate, n_accumulate)]
     assert cb.detector.steps_seen == 60
-    assert [(s, f) for s, f, _ in cb.decisions] == replay("fastface", FASTFACE, means)
+    assert [(s, f) for s, f, _ in cb.decisions] == detector_decisions("fastface", FASTFACE, means)
 
 
 # ---------------------------------------------------------------------------------------------------------- 6
@@ -196,7 +196,7 @@ def test_6_fastface_values_can_be_monitored(tmp_path):
     trainer = make_trainer(tmp_path, max_epochs=5, callbacks=[stopper, saver, cb], enable_checkpointing=True)
     trainer.fit(ScriptedModule(losses))
     assert saver.best_model_path and Path(saver.best_model_path).exists()
-    decided_by_epoch_end = [d for d in replay("fastface", FASTFACE, losses[: trainer.global_step])]
+    decided_by_epoch_end = [d for d in detector_decisions("fastface", FASTFACE, losses[: trainer.global_step])]
     assert float(saver.best_model_score) == len(decided_by_epoch_end) == len(cb.decisions)
     # The LR fell at the first decision (epoch 2): EarlyStopping saw it fall and stopped at epoch 3's end.
     assert trainer.current_epoch < 5 and stopper.stopped_epoch > 0

@@ -406,9 +406,7 @@ class FastFaceLRCallback(Callback):
     def _end_fit(self, trainer: Trainer) -> None:
         self._close_scheduler()  # the optimizer step hooks of compose_with_step_schedulers
         if self._reader is not None:
-            self._steps = self._reader.steps
-            self._reader.detach(trainer)
-            self._reader = None
+            self._steps, self._reader = self._reader.release(trainer), None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_fit(trainer)

@@ -80,6 +80,13 @@ class StepLossReader:
         reader._trainer = weakref.ref(trainer)
         return reader
 
+    def release(self, trainer: Trainer) -> int:
+        """A consumer's end of fit: detaches it (:meth:`detach`) and returns the optimizer steps read, which the
+        consumer keeps to number a later fit's steps."""
+        steps = self.steps
+        self.detach(trainer)
+        return steps
+
     def detach(self, trainer: Trainer) -> None:
         """Ends the fit (fit end or exception): the next fit gets a fresh reader."""
         if _READERS.get(trainer) is self:
