@@ -317,7 +317,7 @@ def test_gallery_ema_follows_optimizer_steps_under_accumulation(tmp_path, accumu
     """gallery ← m · gallery + (1 − m) · probe once per optimizer step, replayed by hand from the probe weights at
     each window's start: with accumulation, one update per micro-batch would give m^N per optimizer step."""
     pl.seed_everything(0)
-    module = make_dcp_module(dcp_momentum=0.5, lr=0.5)
+    module = make_dcp_module(classifier_kwargs={"momentum": 0.5}, lr=0.5)
     gallery = [p.detach().clone() for p in module.gallery_backbone.parameters()]
     record = _RecordWindowStarts(accumulate)
     trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=accumulate, enable_checkpointing=False,

@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fastface_pl.data import CorruptImageError, ImageFolderDataset

@@ -281,10 +281,10 @@ def test_a_checkpoint_with_a_tampered_state_is_one_message_naming_it(tmp_path, t
     """Issue 16 item 4: a component that rejects its saved state stops the resume with one message naming the
     file (not a Hydra traceback ending in a bare ValueError), exit 2."""
     path = _tampered(tmp_path, tiny_run / "checkpoints" / "last.ckpt", change)
-    result = _train(tmp_path / "resumed", *TINY, f"ckpt_path={path}", "trainer.max_epochs=2")
-    assert result.returncode == 2, _explain(result)
-    assert "Traceback" not in result.stderr, _explain(result)
-    assert f"checkpoint {path} holds a state this run cannot restore" in result.stderr, _explain(result)
+    result = run_train(tmp_path / "resumed", *TINY, f"ckpt_path={path}", "trainer.max_epochs=2")
+    assert result.returncode == 2, explain(result)
+    assert "Traceback" not in result.stderr, explain(result)
+    assert f"checkpoint {path} holds a state this run cannot restore" in result.stderr, explain(result)
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_exits_2(tmp_path):
@@ -302,10 +302,10 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_exits_2(tmp_
                     "tests/test_hostile_input.py simulates ENOSPC instead")
     try:
         run = mount_point / "run"
-        result = _train(run, *TINY, "validate_at_end=false")
-        assert result.returncode == 2, _explain(result)
-        assert "Traceback" not in result.stderr, _explain(result)
-        assert "no space left on the device" in result.stderr and " free in " in result.stderr, _explain(result)
+        result = run_train(run, *TINY, "validate_at_end=false")
+        assert result.returncode == 2, explain(result)
+        assert "Traceback" not in result.stderr, explain(result)
+        assert "no space left on the device" in result.stderr and " free in " in result.stderr, explain(result)
         checkpoints = sorted((run / "checkpoints").iterdir())
         assert checkpoints and all(p.suffix == ".ckpt" for p in checkpoints), checkpoints  # no temporary file
         for path in checkpoints:

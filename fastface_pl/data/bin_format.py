@@ -282,7 +282,8 @@ def find_bin_files(names: Sequence[str], places: Sequence[Path], fix: str) -> li
             missing.append(" or ".join(str(c) for c in candidates))
         paths.append(found)
     if missing:
-        available = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.bin")})
+        available = sorted({p.stem for place in places if place.is_dir() for p in place.glob("*.bin")
+                            if not p.name.startswith(".")})  # not a hidden file (the image-folder index cache)
         raise DatasetError(f"verification set(s) not found: {'; '.join(missing)}. Available .bin files in "
                            f"{' and '.join(str(p) for p in places)}: {available or 'none'}. {fix}")
     return paths  # type: ignore[return-value]
