@@ -51,6 +51,27 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
+def _check_restored_state(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Raises ``CheckpointError`` naming ``trainer.ckpt_path`` when the restored weights or optimizer state
+    hold a NaN or an infinity (one host sync at the start of a resumed fit; the names only on failure)."""
+    named = [(f"weight {name}", p.detach()) for name, p in pl_module.named_parameters()]
+    names = {id(p): name for name, p in pl_module.named_parameters()}
+    for k, optimizer in enumerate(trainer.optimizers):
+        for parameter, state in optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    named.append((f"optimizer {k} state {key!r} of {names.get(id(parameter), 'a parameter')}", value))
+    if _all_finite([tensor for _, tensor in named]):
+        return
+    from fastface_pl.checkpoints import CheckpointError
+
+    bad = [name for name, tensor in named if not bool(torch.isfinite(tensor).all())]
+    raise CheckpointError(
+        f"checkpoint {trainer.ckpt_path} holds non-finite values (NaN/inf) in {', '.join(bad[:3])}"
+        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}: the file is damaged, not the training diverging; "
+        "resume from an earlier checkpoint")
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
     if not floats:
@@ -91,6 +112,8 @@ class DivergenceGuard(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reader.start(trainer, pl_module, self._steps)
+        if trainer.ckpt_path:  # a resume: a checkpoint holding NaN/inf is refused, not trained into a "divergence"
+            _check_restored_state(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

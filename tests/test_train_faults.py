@@ -287,6 +287,23 @@ def test_a_checkpoint_with_a_tampered_state_is_one_message_naming_it(tmp_path, t
     assert f"checkpoint {path} holds a state this run cannot restore" in result.stderr, explain(result)
 
 
+def _nan_in_optimizer_state(checkpoint):
+    state = checkpoint["optimizer_states"][0]["state"]
+    buffers = [entry["momentum_buffer"] for entry in state.values() if entry.get("momentum_buffer") is not None]
+    assert buffers, "the demo's SGD keeps momentum buffers"
+    buffers[0].view(-1)[0] = float("nan")
+
+
+def test_nan_in_a_checkpoints_optimizer_state_is_a_damaged_file_not_a_divergence(tmp_path, tiny_run):
+    """Issue 16 item 12: it was reported as a divergence with "try a lower learning rate"."""
+    path = _tampered(tmp_path, tiny_run / "checkpoints" / "last.ckpt", _nan_in_optimizer_state)
+    result = run_train(tmp_path / "resumed", *TINY, f"ckpt_path={path}", "trainer.max_epochs=2")
+    assert result.returncode == 2, explain(result)
+    assert "Traceback" not in result.stderr and "lower learning rate" not in result.stderr, explain(result)
+    assert f"checkpoint {path} holds non-finite values (NaN/inf) in optimizer 0 state 'momentum_buffer'" \
+        in result.stderr, explain(result)
+
+
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_exits_2(tmp_path):
     """Issue 16 item 3, on a real small file system (a tmpfs that fits one checkpoint of the demo, not two):
     the failed save names the path and the free space, exit 2; every checkpoint left loads; no temporary file
