@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import command_env, explain, run_train, train_command
+from conftest import command_env, explain, run_train, train_command, write_image_folder
 
 from fastface_pl.checkpoints import load_lightning_checkpoint
+from fastface_pl.data.pack import pack_folder
 
 pytestmark = pytest.mark.slow
 
@@ -330,3 +331,14 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_exits_2(tmp_
         assert _strict_json(run / "results.json")["status"] == "disk_full"
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_112_pixel_pack_with_the_32_pixel_demo_model_is_one_message(tmp_path):
+    """Issue 16 item 6: a real 112-pixel record pack and the demo model (input 32): the message alone, exit 2."""
+    faces = write_image_folder(tmp_path / "faces", [3] * 6, size=112, smooth=True)
+    pack_folder(faces, tmp_path / "pack", progress=False)
+    result = run_train(tmp_path / "run", "data=insightface", f"data.root={tmp_path / 'pack'}", "data.val_sets=[]",
+                       "data.batch_size=8", "data.num_workers=0", "trainer.max_epochs=1")
+    assert result.returncode == 2, explain(result)
+    assert "Traceback" not in result.stderr, explain(result)
+    assert "expected images of shape [B, 3, 32, 32], got [8, 3, 112, 112]" in result.stderr, explain(result)
