@@ -185,3 +185,14 @@ def test_a_settled_top_level_is_not_listed_again(tmp_path, listed):
     listed.clear()
     again = ImageFolderDataset(folder)
     assert os.fspath(folder) in listed and len(again) == 3  # counted: a change in the same tick would hide
+
+
+def test_a_link_that_cannot_be_followed_is_named_and_left_out(tmp_path, caplog):
+    """Issue 16 item 12: a self-symlink became an empty identity without a word (it now raised ELOOP)."""
+    folder = write_image_folder(tmp_path / "faces", {"a": 2, "b": 1}, size=8)
+    os.symlink("loop", folder / "loop")  # points to itself
+    os.symlink(tmp_path / "gone", folder / "dangling")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dataset = ImageFolderDataset(folder)
+    assert len(dataset) == 3 and dataset.num_classes == 2
+    assert "2 symbolic link(s) cannot be followed" in caplog.text and "dangling, loop" in caplog.text

@@ -67,9 +67,30 @@ def root_entries(root: Path) -> int:
 
 
 def identity_folders(root: Path) -> list[str]:
-    """The sorted names of the identity folders of ``root`` (hidden entries and plain files left out)."""
+    """The sorted names of the identity folders of ``root`` (hidden entries and plain files left out).
+
+    A symbolic link that cannot be followed (it points to itself, round a loop or nowhere) is left out with a
+    warning naming it, as it is neither an identity nor a file."""
+    names, unfollowable = [], []
     with reading("image folder", root), os.scandir(root) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_folder = entry.is_dir()
+            except OSError:  # ELOOP: a link to itself or round a loop
+                is_folder = False
+                unfollowable.append(entry.name)
+            else:
+                if not is_folder and entry.is_symlink() and not os.path.exists(entry.path):
+                    unfollowable.append(entry.name)
+            if is_folder:
+                names.append(entry.name)
+    if unfollowable:
+        log.warning("%s: %d symbolic link(s) cannot be followed (pointing to themselves, round a loop or nowhere) "
+                    "and are not identities: %s; remove or fix them", root, len(unfollowable),
+                    ", ".join(sorted(unfollowable)[:5]))
+    return sorted(names)
 
 
 def list_images(folder: Path, extensions: Sequence[str]) -> list[str]:
