@@ -14,6 +14,7 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fastface_pl.data.datasets import SyntheticFaceGenerator
@@ -67,6 +68,20 @@ def listed(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(os, "scandir", recording_scandir)
     return calls
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> list[int]:
+    """The sizes of the tensors read to the host with ``Tensor.tolist`` from now on (the loss reader's block reads)."""
+    reads: list[int] = []
+    real_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        reads.append(self.numel())
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    return reads
 
 
 def command_env() -> dict[str, str]:

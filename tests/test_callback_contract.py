@@ -17,6 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+import test_callback
 from test_callback import (
     FASTFACE, FASTFACE_NO_PATIENCE, LR0, ScriptedModule, detector_decisions, make_trainer, staircase_losses,
 )
@@ -29,11 +30,7 @@ from fastface_pl.scheduling.detectors import NonFiniteLossError
 from fastface_pl.scheduling.lr_scheduler import FastFaceLR
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*"),
-    pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
-    pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
-    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
+    *test_callback.pytestmark,  # Lightning's chatter about tiny loaders and logging intervals, and:
     pytest.mark.filterwarnings("ignore:.*max_epochs.*was not set.*"),
     pytest.mark.filterwarnings("ignore:.*Checkpoint directory.*exists.*"),
 ]
@@ -290,21 +287,13 @@ def test_11_the_guard_counts_optimizer_steps_under_accumulation():
     assert info.value.step == 5 and trainer.global_step == 7
 
 
-def test_one_block_read_per_k_optimizer_steps_for_the_callback_and_the_guard(monkeypatch):
+def test_one_block_read_per_k_optimizer_steps_for_the_callback_and_the_guard(host_reads):
     # Old code: each kept, stacked and read the losses itself (the guard per 4 batches): 10 + 20 reads.
-    reads = []
-    original = torch.Tensor.tolist
-
-    def counting_tolist(self):
-        reads.append(self.numel())
-        return original(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     cb = callback(sync_every_n_steps=4)
     guard = DivergenceGuard(check_every_n_steps=4)
     make_trainer(max_steps=40, accumulate_grad_batches=2, callbacks=[cb, guard]).fit(
         ScriptedModule(staircase_losses(80)))
-    assert reads == [8] * 10  # 4 steps of 2 micro-batches, once per block
+    assert host_reads == [8] * 10  # 4 steps of 2 micro-batches, once per block
     assert cb.detector.steps_seen == 40
 
 

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from fastface_pl.scheduling.auto import AutoFastFaceDetector
 from fastface_pl.scheduling.detectors import Detector, build_detector, detector_class
-from fastface_pl.scheduling.loss_reader import StepLoss, StepLossReader
+from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
 from fastface_pl.scheduling.lr_scheduler import (
     DEFAULT_PATIENCE_FRACTION,
     NONFINITE_POLICIES,
@@ -69,7 +69,7 @@ def _composes_as_is(scheduler: Any) -> bool:
     return False  # SequentialLR resets its inner schedulers at milestones; any other may recompute
 
 
-class FastFaceLRCallback(Callback):
+class FastFaceLRCallback(StepLossConsumer):
     """Schedule the learning rate from the training loss with the FastFace or Moving Haar detector.
 
     Every optimizer step the mean training loss of that step is fed to a detector; when the detector
@@ -405,14 +405,7 @@ class FastFaceLRCallback(Callback):
 
     def _end_fit(self, trainer: Trainer) -> None:
         self._close_scheduler()  # the optimizer step hooks of compose_with_step_schedulers
-        if self._reader is not None:
-            self._steps, self._reader = self._reader.release(trainer), None
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_fit(trainer)
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._end_fit(trainer)
+        super()._end_fit(trainer)
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

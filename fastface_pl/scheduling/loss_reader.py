@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -181,3 +181,21 @@ class StepLossReader:
         if steps < 2:
             return None
         return (trainer.global_step - global0) / steps, steps / (_batch_index(trainer) - batch0)
+
+
+class StepLossConsumer(Callback):
+    """A callback fed by the fit's :class:`StepLossReader`: it holds the reader during a fit and gives it back at
+    the fit's end or on an exception, keeping the optimizer steps read (to number a later fit's steps)."""
+
+    _reader: StepLossReader | None = None
+    _steps = 0
+
+    def _end_fit(self, trainer: Trainer) -> None:
+        if self._reader is not None:
+            self._steps, self._reader = self._reader.release(trainer), None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_fit(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._end_fit(trainer)
