@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from fastface_pl.scheduling.loss_reader import StepLoss, StepLossReader
+from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
 from fastface_pl.validation import check_int
 
 __all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted", "EXIT_DIVERGED",
@@ -54,8 +54,9 @@ class TrainingInterrupted(Exception):
 def _check_restored_state(trainer: Trainer, pl_module: LightningModule) -> None:
     """Raises ``CheckpointError`` naming ``trainer.ckpt_path`` when the restored weights or optimizer state
     hold a NaN or an infinity (one host sync at the start of a resumed fit; the names only on failure)."""
-    named = [(f"weight {name}", p.detach()) for name, p in pl_module.named_parameters()]
-    names = {id(p): name for name, p in pl_module.named_parameters()}
+    parameters = dict(pl_module.named_parameters())
+    names = {id(p): name for name, p in parameters.items()}
+    named = [(f"weight {name}", p.detach()) for name, p in parameters.items()]
     for k, optimizer in enumerate(trainer.optimizers):
         for parameter, state in optimizer.state.items():
             for key, value in state.items():
@@ -79,7 +80,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())  # one host sync
 
 
-class DivergenceGuard(Callback):
+class DivergenceGuard(StepLossConsumer):
     """Stop training after ``max_nonfinite_steps`` consecutive non-finite losses, or at once on non-finite weights.
 
     The losses of the optimizer steps come from the fit's one
@@ -137,16 +138,6 @@ class DivergenceGuard(Callback):
         if first_bad is not None and not _all_finite([p.detach() for p in trainer.lightning_module.parameters()]):
             raise TrainingDiverged(first_bad, "the training loss became non-finite (NaN/inf) and so did the model's "
                                               f"weights{not_written}")
-
-    def _end_fit(self, trainer: Trainer) -> None:
-        if self._reader is not None:
-            self._steps, self._reader = self._reader.release(trainer), None
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_fit(trainer)
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._end_fit(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._reader is not None:

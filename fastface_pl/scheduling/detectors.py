@@ -395,7 +395,7 @@ class FastFaceDetector(_StationarityDetector):
 
     @property
     def wait_for_descent(self) -> bool:
-        """Whether stationary steps count only after the signal has once reached λ."""
+        """Whether stationary steps count only once the loss EMA has fallen by λ·P below its peak (the guard)."""
         return self._wait_for_descent
 
     @property
