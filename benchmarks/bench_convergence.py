@@ -48,7 +48,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -59,6 +58,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from fastface_pl.atomic import write_text_atomic
 from fastface_pl.data.datasets import SyntheticFaceGenerator
 from fastface_pl.evaluation.verification import evaluate_pairs
 from fastface_pl.models.backbones import build_backbone
@@ -652,12 +652,6 @@ def run_plan(config: TaskConfig, plan: list[tuple[str, int]], jobs: int, threads
             on_row(row)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    temporary = Path(f"{path}.tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def _schedule_name(name: str) -> str:
     if name in SCHEDULES + OPTIONAL or name.startswith("fastface_auto@"):
         return name
@@ -739,15 +733,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.jobs} process(es) × {args.threads} thread(s)", flush=True)
     rows: list[dict[str, Any]] = []
 
+    def save(**extra: Any) -> None:
+        if args.json:
+            stored = {"config": asdict(config), "seeds": seeds, "threads": args.threads, "jobs": args.jobs, **extra}
+            write_text_atomic(args.json, json.dumps({**stored, "rows": rows}, indent=1))
+
     def on_row(row: dict[str, Any]) -> None:
         rows.append(row)
         print(f"  {row['schedule']:>14} E={row['epochs']:<3} seed {row['seed']}: accuracy {100 * row['accuracy']:.2f} %, "
               f"TAR@1e-3 {100 * row['tar']['0.001']:.2f} %, TAR@1e-4 {100 * row['tar']['0.0001']:.2f} %, loss "
               f"{row['final_loss']:.3f}, {len(row['decisions'])} LR decisions "
               f"{[d[0] for d in row['decisions']]}, {row['wall_s']:.0f} s", flush=True)
-        if args.json:  # after every run, so an interrupted benchmark keeps what it measured
-            _atomic_write(args.json, json.dumps({"config": asdict(config), "seeds": seeds, "threads": args.threads,
-                                                 "jobs": args.jobs, "rows": rows}, indent=1))
+        save()  # after every run, so an interrupted benchmark keeps what it measured
 
     run_plan(config, plan, args.jobs, args.threads, on_row)
     rows.sort(key=lambda r: (_schedule_order(r["schedule"]), r["seed"]))
@@ -756,9 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(describe_precondition(precondition(rows)))
     print(f"\nTotal {total:.0f} s ({args.jobs} process(es) × {args.threads} thread(s)).")
+    save(total_s=round(total))
     if args.json:
-        _atomic_write(args.json, json.dumps({"config": asdict(config), "seeds": seeds, "threads": args.threads,
-                                             "jobs": args.jobs, "total_s": round(total), "rows": rows}, indent=1))
         print(f"Rows written to {args.json}")
     if args.plot:
         plot(rows, args.plot)
