@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -207,7 +208,7 @@ def test_record_identity_index_is_cached_beside_the_pack_and_rebuilt_when_the_pa
     dataset = RecordDataset(tmp_path / "pack")
     built, where = record_identity_index(dataset)
     assert where == Path(str(dataset.record_file.rec_path) + samplers_module.IDENTITY_CACHE_SUFFIX)
-    assert where.is_file() and not list(where.parent.glob("*.tmp"))
+    assert where.is_file() and not list(where.parent.glob("*.tmp*"))
     calls = []
     monkeypatch.setattr(samplers_module, "_record_labels", lambda d: calls.append(d) or np.zeros(len(d), int))
     cached, again = record_identity_index(RecordDataset(tmp_path / "pack"))
@@ -227,15 +228,15 @@ def test_record_identity_index_goes_to_the_user_cache_when_the_pack_folder_is_re
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
     dataset = RecordDataset(tmp_path / "pack")
     beside = Path(str(dataset.record_file.rec_path) + samplers_module.IDENTITY_CACHE_SUFFIX)
-    real_replace = samplers_module.os.replace
+    real_replace = os.replace
 
     def refuse_beside(src, dst):
         if Path(dst) == beside:
             raise PermissionError(13, "Permission denied", str(dst))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(samplers_module.os, "replace", refuse_beside)
+    monkeypatch.setattr(os, "replace", refuse_beside)  # the rename of the atomic write
     index, where = record_identity_index(dataset)
     assert where is not None and where.parent == tmp_path / "user_cache" / "fastface_pl"
-    assert not beside.exists() and not list(beside.parent.glob("*.tmp"))
+    assert not beside.exists() and not list(beside.parent.glob("*.tmp*"))
     assert index.counts.tolist() == [2, 2]

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from fastface_pl.atomic import atomic_write
 from fastface_pl.data.errors import reading, unreadable
 
 log = logging.getLogger(__name__)
@@ -382,24 +383,18 @@ def _write_cache(index: FolderIndex, root: Path, extensions: Sequence[str], plac
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     start = _data_start(len(text))
     for target in places:
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as handle:
+            with atomic_write(target, "wb", "image-folder index cache") as handle:
                 handle.write(_MAGIC + struct.pack("<Q", len(text)) + text)
                 for name, array in arrays.items():
                     handle.seek(start + layout[name][0])
                     handle.write(array.reshape(-1).view(np.uint8))
                 handle.truncate(start + layout[_ARRAYS[-1]][0] + arrays[_ARRAYS[-1]].nbytes)
-            os.replace(tmp, target)
             os.utime(target)  # newer than the rename's change to the folder's mtime
             return target
-        except OSError as error:
+        except OSError as error:  # a full disk too (DiskFullError): try the next place, or go without a cache
             log.info("cannot write the image-folder index to %s (%s)", target, error)
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
     return None
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -39,6 +38,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from torch.utils.data import Dataset, DistributedSampler
 
+from fastface_pl.atomic import atomic_write
 from fastface_pl.data.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -213,19 +213,13 @@ def _write_identity_cache(index: IdentityIndex, stamp: np.ndarray, places: list[
     if index._indices is not None:
         arrays["indices"] = index._indices
     for target in places:
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as handle:
+            with atomic_write(target, "wb", "identity-index cache") as handle:
                 np.savez(handle, **arrays)
-            os.replace(tmp, target)
             return target
-        except OSError as error:
+        except OSError as error:  # a full disk too (DiskFullError): try the next place, or go without a cache
             log.info("cannot cache the identity index at %s (%s)", target, error)
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
     return None
 
 
