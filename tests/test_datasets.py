@@ -141,14 +141,20 @@ def test_folder_index_is_cached_reused_and_invalidated(tmp_path, monkeypatch, ca
 def test_folder_index_falls_back_to_xdg_cache_when_root_is_read_only(tmp_path, monkeypatch, caplog):
     folder = write_image_folder(tmp_path / "faces", {"a": 1, "b": 1}, size=24, smooth=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    real_replace = os.replace
+    real_replace, real_mkdir = os.replace, os.mkdir
 
     def refusing_replace(src, dst):  # the folder refuses writes, as a read-only mount would
-        if Path(dst).parent == folder:
+        if folder in Path(dst).parents:
             raise PermissionError(13, "Read-only file system", str(dst))
         return real_replace(src, dst)
 
+    def refusing_mkdir(path, *args, **kwargs):
+        if folder in Path(path).parents:
+            raise PermissionError(13, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "replace", refusing_replace)
+    monkeypatch.setattr(os, "mkdir", refusing_mkdir)
     with caplog.at_level(logging.INFO, logger="fastface_pl.data.folder_index"):
         dataset = ImageFolderDataset(folder)
     assert dataset.index_path.parent == tmp_path / "xdg" / "fastface_pl"

@@ -89,7 +89,7 @@ def test_train_on_an_image_folder(dataset, tmp_path):
     run_dir = tmp_path / "run"
     result = _train(dataset["faces"], run_dir)
     _check_run(run_dir, result)
-    assert (dataset["faces"] / ".fastface_index.bin").is_file()  # the file index is cached beside the images
+    assert (dataset["faces"] / ".fastface_cache" / "image_index.bin").is_file()  # the file index is cached beside the images
 
 
 def test_evaluate_a_checkpoint_on_the_pack(dataset, record_run, tmp_path):

@@ -460,7 +460,7 @@ class ImageFolderDataset(_FileDataset):
     """Images stored as ``<root>/<identity>/<image>.jpg|.png`` (WebFace42M and most custom sets).
 
     Labels are the positions of the identity folders in sorted order. The file index is cached, because walking
-    millions of files takes minutes: by default in ``<root>/.fastface_index.bin``, or, when ``root`` is not
+    millions of files takes minutes: by default in ``<root>/.fastface_cache/image_index.bin``, or, when ``root`` is not
     writable, in ``$XDG_CACHE_HOME/fastface_pl/`` (``~/.cache/fastface_pl/``); a log message says where. At each
     start the cache is checked against the folder at one ``stat`` per identity folder, and the folders where
     images were added, removed or renamed since are listed again, with a warning naming them

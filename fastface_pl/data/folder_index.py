@@ -1,8 +1,10 @@
 """The file index of an image folder ``<root>/<identity>/<image>``: one walk, cached in a binary file, kept up to date.
 
 Walking a WebFace42M folder (2 million identity folders, 42 million files) takes minutes, so the list of
-identities and of their images is cached: by default in ``<root>/.fastface_index.bin``, else (``root`` not
-writable) in ``$XDG_CACHE_HOME/fastface_pl/index-<hash of root>.bin``. The file holds a short JSON header and
+identities and of their images is cached: by default in ``<root>/.fastface_cache/image_index.bin``, else
+(``root`` not writable) in ``$XDG_CACHE_HOME/fastface_pl/index-<hash of root>.bin``. The cache lives in a folder of
+its own, made before the first walk, so that writing it never touches the top level's time: a later start then
+trusts that time and does not list the top level's 2 million entries again. The file holds a short JSON header and
 raw arrays (identity names, their folders' times, image counts, each image's ``identity/file`` path and label),
 which a start maps into memory (``np.memmap``) instead of parsing: reading the cache costs the same whatever the
 number of files, and the pages are shared by every process on the machine.
@@ -43,9 +45,14 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-INDEX_CACHE_NAME = ".fastface_index.bin"
+CACHE_FOLDER_NAME = ".fastface_cache"
+INDEX_CACHE_NAME = f"{CACHE_FOLDER_NAME}/image_index.bin"
+"""The cache's path relative to the image folder."""
+LEGACY_CACHE_NAME = ".fastface_index.bin"
+"""The binary cache's earlier place, in the top level itself: still read (and copied to the new place) when fresh."""
 OLD_CACHE_NAME = ".fastface_index.json"
 """The JSON cache of earlier versions (no longer read: the binary cache replaces it)."""
+_OWN_PREFIX = ".fastface_"  # top-level entries of ours: not identities, not counted
 INDEX_FORMAT = "fastface_pl.image_folder_index"
 INDEX_VERSION = 3  # 2 added the identity folders' modification times; 3 is the binary, memory-mapped file
 _MAGIC = b"FFINDEX\n"
@@ -64,7 +71,7 @@ def default_cache_dir() -> Path:
 def root_entries(root: Path) -> int:
     """Number of top-level entries of ``root``, not counting our own cache files."""
     with reading("image folder", root), os.scandir(root) as entries:
-        return sum(1 for e in entries if not e.name.startswith(".fastface_index"))
+        return sum(1 for e in entries if not e.name.startswith(_OWN_PREFIX))
 
 
 def identity_folders(root: Path) -> list[str]:
@@ -121,6 +128,7 @@ def folder_mtimes(root: Path, names: Sequence[Any], threads: int = 8) -> np.ndar
     only add work. ``names`` are ``str`` or file-system ``bytes``.
     """
     fd = os.open(root, os.O_RDONLY) if os.stat in os.supports_dir_fd else None
+    stat = os.stat
 
     def one(name: Any) -> int:
         try:
@@ -131,7 +139,12 @@ def folder_mtimes(root: Path, names: Sequence[Any], threads: int = 8) -> np.ndar
             raise unreadable("identity folder", root / os.fsdecode(name), error) from None
 
     def chunk(part: Sequence[Any]) -> list[int]:
-        return [one(name) for name in part]
+        if fd is None:
+            return [one(name) for name in part]
+        try:  # the common case in one comprehension: a Python call per folder costs a fifth of the check
+            return [stat(name, dir_fd=fd).st_mtime_ns for name in part]
+        except OSError:  # a folder gone or unreadable: again, one by one, to tell which
+            return [one(name) for name in part]
 
     try:
         started = time.perf_counter()
@@ -313,10 +326,15 @@ def _cache_places(root: Path, index_cache: Optional[Path]) -> list[Path]:
     if index_cache is not None:
         return [index_cache]
     digest = hashlib.sha1(str(root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return [root / INDEX_CACHE_NAME, default_cache_dir() / f"index-{digest}.bin"]
+    return [root / INDEX_CACHE_NAME, root / LEGACY_CACHE_NAME, default_cache_dir() / f"index-{digest}.bin"]
 
 
 _ARRAYS = ("names", "folder_mtimes", "counts", "paths", "labels")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` is one of the folder's own cache places (then the folder may have moved with it)."""
+    return path.resolve() in ((root / INDEX_CACHE_NAME).resolve(), (root / LEGACY_CACHE_NAME).resolve())
 
 
 def _data_start(header_length: int) -> int:
@@ -344,7 +362,7 @@ def _read_cache(path: Path, root: Path, extensions: Sequence[str]) -> Optional[t
         return None
     if (
         not isinstance(header, dict) or header.get("format") != INDEX_FORMAT
-        or (header.get("root") != str(root.resolve()) and path.parent.resolve() != root.resolve())
+        or (header.get("root") != str(root.resolve()) and not _inside(path, root))
         or header.get("extensions") != list(extensions)
     ):
         return None
@@ -406,26 +424,37 @@ def load_index(
     Args:
         root: The image folder.
         extensions: Image suffixes (lower case, sorted: part of the cache's identity).
-        index_cache: The cache file; None for ``<root>/.fastface_index.bin``, else the user cache.
+        index_cache: The cache file; None for ``<root>/.fastface_cache/image_index.bin``, else the user cache.
         rebuild: Ignore any cache and walk the whole folder.
 
     Raises:
         DatasetError: If ``root`` or an identity folder cannot be read.
     """
     places = _cache_places(root, index_cache)
+    legacy = root / LEGACY_CACHE_NAME
+    writable = [place for place in places if place != legacy]
+    if index_cache is None:  # before any walk, so that the top level's time moves now and never at a cache write
+        try:
+            (root / CACHE_FOLDER_NAME).mkdir(exist_ok=True)
+        except OSError:
+            pass  # a read-only folder: the user cache takes the index
     started = time.perf_counter()
     for path in [] if rebuild else places:
         cached = _read_cache(path, root, extensions)
         if cached is None:
             continue
         index, change = update_index(root, extensions, *cached)
-        if index is cached[0]:
+        if index is cached[0] and path != legacy:
             log.info("image-folder index of %s read from %s", root, path)
             return index, path
         if change is not None:
             log.warning("image-folder index %s was out of date: %s since it was built; listed those folders again",
                         path, change)
-        return index, _write_cache(index, root, extensions, places[places.index(path):]) or path
+        if path == legacy:
+            log.info("image-folder index %s is in the folder's top level, where it made every start list the top "
+                     "level again: copied to %s; the old file can be deleted", legacy, root / INDEX_CACHE_NAME)
+        targets = writable[writable.index(path):] if path in writable else writable
+        return index, _write_cache(index, root, extensions, targets) or path
     if index_cache is None and not rebuild and (root / OLD_CACHE_NAME).is_file():
         log.info("image-folder index %s has an older format (JSON): indexing %s again into %s; the old file can "
                  "be deleted", root / OLD_CACHE_NAME, root, INDEX_CACHE_NAME)
