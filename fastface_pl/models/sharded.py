@@ -1,0 +1,317 @@
+"""The classification layer sharded across DDP ranks (``model.classifier=sharded``, docs/sharded.md).
+
+Each of the N ranks holds C/N rows of the C × D weight (and their optimizer state). At every step:
+
+1. the embeddings and labels of all ranks are gathered (:class:`_GatherRows`: its backward sums the embedding
+   gradients of all ranks and returns each rank its own rows, times N, because DDP then averages the backbone's
+   gradients: the average of N copies of the summed gradient is the gradient of the global loss);
+2. each rank scores the whole global batch against its rows only (a ``[N·B, C/N]`` buffer, never ``N·B × C``);
+3. the margin softmax's row maxima are reduced with MAX and its row sums (with the target logits) with SUM,
+   so every rank holds the same global loss: the mean over the global batch, as the ``full`` layer on one
+   process computes it on the same batch;
+4. backward gives each rank the exact gradient of its rows, and its share of the embeddings' gradient.
+
+With ``sample_rate < 1`` each rank scores the batch's positives that fall in its rows plus random others, in all
+``max(round(sample_rate · C/N), positives)`` rows (Partial FC's rule per rank); the random share comes from a
+generator seeded by the layer's seed, the number of training steps done and the rank, so a resume draws the same
+samples. The weight is left out of DDP's gradient all-reduce (it differs per rank by design).
+
+On one process the layer is the ``full`` layer (``sample_rate = 1``) or the ``sampled`` one: the same loss and
+gradients. Checkpoints hold the whole C × D weight and its momentum (gathered on rank 0 at save, sliced again at
+load, :func:`gather_rows` and :func:`slice_rows`), so a run resumes on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastface_pl.models.classifiers import _check_labels, _compute_dtype
+from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
+from fastface_pl.validation import check_int, check_real
+
+__all__ = ["ShardedClassifier", "shard_range", "sharded_margin_cross_entropy", "gather_rows", "slice_rows"]
+
+_NORM_EPS = 1e-12
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of ``rank``: C split as evenly as possible, the first C mod N ranks one row more."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' ``[B, D]`` rows, in rank order; backward: the summed gradient of this rank's rows, times N."""
+
+    @staticmethod
+    def forward(ctx, rows, group):  # type: ignore[override]
+        world = dist.get_world_size(group)
+        out = rows.new_empty((world * rows.shape[0], *rows.shape[1:]))
+        dist.all_gather_into_tensor(out, rows.contiguous(), group=group)
+        ctx.group, ctx.world = group, world
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        own = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(own, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        return own.mul_(ctx.world), None
+
+
+def _gather_labels(labels: torch.Tensor, group: Any) -> torch.Tensor:
+    out = labels.new_empty(dist.get_world_size(group) * labels.shape[0])
+    dist.all_gather_into_tensor(out, labels.contiguous(), group=group)
+    return out
+
+
+class _ShardedMarginCrossEntropy(torch.autograd.Function):
+    """The margin softmax over rows held by several ranks (one ``[B, C_local]`` buffer, as
+    :func:`fastface_pl.models.classifiers.margin_cross_entropy`); no host synchronisation."""
+
+    @staticmethod
+    def forward(ctx, embeddings, weight, target_cols, valid, margin, group, reuse_buffer):  # type: ignore[override]
+        dtype = _compute_dtype(embeddings, weight)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            emb = embeddings.to(dtype)
+            w = weight.to(dtype)
+            emb_norm = emb.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+            emb_hat = emb / emb_norm
+            w_norm = w.norm(dim=1).clamp_min(_NORM_EPS)
+            buffer = emb_hat @ w.t()  # cosines → logits → softmax → gradient, in place
+            buffer.div_(w_norm).clamp_(-1.0, 1.0)
+
+            here = target_cols >= 0  # rows whose target class is one of this rank's scored rows
+            rows = torch.arange(buffer.shape[0], device=buffer.device)
+            cols = target_cols.clamp_min(0)
+            cos_target = buffer[rows, cols]
+            with torch.enable_grad():
+                cos_leaf = cos_target.detach().requires_grad_(True)
+                target = margin.target_logit(cos_leaf)
+                if target.requires_grad:
+                    (d_target,) = torch.autograd.grad(target.sum(), cos_leaf)
+                else:
+                    d_target = torch.zeros_like(cos_leaf)
+            target = target.detach()
+            s = margin.s
+            buffer[rows, cols] = torch.where(here, target, cos_target)
+            buffer.mul_(s)
+            row_max = buffer.amax(dim=1)
+            if group is not None:
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+            buffer.sub_(row_max.unsqueeze(1)).exp_()
+            sums = torch.stack([buffer.sum(dim=1), torch.where(here, target * s, torch.zeros_like(target))])
+            if group is not None:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            row_sum, target_logit = sums[0], sums[1]
+            buffer.div_(row_sum.unsqueeze(1))  # softmax p over this rank's columns
+            log_sum_exp = row_sum.log() + row_max
+            num_valid = valid.sum().clamp_min(1).to(dtype)
+            loss = torch.where(valid, log_sum_exp - target_logit, torch.zeros_like(row_max)).sum() / num_valid
+
+        ctx.save_for_backward(emb_hat, emb_norm, w, w_norm, buffer, rows, cols, here, valid, d_target, num_valid)
+        ctx.s, ctx.used, ctx.reuse_buffer = s, False, reuse_buffer
+        ctx.input_dtypes = (embeddings.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        if ctx.used:
+            raise RuntimeError("sharded_margin_cross_entropy reuses its softmax buffer for the gradient and supports "
+                               "one backward pass; pass reuse_buffer=False to backpropagate twice")
+        emb_hat, emb_norm, w, w_norm, grad, rows, cols, here, valid, d_target, num_valid = ctx.saved_tensors
+        if ctx.reuse_buffer:
+            ctx.used = True
+        else:
+            grad = grad.clone()
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            p_target = grad[rows, cols]
+            grad[rows, cols] = torch.where(here, (p_target - 1.0) * d_target, p_target)
+            grad.mul_(valid.unsqueeze(1).to(grad.dtype))  # rows without a label contribute nothing
+            grad.mul_((grad_loss.to(grad.dtype) * ctx.s / num_valid))
+            grad.div_(w_norm)
+            grad_emb = grad_w = None
+            if ctx.needs_input_grad[0]:
+                grad_emb_hat = grad @ w
+                radial = (grad_emb_hat * emb_hat).sum(dim=1, keepdim=True)
+                grad_emb = ((grad_emb_hat - radial * emb_hat) / emb_norm).to(ctx.input_dtypes[0])
+            if ctx.needs_input_grad[1]:
+                grad_w = grad.t() @ emb_hat
+                along = torch.bmm(grad_w.unsqueeze(1), w.unsqueeze(2)).view(-1) / (w_norm * w_norm)
+                grad_w.addcmul_(w, along.unsqueeze(1), value=-1.0)
+                grad_w = grad_w.to(ctx.input_dtypes[1])
+        return grad_emb, grad_w, None, None, None, None, None
+
+
+def sharded_margin_cross_entropy(embeddings: torch.Tensor, weight: torch.Tensor, target_cols: torch.Tensor,
+                                 valid: torch.Tensor, margin: MarginHead, group: Any = None,
+                                 reuse_buffer: bool = True) -> torch.Tensor:
+    """Mean margin-softmax cross-entropy of the global batch over class rows spread across the ranks of ``group``.
+
+    Args:
+        embeddings: ``float[B, D]``, the same global batch on every rank.
+        weight: ``float[R, D]``, the class rows this rank scores.
+        target_cols: ``long[B]``: the row of ``weight`` holding the sample's class, −1 where another rank has it.
+        valid: ``bool[B]``: the samples with a label (not −1); the loss is their mean.
+        margin: the margin head.
+        group: the process group (``dist.group.WORLD`` for all ranks; None: one process, and then this is
+            ``margin_cross_entropy``).
+        reuse_buffer: turn the saved softmax into the gradient in place (one backward pass only).
+
+    Returns:
+        The global loss (fp32, or fp64 for fp64 inputs), the same on every rank.
+    """
+    if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected embeddings [B, D] and weight [R, D] with the same D, got "
+                         f"{list(embeddings.shape)} and {list(weight.shape)}")
+    return _ShardedMarginCrossEntropy.apply(embeddings, weight, target_cols, valid, margin, group, reuse_buffer)
+
+
+def _mixed_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+class ShardedClassifier(nn.Module):
+    """Margin-softmax layer whose C × D weight is split across DDP ranks (see the module's docstring).
+
+    Built whole (``weight float[C, D]``, initialised as the ``full`` layer's); :meth:`shard` keeps this rank's
+    rows. :class:`~fastface_pl.models.module.FaceRecognitionModule` shards it in ``setup`` when the trainer has
+    several ranks.
+
+    Args:
+        embedding_size: D.
+        num_classes: C.
+        margin: a margin head or its name.
+        sample_rate: fraction of each rank's rows scored per training step, in (0, 1]; the positives always are.
+        check_labels: verify labels are in range every step (one host sync per step).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str = "arcface",
+                 sample_rate: float = 1.0, check_labels: bool = False) -> None:
+        super().__init__()
+        check_int("embedding_size", embedding_size, 1)
+        check_int("num_classes", num_classes, 1)
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.margin = build_margin(margin) if isinstance(margin, str) else margin
+        self.sample_rate = check_real("sample_rate", sample_rate, 0.0, 1.0)
+        self.check_labels = check_labels
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.normal_(self.weight, 0.0, 0.01)  # as the full layer (and arcface_torch)
+        # the random share's seed (from the global generator: seed_everything governs it), kept in checkpoints
+        self.register_buffer("sample_seed", torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.rank, self.world_size, self.group = 0, 1, None
+        self.start, self.end = 0, num_classes
+        self.steps = 0  # training forward passes done: with the seed and the rank, the sampling generator's seed
+        self.last_sampled: Optional[torch.Tensor] = None  # this rank's sampled rows (local indices), last step
+
+    @property
+    def num_local(self) -> int:
+        return self.end - self.start
+
+    @property
+    def num_sample(self) -> int:
+        """Rows scored per step on this rank when the positives are fewer (``round(sample_rate · C/N)``, ≥ 1)."""
+        return max(1, int(round(self.sample_rate * self.num_local)))
+
+    @torch.no_grad()
+    def shard(self, rank: int, world_size: int, group: Any = None) -> None:
+        """Keep rows ``shard_range(C, world_size, rank)`` of the whole weight (before the optimizer is built)."""
+        if world_size > 1 and group is None:
+            group = dist.group.WORLD
+        if (rank, world_size) == (self.rank, self.world_size):
+            self.group = group
+            return
+        if self.world_size != 1:
+            raise RuntimeError(f"the layer is already sharded over {self.world_size} ranks; build it again to shard "
+                               f"it over {world_size}")
+        if self.num_classes < world_size:
+            raise ValueError(f"classifier=sharded needs at least one identity per rank: {self.num_classes} "
+                             f"identities over {world_size} ranks; use classifier=full")
+        start, end = shard_range(self.num_classes, world_size, rank)
+        self.weight = nn.Parameter(self.weight.data[start:end].clone())
+        self.rank, self.world_size, self.group, self.start, self.end = rank, world_size, group, start, end
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.steps = int(state["steps"]) if isinstance(state, dict) and "steps" in state else 0
+
+    def sample(self, local_labels: torch.Tensor) -> torch.Tensor:
+        """Sorted local rows: this rank's positives (``local_labels`` ≥ 0) plus random others."""
+        positives = torch.unique(local_labels[local_labels >= 0])
+        if self.num_sample <= positives.numel():
+            return positives
+        generator = torch.Generator(device=local_labels.device)
+        generator.manual_seed(_mixed_seed(int(self.sample_seed), self.steps, self.rank))
+        scores = torch.rand(self.num_local, generator=generator, device=local_labels.device)
+        scores[positives] = 2.0
+        return torch.topk(scores, k=self.num_sample).indices.sort().values
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The global batch's loss for this rank's ``embeddings float[B, D]`` and ``labels long[B]``."""
+        if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"expected embeddings [B, D] and labels [B], got {list(embeddings.shape)} and "
+                             f"{list(labels.shape)}")
+        labels = labels.long()
+        if self.check_labels:
+            _check_labels(labels, self.num_classes)
+        embeddings = embeddings.float()  # gathered in fp32: the loss is computed in fp32 anyway
+        group = self.group if self.world_size > 1 else None
+        if group is not None:
+            embeddings = _GatherRows.apply(embeddings, group)
+            labels = _gather_labels(labels, group)
+        valid = labels != IGNORE_LABEL
+        local = torch.where((labels >= self.start) & (labels < self.end), labels - self.start,
+                            torch.full_like(labels, -1))
+        if self.training and self.sample_rate < 1.0:
+            index = self.sample(local)
+            self.last_sampled = index
+            rows = F.embedding(index, self.weight, sparse=True)  # sparse gradient: RowSparseSGD updates these rows
+            found = torch.searchsorted(index, local.clamp_min(0))
+            target_cols = torch.where(local >= 0, found, torch.full_like(local, -1))
+        else:
+            rows, target_cols = self.weight, local
+        if self.training:
+            self.steps += 1
+        return sharded_margin_cross_entropy(embeddings, rows, target_cols, valid, self.margin, group)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, sample_rate={self.sample_rate}"
+                f", rows=[{self.start}, {self.end}) of rank {self.rank}/{self.world_size}")
+
+
+def gather_rows(rows: torch.Tensor, layer: ShardedClassifier) -> Optional[torch.Tensor]:
+    """The whole ``[C, ...]`` tensor from every rank's ``rows`` (its shard), on rank 0's CPU; None on the others.
+
+    A collective: every rank calls it, in the same order.
+    """
+    if layer.world_size == 1:
+        return rows.detach().cpu()
+    longest = math.ceil(layer.num_classes / layer.world_size)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows.detach()
+    parts = [torch.empty_like(padded) for _ in range(layer.world_size)] if layer.rank == 0 else None
+    dist.gather(padded, parts, dst=0, group=layer.group)
+    if parts is None:
+        return None
+    pieces = []
+    for rank, part in enumerate(parts):
+        start, end = shard_range(layer.num_classes, layer.world_size, rank)
+        pieces.append(part[: end - start].cpu())
+    return torch.cat(pieces)
+
+
+def slice_rows(whole: torch.Tensor, layer: ShardedClassifier) -> torch.Tensor:
+    """This rank's rows of a whole ``[C, ...]`` tensor (a checkpoint's); ValueError naming both sizes otherwise."""
+    if whole.shape[0] != layer.num_classes:
+        raise ValueError(f"the checkpoint's sharded layer has {whole.shape[0]} rows but this model has "
+                         f"{layer.num_classes} identities")
+    return whole[layer.start : layer.end].clone()

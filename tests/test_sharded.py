@@ -1,0 +1,115 @@
+"""classifier="sharded" (issue 18): the layer split across ranks computes what the full layer computes on the
+global batch. Ranks run on CPU with gloo (tests/sharded_ranks.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastface_pl.models.classifiers import FullClassifier, SampledClassifier
+from fastface_pl.models.margins import build_margin
+from fastface_pl.models.sharded import ShardedClassifier, shard_range
+from sharded_ranks import EMBEDDING, STEPS, build, equality_rank, global_batches, optimizer, sampling_rank, spawn
+
+needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+
+
+def test_shard_ranges_cover_the_classes_once_and_differ_by_at_most_one_row():
+    for classes, world in [(11, 2), (11, 3), (10, 3), (3, 3), (2_000_000, 8)]:
+        ranges = [shard_range(classes, world, rank) for rank in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == classes
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [end - start for start, end in ranges]
+        assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("margin", ["arcface", "cosface", "arcface_exact"])
+def test_on_one_process_it_is_the_full_layer(margin):
+    torch.manual_seed(0)
+    sharded = ShardedClassifier(8, 11, build_margin(margin))
+    full = FullClassifier(8, 11, build_margin(margin))
+    full.weight.data.copy_(sharded.weight.data)
+    embeddings = torch.randn(6, 8, requires_grad=True)
+    labels = torch.tensor([0, 3, 10, -1, 5, 3])
+    expected = full(embeddings, labels)
+    expected_grads = torch.autograd.grad(expected, [embeddings, full.weight])
+    loss = sharded(embeddings, labels)
+    grads = torch.autograd.grad(loss, [embeddings, sharded.weight])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_on_one_process_with_a_sample_rate_it_keeps_every_positive_and_the_share():
+    torch.manual_seed(0)
+    layer = ShardedClassifier(8, 100, "arcface", sample_rate=0.2)
+    labels = torch.tensor([0, 3, 99, -1, 5, 3])
+    loss = layer(torch.randn(6, 8, requires_grad=True), labels)
+    loss.backward()
+    assert layer.last_sampled.numel() == 20 and set(labels[labels >= 0].tolist()) <= set(layer.last_sampled.tolist())
+    assert layer.weight.grad.is_sparse  # only the sampled rows: RowSparseSGD leaves the others alone
+    rows = layer.weight.grad.coalesce().indices()[0]
+    assert set(rows.tolist()) <= set(layer.last_sampled.tolist())
+    layer.eval()  # evaluation scores every class, as the sampled layer does
+    sampled = SampledClassifier(8, 100, "arcface", sample_rate=0.2).eval()
+    sampled.weight.data.copy_(layer.weight.data)
+    embeddings = torch.randn(6, 8)
+    torch.testing.assert_close(layer(embeddings, labels), sampled(embeddings, labels), rtol=1e-6, atol=1e-6)
+
+
+def reference_full_layer(num_classes: int, world: int) -> dict:
+    """The full layer on one process, trained on the same global batches from the same initial weights."""
+    backbone, sharded = build(num_classes)
+    full = FullClassifier(EMBEDDING, num_classes, "arcface")
+    full.weight.data.copy_(sharded.weight.data)
+    opt = optimizer(backbone, full)
+    x, y = global_batches(num_classes, world)
+    losses, first_grads = [], None
+    for step in range(STEPS):
+        loss = full(backbone(x[step]), y[step])
+        opt.zero_grad()
+        loss.backward()
+        if first_grads is None:
+            first_grads = [p.grad.clone() for p in backbone.parameters()]
+        opt.step()
+        losses.append(loss.detach())
+    return {"losses": torch.stack(losses), "grads": first_grads, "backbone": backbone.state_dict(),
+            "weight": full.weight.detach()}
+
+
+@needs_gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_compute_the_full_layers_loss_gradients_and_weights(tmp_path, world):
+    """C = 11 (divisible by neither 2 nor 3): the global loss on every rank, the backbone's gradient after DDP's
+    average, and every weight after 4 SGD steps (momentum, weight decay) equal the full layer's on one process."""
+    num_classes = 11
+    ranks = spawn(equality_rank, world, tmp_path, num_classes)
+    want = reference_full_layer(num_classes, world)
+    for rank in ranks:
+        torch.testing.assert_close(rank["losses"], want["losses"], rtol=1e-6, atol=1e-6)
+        for got, expected in zip(rank["grads"], want["grads"]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for key, value in want["backbone"].items():
+            torch.testing.assert_close(rank["backbone"][key], value, rtol=1e-5, atol=1e-6)
+    assert [r["range"] for r in ranks] == [shard_range(num_classes, world, k) for k in range(world)]
+    torch.testing.assert_close(torch.cat([r["rows"] for r in ranks]), want["weight"], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(want["losses"][0], want["losses"][-1])  # it trained
+
+
+@needs_gloo
+def test_ranks_sample_their_positives_and_the_share_and_draw_the_same_after_a_restore(tmp_path):
+    num_classes, rate = 23, 0.5
+    ranks = spawn(sampling_rank, 2, tmp_path, num_classes, rate)
+    labels = ranks[0]["labels"]
+    for rank in ranks:
+        start, end = rank["range"]
+        for step, sample in enumerate(rank["samples"]):
+            positives = {int(c) - start for c in labels[step] if start <= c < end}
+            assert positives <= set(sample.tolist())
+            assert sample.numel() == max(rank["num_sample"], len(positives)) == max(round(rate * (end - start)),
+                                                                                     len(positives))
+            assert torch.equal(sample, sample.unique())  # sorted, no repeats
+        assert torch.equal(rank["resumed"], rank["samples"][2])
+        assert not all(torch.equal(rank["samples"][0], s) for s in rank["samples"][1:])  # redrawn each step
+    assert not torch.equal(ranks[0]["samples"][0], ranks[1]["samples"][0])
