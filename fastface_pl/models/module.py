@@ -36,17 +36,20 @@ from fastface_pl.models.classifiers import CLASSIFIERS, FullClassifier, SampledC
 from fastface_pl.models.dcp import DynamicClassPool, default_pool_size
 from fastface_pl.models.margins import build_margin
 from fastface_pl.models.optim import RowSparseSGD
+from fastface_pl.models.sharded import ShardedClassifier, gather_rows, slice_rows
 from fastface_pl.validation import check_choice, check_int, check_real
 
 __all__ = ["FaceRecognitionModule"]
 
-CLASSIFIER_NAMES = (*CLASSIFIERS, "dcp")
+CLASSIFIER_NAMES = (*CLASSIFIERS, "dcp", "sharded")
 # each classification layer's settings (``classifier_kwargs``, conf/classifier/*.yaml) and their defaults
 CLASSIFIER_SETTINGS: dict[str, dict[str, Any]] = {
     "full": {},
     "sampled": {"sample_rate": 0.1},
     "dcp": {"pool_fraction": 0.01, "pool_size": None, "momentum": 0.99, "push_topk": None},
+    "sharded": {"sample_rate": 1.0},
 }
+SHARDED_CHECKPOINT_KEY = "sharded_classifier"  # {"world_size", "num_classes"} of the run that saved it
 _VAL_KEYS = ("accuracy", "accuracy_std", "threshold", "val_at_far", "val_at_far_std", "far", "xnorm")
 LR_SCHEDULES = ("polynomial", "step")
 
@@ -100,7 +103,7 @@ def _check_classifier(classifier: Any, kwargs: Mapping[str, Any] | None) -> dict
         raise ValueError(f"classifier_kwargs {unknown} do not apply to classifier={classifier!r}; it takes "
                          f"{', '.join(settings) or 'none'} (conf/classifier/{classifier}.yaml)")
     settings = {**settings, **(kwargs or {})}
-    if classifier == "sampled":
+    if classifier in ("sampled", "sharded"):
         check_real("sample_rate", settings["sample_rate"], 0.0, 1.0)
     if classifier == "dcp":
         check_real("pool_fraction", settings["pool_fraction"], 0.0, 1.0)
@@ -189,6 +192,10 @@ class FaceRecognitionModule(pl.LightningModule):
         head = build_margin(margin, **(margin_kwargs or {}))
         if classifier == "sampled":
             self.classifier: nn.Module = SampledClassifier(embedding_size, num_classes, head, settings["sample_rate"])
+        elif classifier == "sharded":
+            self.classifier = ShardedClassifier(embedding_size, num_classes, head, settings["sample_rate"])
+            # each rank holds its own rows: DDP neither broadcasts nor averages them
+            self._ddp_params_and_buffers_to_ignore = ["classifier.weight", "classifier.sample_seed"]
         elif classifier == "dcp":
             pool_size = settings["pool_size"] or default_pool_size(num_classes, settings["pool_fraction"])
             self.classifier = DynamicClassPool(embedding_size, num_classes, pool_size, head, settings["push_topk"])
@@ -335,6 +342,12 @@ class FaceRecognitionModule(pl.LightningModule):
         self.log("train/dcp_skipped_writes", self.classifier.skipped_writes.float(), on_step=True, on_epoch=False)
         return (loss_a + loss_b) / 2
 
+    def on_fit_end(self) -> None:
+        """``sharded``: the whole layer back on every rank, so that ``state_dict()`` after ``fit`` (and what
+        ``ddp_spawn`` hands back to the launching process) holds every row."""
+        if isinstance(self.classifier, ShardedClassifier):
+            self.classifier.unshard()
+
     def on_train_start(self) -> None:
         if self.hparams.classifier == "dcp":  # after a resume, warn only about refusals of this run
             self._skipped_reported = int(self.classifier.skipped_writes)
@@ -354,7 +367,11 @@ class FaceRecognitionModule(pl.LightningModule):
         self._skipped_reported = skipped
 
     def setup(self, stage: str) -> None:
-        """``dcp``: enlarges the pool to hold one step's gallery view of all ranks (before a checkpoint loads)."""
+        """``sharded``: keeps this rank's rows of the layer. ``dcp``: enlarges the pool to hold one step's gallery
+        view of all ranks. Both before a checkpoint loads and the optimizer is built."""
+        trainer = self._trainer
+        if isinstance(self.classifier, ShardedClassifier) and trainer is not None and trainer.world_size > 1:
+            self.classifier.shard(trainer.global_rank, trainer.world_size)
         if stage != "fit" or self.hparams.classifier != "dcp":
             return
         needed = self._dcp_gallery_batch()
@@ -381,6 +398,45 @@ class FaceRecognitionModule(pl.LightningModule):
                     "trained with, or start a new run"
                 )
 
+    # ------------------------------------------------------------------ sharded checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``sharded`` over several ranks: the checkpoint gets the whole C × D weight and momentum, gathered on rank
+        0 (a collective: Lightning calls this on every rank), so it resumes on any number of ranks."""
+        layer = self.classifier
+        if not isinstance(layer, ShardedClassifier):
+            return
+        checkpoint[SHARDED_CHECKPOINT_KEY] = {"world_size": layer.world_size, "num_classes": layer.num_classes}
+        if layer.world_size == 1:
+            return
+        checkpoint["state_dict"]["classifier.weight"] = gather_rows(layer.weight, layer)
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            index, entry = _classifier_state(optimizer_state)
+            if entry is not None and "momentum_buffer" in entry:  # the same on every rank: they step together
+                # a new dict: the optimizer's state_dict() shares its entries with the live optimizer
+                optimizer_state["state"][index] = {**entry, "momentum_buffer": gather_rows(entry["momentum_buffer"],
+                                                                                             layer)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``sharded``: this rank's rows of the checkpoint's whole weight and momentum (whatever world size saved
+        them)."""
+        layer = self.classifier
+        if not isinstance(layer, ShardedClassifier):
+            return
+        saved = checkpoint.get(SHARDED_CHECKPOINT_KEY, {}).get("world_size", 1)
+        if saved != layer.world_size:
+            rank_zero_info(f"sharded classification layer: the checkpoint was saved by {saved} rank(s); its "
+                           f"{layer.num_classes} rows are split again over {layer.world_size}")
+        if layer.world_size == 1:
+            return
+        state = checkpoint.get("state_dict", {})
+        if "classifier.weight" in state:
+            state["classifier.weight"] = slice_rows(state["classifier.weight"], layer)
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            index, entry = _classifier_state(optimizer_state)
+            if entry is not None and "momentum_buffer" in entry:
+                optimizer_state["state"][index] = {**entry, "momentum_buffer": slice_rows(entry["momentum_buffer"],
+                                                                                            layer)}
+
     def _dcp_gallery_batch(self) -> int | None:
         datamodule = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(datamodule, "batch_size", None)
@@ -403,7 +459,7 @@ class FaceRecognitionModule(pl.LightningModule):
         ]
         if not groups[1]["params"]:  # dcp: the pool has no parameters
             groups.pop()
-        optimizer_class = RowSparseSGD if hp.classifier == "sampled" else torch.optim.SGD
+        optimizer_class = RowSparseSGD if hp.classifier in ("sampled", "sharded") else torch.optim.SGD
         optimizer = optimizer_class(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         schedule = hp.get("lr_schedule")
         if schedule is None:
@@ -474,3 +530,13 @@ class FaceRecognitionModule(pl.LightningModule):
             metric.reset()
         if accuracies:
             self.log("val/accuracy", torch.stack(accuracies).mean(), prog_bar=True, add_dataloader_idx=False)
+
+
+def _classifier_state(optimizer_state: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(index, state entry) of the classifier's weight in an optimizer's ``state_dict`` (its group is named
+    ``classifier``); (None, None) when there is none."""
+    for group in optimizer_state.get("param_groups", []):
+        if group.get("name") == "classifier" and group.get("params"):
+            index = group["params"][0]
+            return index, optimizer_state.get("state", {}).get(index)
+    return None, None

@@ -41,6 +41,11 @@ __all__ = ["ShardedClassifier", "shard_range", "sharded_margin_cross_entropy", "
 _NORM_EPS = 1e-12
 
 
+# torch >= 2.10 names them *_single (the older names warn); the same collectives
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
     """Rows ``[start, end)`` of ``rank``: C split as evenly as possible, the first C mod N ranks one row more."""
     base, extra = divmod(num_classes, world_size)
@@ -55,20 +60,20 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, rows, group):  # type: ignore[override]
         world = dist.get_world_size(group)
         out = rows.new_empty((world * rows.shape[0], *rows.shape[1:]))
-        dist.all_gather_into_tensor(out, rows.contiguous(), group=group)
+        _all_gather(out, rows.contiguous(), group=group)
         ctx.group, ctx.world = group, world
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         own = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(own, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter(own, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
         return own.mul_(ctx.world), None
 
 
 def _gather_labels(labels: torch.Tensor, group: Any) -> torch.Tensor:
     out = labels.new_empty(dist.get_world_size(group) * labels.shape[0])
-    dist.all_gather_into_tensor(out, labels.contiguous(), group=group)
+    _all_gather(out, labels.contiguous(), group=group)
     return out
 
 
@@ -237,6 +242,23 @@ class ShardedClassifier(nn.Module):
         start, end = shard_range(self.num_classes, world_size, rank)
         self.weight = nn.Parameter(self.weight.data[start:end].clone())
         self.rank, self.world_size, self.group, self.start, self.end = rank, world_size, group, start, end
+
+    @torch.no_grad()
+    def unshard(self) -> None:
+        """Every rank gets the whole weight back (a collective), as one process holds it: after ``fit``, so that
+        the module's ``state_dict`` is the whole layer again. The optimizer's rows stay where they were."""
+        if self.world_size == 1:
+            return
+        longest = math.ceil(self.num_classes / self.world_size)
+        padded = self.weight.new_zeros((longest, self.embedding_size))
+        padded[: self.num_local] = self.weight
+        parts = padded.new_empty((self.world_size * longest, self.embedding_size))
+        _all_gather(parts, padded, group=self.group)
+        whole = torch.cat([parts[rank * longest : rank * longest + end - start] for rank, (start, end) in
+                           enumerate(shard_range(self.num_classes, self.world_size, r) for r in
+                                     range(self.world_size))])
+        self.weight = nn.Parameter(whole)
+        self.rank, self.world_size, self.group, self.start, self.end = 0, 1, None, 0, self.num_classes
 
     def get_extra_state(self) -> dict[str, int]:
         return {"steps": self.steps}
