@@ -102,5 +102,50 @@ def test_checkpoints_hold_the_whole_layer_and_a_resume_on_the_same_ranks_is_exac
     assert start["range"] == (0, CLASSES)
     torch.testing.assert_close(start["rows"], whole, rtol=0, atol=0)
     torch.testing.assert_close(start["momentum"], momentum, rtol=0, atol=0)
-    exported = FaceRecognitionModule.load_from_checkpoint(straight / "epoch=1.ckpt", weights_only=False)
+    exported = FaceRecognitionModule.load_from_checkpoint(straight / "epoch=1.ckpt", weights_only=True)  # as evaluate
     torch.testing.assert_close(exported.classifier.weight.detach(), whole, rtol=0, atol=0)
+
+
+class Decisions(Callback):
+    """Each rank saves the LRs after every optimizer step, the scheduler's decisions and the last loss."""
+
+    def __init__(self, out_dir: Path, fastface) -> None:
+        self.out_dir, self.fastface, self.lrs = out_dir, fastface, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+        self.loss = float(outputs["loss"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({"lrs": self.lrs, "decisions": self.fastface.decisions, "loss": self.loss,
+                    "steps": trainer.global_step}, self.out_dir / f"stack-rank{trainer.global_rank}.pt")
+
+
+def test_fastface_the_guard_bf16_and_accumulation_work_with_the_sharded_layer(tmp_path):
+    """One LR decision for all ranks (the loss is the same global loss on every rank), bf16 autocast and two
+    micro-batches per optimizer step."""
+    from fastface_pl.safety import DivergenceGuard
+    from fastface_pl.scheduling.callback import FastFaceLRCallback
+
+    torch.manual_seed(0)
+    datamodule = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=1, synthetic=SYNTHETIC)
+    model = FaceRecognitionModule(
+        num_classes=CLASSES, backbone="tiny", backbone_kwargs={"input_size": 16}, embedding_size=16,
+        margin="arcface", margin_kwargs={"s": 16.0, "m": 0.3}, classifier="sharded", lr=0.05,
+    )
+    fastface = FastFaceLRCallback("fastface", detector_kwargs={"alpha": 0.5, "beta": 0.5, "threshold": 10.0,
+                                                               "patience": 2}, sync_every_n_steps=2, verbose=False)
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3, precision="bf16-mixed",
+        accumulate_grad_batches=2, callbacks=[fastface, DivergenceGuard(check_every_n_steps=2),
+                                              Decisions(tmp_path, fastface)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    ranks = [load(tmp_path / f"stack-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 3 * (STEPS_PER_EPOCH // 2)
+    assert ranks[0]["lrs"] == ranks[1]["lrs"] and ranks[0]["decisions"] == ranks[1]["decisions"]
+    assert len(ranks[0]["decisions"]) >= 1 and ranks[0]["lrs"][-1][0] < 0.05
+    assert ranks[0]["loss"] == ranks[1]["loss"] and torch.isfinite(torch.tensor(ranks[0]["loss"]))
+    assert model.classifier.weight.shape == (CLASSES, 16)  # whole again in the launching process
