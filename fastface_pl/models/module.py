@@ -124,11 +124,13 @@ class FaceRecognitionModule(pl.LightningModule):
         embedding_size: embedding dimension D (512).
         margin: ``arcface`` (straight-through, the paper's), ``arcface_exact``, ``cosface`` or ``combined``.
         margin_kwargs: arguments of the margin head (``s=64``, ``m=0.5`` / ``m=0.4``, ``m1, m2, m3``).
-        classifier: ``full`` (all identities, the paper's), ``sampled`` (Partial-FC-style) or ``dcp`` (F2C's
+        classifier: ``full`` (all identities, the paper's), ``sampled`` (Partial-FC-style), ``sharded`` (the full
+            or sampled layer split across DDP ranks, ``docs/sharded.md``) or ``dcp`` (F2C's
             Dynamic Class Pool with a gallery network, ``docs/f2c.md``; needs batches of identity pairs, which
             :class:`~fastface_pl.data.datamodule.FaceDataModule` lays out by itself for it).
         classifier_kwargs: the layer's settings (``conf/classifier/*.yaml``). ``sampled``: ``sample_rate``, the
-            fraction of classes per step (0.1). ``dcp``: ``pool_fraction``, pool entries as a fraction of
+            fraction of classes per step (0.1). ``sharded``: ``sample_rate`` (1.0: every class).
+            ``dcp``: ``pool_fraction``, pool entries as a fraction of
             ``num_classes`` (1 %); ``pool_size``, pool entries (overrides the fraction; never fewer than the
             images of one step's gallery view over all ranks: a smaller pool is enlarged at ``setup``, a given
             size raises); ``momentum``, EMA momentum of the gallery network (0.99); ``push_topk``, k of the
