@@ -20,7 +20,8 @@
 ``.grad``, momentum buffer), peak RSS increase over the variant (``VmHWM`` after resetting it), seconds per
 step, and bytes sent per step two ways: the bytes this rank's process wrote (``wchar`` of ``/proc/self/io``:
 gloo's TCP writes, per rank) and the loopback interface's transmitted bytes (``lo`` in ``/proc/net/dev``,
-divided by N; it also counts any other process's local traffic). The expected figure for the comparison is
+divided by N; it counts every process's local traffic, so on a shared machine it can be far above the
+per-rank figure: ``wchar`` is the one to quote). The expected figure for the comparison is
 the layer's formula plus DDP's all-reduce of the backbone's gradient. A calibration records what one gloo
 collective sends at the layer's shapes against the ring figure (gloo's reduce-scatter sends twice as much).
 A layer is measured at a C only when its estimated peak per rank (weight, gradient, momentum, DDP's bucket copy
