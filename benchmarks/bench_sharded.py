@@ -335,18 +335,20 @@ def computed_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _mib3(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / MIB:.3f}"
+
+
 def measured_table(runs: list[dict[str, Any]]) -> str:
     lines = ["| layer | C | N | B | layer tensors MiB/rank (computed) | peak RSS increase MiB | s/step | "
              "sent MiB/step/rank (wchar) | (lo) | expected MiB | measured/expected | with gloo's reduce-scatter |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
-        ratio = run["measured_over_expected_wchar"]
         lines.append(f"| {run['variant']} | {run['classes']:,} | {run['ranks']} | {run['batch']} | "
                      f"{_mib(run['layer_state_bytes'])} ({_mib(run['computed_state_bytes'])}) | "
                      f"{_mib(run['peak_rss_increase_bytes'])} | {run['seconds_per_step']:.2f} | "
-                     f"{run['sent_bytes_per_step_wchar'] / MIB if run['sent_bytes_per_step_wchar'] is not None else math.nan:.3f} | "
-                     f"{run['sent_bytes_per_step_lo'] / MIB if run['sent_bytes_per_step_lo'] is not None else math.nan:.3f} | "
-                     f"{run['expected_sent_bytes'] / MIB:.3f} | {'n/a' if ratio is None else f'{ratio:.2f}'} | "
+                     f"{_mib3(run['sent_bytes_per_step_wchar'])} | {_mib3(run['sent_bytes_per_step_lo'])} | "
+                     f"{_mib3(run['expected_sent_bytes'])} | {_ratio(run['measured_over_expected_wchar'])} | "
                      f"{_ratio(run['measured_over_expected_gloo_wchar'])} |")
     return "\n".join(lines)
 

@@ -37,7 +37,7 @@ def test_formulas_at_one_million_identities_on_eight_ranks(bench):
     assert row["sharded"]["state_bytes"] == 3 * 125_000 * 512 * 4  # C/N rows exactly
     assert row["state_ratio"] == pytest.approx(1 / 8)
     assert row["sharded"]["logits_bytes"] == row["replicated"]["logits_bytes"]  # N·B × C/N = B × C
-    # all-gather 7·128·512·4 + labels 7·128·8 + max 2·7/8·(1024·4) + sums 2·7/8·(2048·4) + reduce-scatter 7·128·512·4
+    # gather 7·128·512·4, labels 7·128·8, max 2·7/8·1024·4, sums 2·7/8·2048·4, reduce-scatter 7·128·512·4
     assert row["sharded"]["sent_bytes"] == pytest.approx(1_835_008 + 7_168 + 7_168 + 14_336 + 1_835_008)
     assert row["sent_ratio"] == pytest.approx(3_698_688 / (2 * 7 / 8 * weight)) and row["sent_ratio"] < 2e-3
 
