@@ -25,7 +25,7 @@ per-rank figure: ``wchar`` is the one to quote). The expected figure for the com
 the layer's formula plus DDP's all-reduce of the backbone's gradient. A calibration records what one gloo
 collective sends at the layer's shapes against the ring figure (gloo's reduce-scatter sends twice as much).
 A layer is measured at a C only when its estimated peak per rank (weight, gradient, momentum, DDP's bucket copy
-of the gradient, SGD's weight-decayed copy of it, logits; 5·C·D·4 + B·C·4 for the replicated one, within 10 %
+of the gradient, SGD's weight-decayed copy of it, logits; 5·C·D·4 + B·C·4 for the replicated one, 11 % below
 of the peak RSS measured at C = 100k) fits ``--rank-budget-gb`` and N such ranks fit in 60 % of the available
 memory: at C = 1M the replicated layer needs about 10.8 GB per rank and is not measured here.
 """
