@@ -3,8 +3,9 @@
     python benchmarks/gpu_check.py                      # on a CUDA device (a few minutes)
     python benchmarks/gpu_check.py --json gpu.json      # also write the figures
     python benchmarks/gpu_check.py --cpu-smoke          # tiny sizes on the CPU: checks that it runs (seconds)
+    python benchmarks/gpu_check.py --parts multigpu --multigpu-classes 1000000 2059906   # with WebFace42M's
 
-Three parts:
+Four parts:
 
 1. **Throughput**: r50 and r100 at batch 128, under ``16-mixed`` and ``bf16-mixed``, channels-last off/on,
    ``torch.compile`` off/on: images/s of :class:`FaceRecognitionModule` under ``Trainer.fit`` against a plain
@@ -21,6 +22,13 @@ Three parts:
    reads are counted too, on any device). On the CPU (``--cpu-smoke``) there is no sync debug mode; the
    profiler's count of ``aten::_local_scalar_dense`` (``.item()``, ``float(tensor)``) stands in, which sees
    per-step scalar reads but not the block read (``.tolist()``).
+4. **Several GPUs** (``multigpu``; only with 2 or more CUDA devices, else a recorded skip): one process per GPU
+   with NCCL, r50 at batch 128 per GPU, 16-mixed, the replicated ``full`` layer (inside the DDP module: its
+   dense C × D gradient is all-reduced every step) against ``sharded`` (each GPU holds C/N rows,
+   ``docs/sharded.md``) at ``--multigpu-classes`` (default 1M; WebFace42M has 2,059,906): images/s over all
+   GPUs and the peak memory of each GPU (``torch.cuda.max_memory_allocated``). The same plain step as part 1
+   (autocast, GradScaler, backbone clipping at 5, the module's SGD). ``--cpu-smoke`` runs it on 2 gloo CPU
+   ranks at tiny sizes.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import itertools
 import json
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -41,7 +51,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastface_pl.models.module import FaceRecognitionModule
@@ -50,6 +63,7 @@ from fastface_pl.scheduling.callback import FastFaceLRCallback
 from fastface_pl.scheduling.loss_reader import StepLossReader
 
 WEBFACE12M_IDENTITIES = 617_970
+WEBFACE42M_IDENTITIES = 2_059_906
 
 
 @dataclass
@@ -68,10 +82,16 @@ class Sizes:
     warmup: int = 10
     sync_steps: int = 64
     sync_every: int = 16
+    multigpu_backbone: str = "r50"
+    multigpu_classes: tuple[int, ...] = (1_000_000,)
+    multigpu_steps: int = 20
+    multigpu_warmup: int = 5
 
 
 CPU_SMOKE = Sizes(backbones=("tiny",), input_size=32, embedding_size=64, batch=8, classes=50, memory_classes=500,
-                  precisions=("bf16-mixed",), compile_options=(False,), steps=3, warmup=2, sync_steps=8, sync_every=4)
+                  precisions=("bf16-mixed",), compile_options=(False,), steps=3, warmup=2, sync_steps=8, sync_every=4,
+                  multigpu_backbone="tiny", multigpu_classes=(500,), multigpu_steps=2, multigpu_warmup=1)
+CPU_SMOKE_RANKS = 2  # gloo CPU ranks of the multigpu part in --cpu-smoke
 # (no torch.compile in the smoke: inductor builds C++ on the CPU for minutes)
 
 
@@ -349,12 +369,163 @@ def sync_counts(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# 4. Several GPUs: replicated full layer vs sharded
+# ------------------------------------------------------------------------------------------------------------
+class _TrainStep(nn.Module):
+    """The backbone and the layer in one module: under DDP the full layer's gradient is all-reduced too."""
+
+    def __init__(self, module: FaceRecognitionModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.module.classifier(self.module(images), labels)
+
+
+def _multigpu_job(rank: int, world: int, device: torch.device, settings: dict[str, Any], layer: str,
+                  classes: int) -> dict[str, Any]:
+    """Warm-up and timed steps of one layer on this rank; its seconds and peak memory."""
+    row: dict[str, Any] = {"layer": layer, "classes": classes}
+    module = step_loss = optimizer = None
+    try:
+        _free(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        torch.manual_seed(0)
+        module = FaceRecognitionModule(num_classes=classes, backbone=settings["backbone"],
+                                       backbone_kwargs={"input_size": settings["input_size"]},
+                                       embedding_size=settings["embedding_size"], margin="arcface",
+                                       classifier=layer, clip_grad_norm=5.0)
+        if layer == "sharded":
+            module.classifier.shard(rank, world)
+        module.to(device).train()
+        ids = [device.index] if device.type == "cuda" else None
+        if layer == "sharded":  # the layer's rows stay out of DDP
+            backbone = DistributedDataParallel(module.backbone, device_ids=ids)
+
+            def step_loss(images, labels):
+                return module.classifier(backbone(images), labels)
+        else:
+            step_loss = DistributedDataParallel(_TrainStep(module), device_ids=ids)
+        groups = module.configure_optimizers()
+        optimizer = groups if isinstance(groups, torch.optim.Optimizer) else groups["optimizer"]
+        dtype = torch.float16 if settings["precision"].startswith("16") else torch.bfloat16
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+        clipped = [p for p in module.backbone.parameters() if p.requires_grad]
+        generator = torch.Generator().manual_seed(rank)
+        size, batch = settings["input_size"], settings["batch"]
+        batches = [(torch.randn(batch, 3, size, size, generator=generator).to(device),
+                    torch.randint(0, classes, (batch,), generator=generator).to(device)) for _ in range(2)]
+        start = None
+        for step in range(settings["warmup"] + settings["steps"]):
+            if step == settings["warmup"]:
+                synchronize(device)
+                dist.barrier()
+                start = time.perf_counter()
+            images, labels = batches[step % len(batches)]
+            with torch.autocast(device.type, dtype=dtype):
+                loss = step_loss(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(clipped, 5.0)
+            scaler.step(optimizer)
+            scaler.update()
+        synchronize(device)
+        dist.barrier()
+        row["seconds"] = time.perf_counter() - start
+        loss = loss.detach().float()
+        if layer == "full":  # this rank's batch: the mean over the ranks is the global batch's, as sharded's
+            dist.all_reduce(loss)
+            loss /= world
+        row["loss"] = loss.item()
+        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    except torch.cuda.OutOfMemoryError as error:
+        row["error"] = f"out of memory: {str(error).splitlines()[0][:200]}"
+    finally:
+        module = step_loss = optimizer = None
+        _free(device)
+    return row
+
+
+def _multigpu_rank(rank: int, world: int, backend: str, init_file: str, out_dir: str, settings: dict[str, Any],
+                   jobs: list[tuple[str, int]]) -> None:
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = [_multigpu_job(rank, world, device, settings, layer, classes) for layer, classes in jobs]
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(rows))
+
+
+def multigpu(sizes: Sizes, device: torch.device, classes: tuple[int, ...]) -> list[dict[str, Any]]:
+    """``full`` vs ``sharded`` on every GPU (gloo CPU ranks in the smoke): one row per layer and C."""
+    if device.type == "cuda":
+        world, backend, precision = torch.cuda.device_count(), "nccl", "16-mixed"
+        if world < 2:
+            row = {"skipped": f"needs 2 or more CUDA devices, found {world}"}
+            print(f"  skipped: {row['skipped']}", flush=True)
+            return [row]
+    else:
+        world, backend, precision = CPU_SMOKE_RANKS, "gloo", sizes.precisions[0]
+    settings = {"backbone": sizes.multigpu_backbone, "input_size": sizes.input_size, "batch": sizes.batch,
+                "embedding_size": sizes.embedding_size, "precision": precision, "steps": sizes.multigpu_steps,
+                "warmup": sizes.multigpu_warmup}
+    jobs = [(layer, count) for count in classes for layer in ("full", "sharded")]
+    here = str(Path(__file__).resolve().parent)  # the ranks import this file by its module name
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.multiprocessing.spawn(_multigpu_rank, args=(world, backend, str(Path(tmp, "init")), tmp, settings,
+                                                              jobs), nprocs=world)
+            ranks = [json.loads(Path(tmp, f"rank{rank}.json").read_text()) for rank in range(world)]
+    finally:
+        if added:
+            sys.path.remove(here)
+    rows = []
+    for index, (layer, count) in enumerate(jobs):
+        per_rank = [rank_rows[index] for rank_rows in ranks]
+        row: dict[str, Any] = {"backbone": settings["backbone"], "layer": layer, "classes": count, "ranks": world,
+                               "batch_per_rank": settings["batch"], "precision": precision, "backend": backend,
+                               "steps": settings["steps"]}
+        errors = [r["error"] for r in per_rank if "error" in r]
+        if errors:
+            row["error"] = errors[0]
+        else:
+            seconds = max(r["seconds"] for r in per_rank)
+            row["images_s"] = world * settings["batch"] * settings["steps"] / seconds
+            row["loss"] = per_rank[0]["loss"]  # the last step's, over the global batch
+            peaks = [r["peak_mib"] for r in per_rank]
+            row["peak_mib_per_rank"] = None if None in peaks else peaks
+            row["peak_mib"] = None if None in peaks else max(peaks)
+        rows.append(row)
+        peak = "n/a on the CPU" if row.get("peak_mib") is None else f"{row['peak_mib']:,.0f} MiB"
+        print(f"  {row['backbone']:>5} C={count:,} {layer:>7} {precision} x{world} {backend}: " +
+              (f"failed: {row['error']}" if "error" in row else
+               f"{row['images_s']:8.1f} img/s over all ranks, peak per rank {peak}"), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, to check the script runs")
-    parser.add_argument("--parts", nargs="+", default=["throughput", "memory", "syncs"],
-                        choices=["throughput", "memory", "syncs"])
+    parser.add_argument("--parts", nargs="+", default=["throughput", "memory", "syncs", "multigpu"],
+                        choices=["throughput", "memory", "syncs", "multigpu"])
+    parser.add_argument("--multigpu-classes", type=int, nargs="+", default=None, metavar="C",
+                        help=f"identities of the multigpu part (default 1,000,000; WebFace42M: "
+                             f"{WEBFACE42M_IDENTITIES})")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile half of the throughput grid")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args(argv)
@@ -391,6 +562,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"3. Host-device synchronisations per optimizer step ({sizes.backbones[0]}, {sizes.precisions[0]}):",
               flush=True)
         report["syncs"] = sync_counts(sizes, device)
+    if "multigpu" in args.parts:
+        classes = tuple(args.multigpu_classes or sizes.multigpu_classes)
+        print(f"4. Several GPUs, {sizes.multigpu_backbone} batch {sizes.batch} per rank, replicated full vs sharded "
+              f"at {', '.join(f'{c:,}' for c in classes)} identities:", flush=True)
+        report["multigpu"] = multigpu(sizes, device, classes)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"Figures written to {args.json}")

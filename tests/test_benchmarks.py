@@ -21,7 +21,7 @@ def _load(name: str):
     return module
 
 
-@pytest.mark.slow  # six Trainer.fit runs (about 20 s on an idle 2-core machine)
+@pytest.mark.slow  # six Trainer.fit runs and two spawned gloo ranks (about 30 s on an idle 2-core machine)
 def test_gpu_check_cpu_smoke(tmp_path):
     gpu_check = _load("gpu_check")
     report_path = tmp_path / "gpu.json"
@@ -41,3 +41,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert rows["FastFace callback + DivergenceGuard, k = 1"]["block_reads"] == steps
     assert rows[f"FastFace callback + DivergenceGuard, k = {k}"]["syncs_per_step"] == 0.0
     assert rows[f"FastFace callback + DivergenceGuard, k = {k}"]["block_reads"] == math.ceil(steps / k)
+    # 4. full (replicated under DDP) vs sharded on 2 gloo CPU ranks: same global loss, both measured
+    multigpu = {row["layer"]: row for row in report["multigpu"]}
+    assert set(multigpu) == {"full", "sharded"} and all("error" not in row for row in multigpu.values())
+    assert all(row["ranks"] == gpu_check.CPU_SMOKE_RANKS and row["backend"] == "gloo" and row["images_s"] > 0
+               for row in multigpu.values())
+    assert multigpu["sharded"]["classes"] == gpu_check.CPU_SMOKE.multigpu_classes[0]
+    # the same init and batches: the sharded layer trains as the replicated one does
+    assert multigpu["sharded"]["loss"] == pytest.approx(multigpu["full"]["loss"], rel=1e-3)
