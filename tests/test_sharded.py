@@ -113,3 +113,15 @@ def test_ranks_sample_their_positives_and_the_share_and_draw_the_same_after_a_re
         assert torch.equal(rank["resumed"], rank["samples"][2])
         assert not all(torch.equal(rank["samples"][0], s) for s in rank["samples"][1:])  # redrawn each step
     assert not torch.equal(ranks[0]["samples"][0], ranks[1]["samples"][0])
+
+
+def test_a_step_reads_no_scalar_from_the_device():
+    """No ``.item()``/``int(tensor)`` in the layer's step (on a GPU each would be a host-device sync)."""
+    layer = ShardedClassifier(8, 50, "arcface")
+    embeddings = torch.randn(6, 8, requires_grad=True)
+    labels = torch.tensor([0, 3, 49, -1, 5, 3])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        layer(embeddings, labels).backward()
+    names = [event.name for event in profile.events()]
+    assert "aten::mm" in names  # the profiler saw the step
+    assert "aten::_local_scalar_dense" not in names

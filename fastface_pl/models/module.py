@@ -197,7 +197,7 @@ class FaceRecognitionModule(pl.LightningModule):
         elif classifier == "sharded":
             self.classifier = ShardedClassifier(embedding_size, num_classes, head, settings["sample_rate"])
             # each rank holds its own rows: DDP neither broadcasts nor averages them
-            self._ddp_params_and_buffers_to_ignore = ["classifier.weight", "classifier.sample_seed"]
+            self._ddp_params_and_buffers_to_ignore = ["classifier.weight"]
         elif classifier == "dcp":
             pool_size = settings["pool_size"] or default_pool_size(num_classes, settings["pool_fraction"])
             self.classifier = DynamicClassPool(embedding_size, num_classes, pool_size, head, settings["push_topk"])

@@ -209,8 +209,9 @@ class ShardedClassifier(nn.Module):
         self.check_labels = check_labels
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.normal_(self.weight, 0.0, 0.01)  # as the full layer (and arcface_torch)
-        # the random share's seed (from the global generator: seed_everything governs it), kept in checkpoints
-        self.register_buffer("sample_seed", torch.randint(0, 2**62, (), dtype=torch.int64))
+        # the random share's seed (from the global generator: seed_everything governs it), kept in checkpoints;
+        # a Python int, so that drawing a sample reads nothing from the device
+        self.sample_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.rank, self.world_size, self.group = 0, 1, None
         self.start, self.end = 0, num_classes
         self.steps = 0  # training forward passes done: with the seed and the rank, the sampling generator's seed
@@ -261,10 +262,14 @@ class ShardedClassifier(nn.Module):
         self.rank, self.world_size, self.group, self.start, self.end = 0, 1, None, 0, self.num_classes
 
     def get_extra_state(self) -> dict[str, int]:
-        return {"steps": self.steps}
+        return {"steps": self.steps, "sample_seed": self.sample_seed}
 
     def set_extra_state(self, state: Any) -> None:
-        self.steps = int(state["steps"]) if isinstance(state, dict) and "steps" in state else 0
+        if not isinstance(state, dict) or not isinstance(state.get("steps"), int) \
+                or not isinstance(state.get("sample_seed"), int):
+            raise ValueError(f"the sharded layer's saved state must hold the integers steps and sample_seed, got "
+                             f"{state!r}")
+        self.steps, self.sample_seed = state["steps"], state["sample_seed"]
 
     def sample(self, local_labels: torch.Tensor) -> torch.Tensor:
         """Sorted local rows: this rank's positives (``local_labels`` ≥ 0) plus random others."""
@@ -272,7 +277,7 @@ class ShardedClassifier(nn.Module):
         if self.num_sample <= positives.numel():
             return positives
         generator = torch.Generator(device=local_labels.device)
-        generator.manual_seed(_mixed_seed(int(self.sample_seed), self.steps, self.rank))
+        generator.manual_seed(_mixed_seed(self.sample_seed, self.steps, self.rank))
         scores = torch.rand(self.num_local, generator=generator, device=local_labels.device)
         scores[positives] = 2.0
         return torch.topk(scores, k=self.num_sample).indices.sort().values
