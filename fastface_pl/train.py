@@ -39,7 +39,7 @@ from fastface_pl.evaluation.report import format_results
 from fastface_pl.faults import EXIT_USAGE, UsageError, classify_fault
 from fastface_pl.plotting import plot_run_metrics
 from fastface_pl.resume import compare_with_checkpoint, resolve_checkpoint
-from fastface_pl.runs import claim_run_folder, fail, write_results
+from fastface_pl.runs import claim_run_folder, fail, is_launching_rank, write_results
 from fastface_pl.safety import DivergenceGuard, PreemptionCheckpoint
 
 log = logging.getLogger("fastface_pl.train")
@@ -111,9 +111,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
     require_dataset(cfg)
     validate_config(cfg)  # before any data is read
     ckpt_path, checkpoint = resolve_checkpoint(cfg.ckpt_path, run_dir)  # before the data and model are built
-    claim_run_folder(run_dir, resume_in_place=cfg.ckpt_path == "last")
+    # Under DDP only rank 0 claims the run folder and writes its files; the other ranks (started by Lightning at
+    # trainer.fit with rank 0's hydra.run.dir, or by torchrun/Slurm) train in the same folder.
+    launching = is_launching_rank()
+    if launching:
+        claim_run_folder(run_dir, resume_in_place=cfg.ckpt_path == "last")
     pl.seed_everything(cfg.seed, workers=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if launching:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer, module, datamodule, lr_callback = build(cfg, run_dir, resume_from=checkpoint)
     del checkpoint  # (memory-mapped) read again by Lightning, weights-only
@@ -134,9 +139,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
     summary.update(status="completed", global_step=int(trainer.global_step))
     if lr_callback is not None:
         summary["decisions"] = [list(d) for d in lr_callback.decisions]
-        log.info("%d LR decision(s), at optimizer steps %s", len(lr_callback.decisions),
-                 [step for step, _, _ in lr_callback.decisions])
-    if cfg.validate_at_end:
+        if trainer.is_global_zero:
+            log.info("%d LR decision(s), at optimizer steps %s", len(lr_callback.decisions),
+                     [step for step, _, _ in lr_callback.decisions])
+    if cfg.validate_at_end:  # under DDP every rank validates its contiguous block of the pairs
         table, summary["verification"] = format_results(trainer.validate(module, datamodule=datamodule, verbose=False))
         if trainer.is_global_zero:
             print("\nVerification (10-fold accuracy, VAL@FAR, XNorm):\n" + table)
@@ -165,6 +171,8 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+    if not is_launching_rank():  # rank 0 tells the run's story; the other ranks say only what goes wrong
+        logging.getLogger("fastface_pl").setLevel(logging.WARNING)
     overrides = tuple(HydraConfig.get().overrides.task)
     try:
         return run(cfg, run_dir, overrides)
