@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -171,6 +172,8 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+    # the verification metrics gather every rank's pairs before they are computed: the same value on each rank
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist=True")
     if not is_launching_rank():  # rank 0 tells the run's story; the other ranks say only what goes wrong
         logging.getLogger("fastface_pl").setLevel(logging.WARNING)
     overrides = tuple(HydraConfig.get().overrides.task)

@@ -1,0 +1,101 @@
+"""The train command under DDP (``trainer=ddp``) on 2 CPU ranks (gloo), as a user runs it, then a resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from conftest import explain, run_python, run_train
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+]
+
+# 24 identities x 8 images over 2 ranks of batch 8: 12 optimizer steps per epoch, 40 verification pairs.
+TINY_DDP = [
+    "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    "data.synthetic.num_identities=24", "data.synthetic.images_per_identity=8", "data.synthetic.unseen_identities=6",
+    "data.synthetic.num_val_pairs=40", "data.batch_size=8", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=5",
+    "scheduler.threshold=0.5", "scheduler.patience_fraction=0.1",
+]
+STEPS_PER_EPOCH = 12
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 2-epoch run started without hydra.run.dir (the folder name holds the random run id)."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    result = run_train(None, *TINY_DDP, cwd=cwd, timeout=300)
+    assert result.returncode == 0, explain(result)
+    folders = [p.parent for p in cwd.glob("runs/*/*/config.yaml")]
+    assert len(folders) == 1, folders
+    return folders[0], result
+
+
+def test_both_ranks_train_in_one_run_folder(ddp_run):
+    run_dir, result = ddp_run
+    root = run_dir.parents[1]
+    # the rank started by Lightning used rank 0's folder: no second run folder, its log beside rank 0's
+    assert [p for p in root.glob("*/*") if p.is_dir()] == [run_dir]
+    assert (run_dir / "train.log").is_file() and (run_dir / "train_ddp_process_1.log").is_file()
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in (run_dir / "train_ddp_process_1.log").read_text()
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 2 * STEPS_PER_EPOCH
+    assert summary["decisions"] and all(factor == 0.5 for _, factor, _ in summary["decisions"])
+    assert (run_dir / "schedule.png").is_file()
+    assert result.stdout.count("Verification (10-fold accuracy") == 1  # the table is printed by rank 0 only
+    assert result.stdout.count("Run folder:") == 1
+    assert "already holds a run" not in result.stderr
+
+
+def test_checkpoints_are_written_once_and_load(ddp_run):
+    run_dir, _ = ddp_run
+    checkpoints = run_dir / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == ["epoch00-step0000012.ckpt", "epoch01-step0000024.ckpt", "last.ckpt",
+                     "step0000015.ckpt", "step0000020.ckpt"]  # no last-v1.ckpt, no temporary file left
+    import torch
+
+    from fastface_pl.checkpoints import SAFE_GLOBALS
+
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 * STEPS_PER_EPOCH and state["epoch"] == 1
+    assert state["hyper_parameters"]["num_classes"] == 24
+
+
+def test_validation_covers_the_pairs_of_both_ranks(ddp_run, tmp_path):
+    """One process evaluating last.ckpt on all 40 pairs finds the accuracy the 2 ranks reported together."""
+    run_dir, _ = ddp_run
+    out = tmp_path / "evaluated.json"
+    result = run_python("-m", "fastface_pl.evaluate", str(run_dir / "checkpoints" / "last.ckpt"),
+                        "--num-workers", "0", "--json", str(out), timeout=300)
+    assert result.returncode == 0, explain(result)
+    alone = json.loads(out.read_text())["synthetic"]
+    together = json.loads((run_dir / "results.json").read_text())["verification"]["synthetic"]
+    assert alone["accuracy"] == pytest.approx(together["accuracy"], abs=1e-6)
+    assert alone["xnorm"] == pytest.approx(together["xnorm"], rel=1e-4)
+
+
+def test_resume_with_the_same_world_size(ddp_run, tmp_path):
+    run_dir, _ = ddp_run
+    first = json.loads((run_dir / "results.json").read_text())
+    resumed_dir = tmp_path / "resumed"
+    result = run_train(resumed_dir, *TINY_DDP, "trainer.max_epochs=3",
+                       f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", timeout=300)
+    assert result.returncode == 0, explain(result)
+    assert "Restoring states from the checkpoint" in result.stdout + result.stderr
+    summary = json.loads((resumed_dir / "results.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 3 * STEPS_PER_EPOCH
+    assert summary["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    # the decisions before the resume come back with the callback's state; the third epoch adds its own
+    assert summary["decisions"][:len(first["decisions"])] == first["decisions"]
+    assert any(step > 2 * STEPS_PER_EPOCH for step, _, _ in summary["decisions"])
+    assert (resumed_dir / "checkpoints" / "epoch02-step0000036.ckpt").is_file()
+    assert not list(resumed_dir.glob("config.*.yaml"))  # a fresh folder: nothing was renamed
