@@ -19,7 +19,10 @@ SIGTERM (143) or Ctrl+C (130), with a checkpoint of the step reached and the com
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +35,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fastface_pl.checkpoints import SAFE_GLOBALS, AtomicCheckpointIO, restoring_from
@@ -86,10 +90,44 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
     ]
     if lr_callback is not None:
         callbacks.insert(0, lr_callback)
+    callbacks.insert(0, RankZeroReports())  # first: before a SIGTERM checkpoint is saved in on_exception
     # checkpoints are written to a temporary name and renamed: a full disk never leaves a truncated one
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir),
                           plugins=[AtomicCheckpointIO()])
     return trainer, module, datamodule, lr_callback
+
+
+class RankZeroReports(Callback):
+    """Under DDP, lets rank 0 outlive the other ranks after a fault, to record it.
+
+    Lightning's ``ddp`` launcher watches the ranks it started (every 5 s) and kills rank 0 as soon as one of them
+    has exited with an error. A fault that reaches every rank (a divergence, SIGTERM) ends the other ranks first:
+    rank 0 would be killed before it writes results.json, prints the message and exits with the fault's code.
+    Once the fault has reached rank 0 too, the watch is stopped; :func:`end_started_ranks` ends them instead.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+        for thread in threading.enumerate():
+            if isinstance(thread, _ChildProcessObserver):
+                thread._child_processes = []  # nothing left to watch: the thread ends at its next check
+
+
+def end_started_ranks(trainer: pl.Trainer, grace_s: float = 5.0) -> None:
+    """After a fault on rank 0: wait ``grace_s`` for the ranks that Lightning started to exit, then kill the rest
+    (a rank waiting for rank 0 in a collective would wait forever)."""
+    procs = [p for p in getattr(trainer.strategy.launcher, "procs", None) or [] if p.poll() is None]
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("rank process %d did not end after the fault: killed", proc.pid)
+            proc.kill()
+            proc.wait()
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
@@ -133,6 +171,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
         outcome = classify_fault(err, run_dir, overrides, step=int(trainer.global_step))
         if outcome is not None and outcome.record and trainer.is_global_zero:
             write_results(run_dir, {**summary, "global_step": int(trainer.global_step), **outcome.record})
+        end_started_ranks(trainer)
         raise
     if trainer.global_step == 0:
         raise UsageError("the run trained no optimizer step (trainer.max_epochs, trainer.max_steps or "
@@ -186,7 +225,12 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
         if outcome.status == "diverged" and HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"fastface_pl.train: error: {outcome.message}", file=sys.stderr)
             return {"status": "diverged", "run_dir": str(run_dir)}  # the sweep goes on; exit 3 at its end
-        fail(outcome.message, outcome.exit_code, label="" if outcome.status == "interrupted" else "error: ")
+        label = "" if outcome.status == "interrupted" else "error: "
+        if not is_launching_rank():
+            if outcome.status in ("diverged", "interrupted"):  # every rank stops together: rank 0 says it
+                sys.exit(outcome.exit_code)
+            label = f"[rank {rank_zero_only.rank}] {label}"
+        fail(outcome.message, outcome.exit_code, label=label)
     return None
 
 
