@@ -99,3 +99,69 @@ def test_resume_with_the_same_world_size(ddp_run, tmp_path):
     assert any(step > 2 * STEPS_PER_EPOCH for step, _, _ in summary["decisions"])
     assert (resumed_dir / "checkpoints" / "epoch02-step0000036.ckpt").is_file()
     assert not list(resumed_dir.glob("config.*.yaml"))  # a fresh folder: nothing was renamed
+
+
+def test_a_divergence_under_ddp_is_recorded_once_with_exit_3(tmp_path):
+    run_dir = tmp_path / "diverged"
+    result = run_train(run_dir, *TINY_DDP, "model.lr=1e6", "checkpoint_every_n_steps=2", timeout=300)
+    assert result.returncode == 3, explain(result)
+    assert result.stderr.count("fastface_pl.train: error: training diverged") == 1  # rank 0 says it, once
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["status"] == "diverged"
+    assert Path(summary["last_good_checkpoint"]).is_file()
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    (None, None, True), ("LOCAL_RANK", "0", True), ("LOCAL_RANK", "1", False), ("RANK", "3", False),
+    ("NODE_RANK", "1", False), ("SLURM_PROCID", "0", True), ("SLURM_PROCID", "2", False),
+])
+def test_the_launching_rank_is_told_by_the_environment(monkeypatch, name, value, expected):
+    from fastface_pl.runs import RANK_VARIABLES, is_launching_rank
+
+    for variable in RANK_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    if name:
+        monkeypatch.setenv(name, value)
+    assert is_launching_rank() is expected
+
+
+# A process whose watcher (Lightning's, as the ddp launcher starts it) sees a rank exit with code 3; the callback
+# must stop the watch before it kills this process.
+WATCHED = """
+import subprocess, sys, time
+from types import SimpleNamespace
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from fastface_pl.train import RankZeroReports, end_started_ranks
+
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3); raise SystemExit(3)"])
+_ChildProcessObserver(main_pid=__import__("os").getpid(), child_processes=[rank], sleep_period=0.1).start()
+if sys.argv[1] == "stop":
+    RankZeroReports().on_exception(SimpleNamespace(is_global_zero=True), None, RuntimeError("fault"))
+time.sleep(1.5)
+end_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[rank]))), grace_s=1)
+print("rank 0 outlived rank", rank.returncode)
+"""
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_rank_zero_outlives_a_rank_that_exited_after_a_fault(stop):
+    result = run_python("-c", WATCHED, "stop" if stop else "watch", timeout=120)
+    if stop:
+        assert result.returncode == 0, explain(result)
+        assert "rank 0 outlived rank 3" in result.stdout
+    else:  # without the callback Lightning's watch kills the process: what RankZeroReports prevents
+        assert result.returncode == -9, explain(result)
+
+
+def test_a_rank_left_waiting_after_a_fault_is_ended():
+    import sys
+    from types import SimpleNamespace
+
+    from fastface_pl.train import end_started_ranks
+
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    end_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[waiting, done]))),
+                      grace_s=0.5)
+    assert waiting.returncode == -9 and done.returncode == 0
