@@ -19,6 +19,7 @@ SIGTERM (143) or Ctrl+C (130), with a checkpoint of the step reached and the com
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fastface_pl.checkpoints import SAFE_GLOBALS, AtomicCheckpointIO, restoring_from
@@ -90,21 +92,38 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
     ]
     if lr_callback is not None:
         callbacks.insert(0, lr_callback)
-    callbacks.insert(0, RankZeroReports())  # first: before a SIGTERM checkpoint is saved in on_exception
+    callbacks.insert(0, DistributedFaults())  # first: before a SIGTERM checkpoint is saved in on_exception
     # checkpoints are written to a temporary name and renamed: a full disk never leaves a truncated one
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir),
                           plugins=[AtomicCheckpointIO()])
     return trainer, module, datamodule, lr_callback
 
 
-class RankZeroReports(Callback):
-    """Under DDP, lets rank 0 outlive the other ranks after a fault, to record it.
+class DistributedFaults(Callback):
+    """Under DDP, a SIGTERM that ends all ranks together, and rank 0 alive to record a fault.
 
-    Lightning's ``ddp`` launcher watches the ranks it started (every 5 s) and kills rank 0 as soon as one of them
-    has exited with an error. A fault that reaches every rank (a divergence, SIGTERM) ends the other ranks first:
-    rank 0 would be killed before it writes results.json, prints the message and exits with the fault's code.
-    Once the fault has reached rank 0 too, the watch is stopped; :func:`end_started_ranks` ends them instead.
+    Lightning's SIGTERM handler broadcasts from inside the handler, wherever each rank happens to be (in a
+    backward's all-reduce, in a loss reduce): the ranks then wait in different collectives for ever. Here the
+    handler only sets the flag (and, on rank 0, passes the signal to the ranks it started, as Lightning does);
+    Lightning broadcasts rank 0's flag at the start of the next step and stops every rank together.
+
+    Lightning's ``ddp`` launcher also watches the ranks it started (every 5 s) and kills rank 0 as soon as one has
+    exited with an error. A fault that reaches every rank (a divergence, SIGTERM) ends the other ranks first, so
+    rank 0 could be killed before it writes results.json, prints the message and exits with the fault's code.
+    Once the fault has reached rank 0, the watch is stopped; :func:`end_started_ranks` ends them instead.
     """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread():
+            return
+        connector = trainer._signal_connector  # Lightning restores the previous handler at teardown
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if not connector.received_sigterm and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+            connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not trainer.is_global_zero:
@@ -168,6 +187,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
         with torch.serialization.safe_globals(SAFE_GLOBALS), restoring_from(ckpt_path):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as err:
+        if isinstance(err, SIGTERMException):  # under DDP, SIGTERM's checkpoint is saved in on_exception
+            saved = [c.checkpoint for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint) and c.checkpoint]
+            if saved:
+                err.checkpoint = saved[0]
         outcome = classify_fault(err, run_dir, overrides, step=int(trainer.global_step))
         if outcome is not None and outcome.record and trainer.is_global_zero:
             write_results(run_dir, {**summary, "global_step": int(trainer.global_step), **outcome.record})

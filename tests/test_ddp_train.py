@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from conftest import explain, run_python, run_train
+from conftest import command_env, explain, run_python, run_train, train_command
 
 pytestmark = [
     pytest.mark.slow,
@@ -111,6 +114,33 @@ def test_a_divergence_under_ddp_is_recorded_once_with_exit_3(tmp_path):
     assert Path(summary["last_good_checkpoint"]).is_file()
 
 
+def test_sigterm_to_all_ranks_saves_the_step_and_exits_143(tmp_path):
+    """A scheduler's SIGTERM reaches every rank wherever it is (Lightning's own handler deadlocked here)."""
+    run_dir = tmp_path / "terminated"
+    process = subprocess.Popen(train_command(run_dir, *TINY_DDP, "trainer.max_epochs=50", "validate_at_end=false"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=command_env(),
+                               start_new_session=True)
+    marker = run_dir / "checkpoints" / "step0000015.ckpt"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the ranks did not stop after SIGTERM\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    assert result.returncode == 143, explain(result)
+    saved = sorted((run_dir / "checkpoints").glob("interrupted-step*.ckpt"))
+    assert len(saved) == 1, explain(result)
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["status"] == "interrupted" and summary["checkpoint"] == str(saved[0])
+    assert "the state of the step reached is in" in result.stderr and str(saved[0]) in result.stderr
+    assert result.stderr.count("stopped by SIGTERM") == 1
+
+
 @pytest.mark.parametrize("name, value, expected", [
     (None, None, True), ("LOCAL_RANK", "0", True), ("LOCAL_RANK", "1", False), ("RANK", "3", False),
     ("NODE_RANK", "1", False), ("SLURM_PROCID", "0", True), ("SLURM_PROCID", "2", False),
@@ -131,12 +161,12 @@ WATCHED = """
 import subprocess, sys, time
 from types import SimpleNamespace
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from fastface_pl.train import RankZeroReports, end_started_ranks
+from fastface_pl.train import DistributedFaults, end_started_ranks
 
 rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3); raise SystemExit(3)"])
 _ChildProcessObserver(main_pid=__import__("os").getpid(), child_processes=[rank], sleep_period=0.1).start()
 if sys.argv[1] == "stop":
-    RankZeroReports().on_exception(SimpleNamespace(is_global_zero=True), None, RuntimeError("fault"))
+    DistributedFaults().on_exception(SimpleNamespace(is_global_zero=True), None, RuntimeError("fault"))
 time.sleep(1.5)
 end_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[rank]))), grace_s=1)
 print("rank 0 outlived rank", rank.returncode)
@@ -149,7 +179,7 @@ def test_rank_zero_outlives_a_rank_that_exited_after_a_fault(stop):
     if stop:
         assert result.returncode == 0, explain(result)
         assert "rank 0 outlived rank 3" in result.stdout
-    else:  # without the callback Lightning's watch kills the process: what RankZeroReports prevents
+    else:  # without the callback Lightning's watch kills the process: what DistributedFaults prevents
         assert result.returncode == -9, explain(result)
 
 
