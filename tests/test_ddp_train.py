@@ -195,3 +195,20 @@ def test_a_rank_left_waiting_after_a_fault_is_ended():
     end_started_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[waiting, done]))),
                       grace_s=0.5)
     assert waiting.returncode == -9 and done.returncode == 0
+
+
+def test_the_ddp_preset_composes_validates_and_is_listed():
+    from hydra import compose, initialize_config_module
+
+    from fastface_pl.config_check import check_group_choices, validate_config
+    from fastface_pl.faults import UsageError
+
+    with initialize_config_module(config_module="fastface_pl.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=ddp", "trainer.accelerator=cpu"])
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+    assert cfg.trainer.use_distributed_sampler is False  # the data module shards itself
+    assert cfg.trainer.max_epochs == 16  # the rest comes from trainer/default.yaml
+    validate_config(cfg)
+    check_group_choices(["trainer=ddp"])
+    with pytest.raises(UsageError, match=r"(?s)Available options in 'trainer':.*\tddp\n"):
+        check_group_choices(["trainer=dpp"])
