@@ -225,6 +225,15 @@ def _schedule_name(cfg: DictConfig) -> str:
     return str(cfg.scheduler.get("detector") or cfg.scheduler.get("name") or cfg.scheduler._target_.rsplit(".")[-1])
 
 
+def _pass_sweep_folder_to_ranks() -> None:
+    """In a sweep (``-m``) under DDP, Lightning starts the other ranks with this process's command line: they run
+    the same sweep, one job beside each of rank 0's. Give them this sweep's folder: its default name holds the time
+    and a random id, which a new process would draw again (Lightning passes ``hydra.run.dir`` only)."""
+    argument = f'hydra.sweep.dir="{HydraConfig.get().sweep.dir}"'
+    if argument not in sys.argv:
+        sys.argv.append(argument)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fastface_pl.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """One run (one job of a sweep): its summary, or ``{"status": "diverged", ...}`` for a diverged sweep job."""
@@ -238,6 +247,8 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist=True")
     if not is_launching_rank():  # rank 0 tells the run's story; the other ranks say only what goes wrong
         logging.getLogger("fastface_pl").setLevel(logging.WARNING)
+    elif HydraConfig.get().mode == RunMode.MULTIRUN:
+        _pass_sweep_folder_to_ranks()
     overrides = tuple(HydraConfig.get().overrides.task)
     try:
         return run(cfg, run_dir, overrides)

@@ -212,3 +212,16 @@ def test_the_ddp_preset_composes_validates_and_is_listed():
     check_group_choices(["trainer=ddp"])
     with pytest.raises(UsageError, match=r"(?s)Available options in 'trainer':.*\tddp\n"):
         check_group_choices(["trainer=dpp"])
+
+
+def test_a_sweep_under_ddp_keeps_each_job_in_one_folder(tmp_path):
+    """Lightning starts rank 1 with the sweep's command line: it runs the same jobs, in rank 0's sweep folder."""
+    result = run_train(None, "-m", *TINY_DDP, "trainer.max_epochs=1", "validate_at_end=false", "plot=false",
+                       "seed=1,2", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, explain(result)
+    sweeps = list(tmp_path.glob("runs/multirun/*/*"))
+    assert len(sweeps) == 1, sweeps  # no second sweep folder drawn by rank 1 (another time, another id)
+    for job in ("0", "1"):
+        assert (sweeps[0] / job / "train_ddp_process_1.log").is_file()
+        summary = json.loads((sweeps[0] / job / "results.json").read_text())
+        assert summary["status"] == "completed" and summary["global_step"] == STEPS_PER_EPOCH
