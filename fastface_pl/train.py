@@ -1,6 +1,7 @@
 """Train a face-recognition model with the FastFace scheduler.
 
     python -m fastface_pl.train                                   # the CPU demo (synthetic identities, about 70 s)
+    python -m fastface_pl.train trainer=ddp trainer.accelerator=cpu trainer.devices=2   # the demo on 2 CPU ranks (DDP)
     python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=/data/ms1m-retinaface-t1
     python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=... ckpt_path=runs/<date>/<time>-<id>/checkpoints/last.ckpt
     python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=... ckpt_path=runs/<date>/<time>   # its newest
@@ -10,6 +11,7 @@ Each run writes a folder (``runs/<date>/<time>-<id>/`` by default): ``checkpoint
 after every epoch), ``logs/metrics.csv`` (and TensorBoard events where installed), ``config.yaml`` (the
 resolved config), ``schedule.png`` (loss, its EMA, the detector signal and threshold, the LR and the
 decisions) and ``results.json`` (the final verification accuracies and the scheduler's decisions).
+Under DDP (``trainer=ddp``) the other ranks train in rank 0's folder and only rank 0 writes these files.
 
 Faults end with a message and an exit code (:mod:`fastface_pl.faults`, docs/fault_tolerance.md): 2 for a usage
 error (a bad config value, checkpoint or path), 3 when the training diverges, 128 + the signal number after
