@@ -20,10 +20,26 @@ from fastface_pl.atomic import write_text_atomic
 from fastface_pl.faults import EXIT_USAGE, UsageError
 from fastface_pl.safety import EXIT_DIVERGED, finite_or_none
 
-__all__ = ["RUN_FILES", "RunFolderCheck", "check_writable_folder", "claim_run_folder", "fail", "run_id",
-           "write_results"]
+__all__ = ["RANK_VARIABLES", "RUN_FILES", "RunFolderCheck", "check_writable_folder", "claim_run_folder", "fail",
+           "is_launching_rank", "run_id", "write_results"]
 
 RUN_FILES = ("config.yaml", "results.json", "schedule.png", "logs/metrics.csv")
+# the environment variables that give a process its rank under DDP: torchrun (RANK, LOCAL_RANK, GROUP_RANK), Slurm
+# (SLURM_PROCID), Lightning's own launcher (LOCAL_RANK, NODE_RANK) and LSF (JSM_NAMESPACE_RANK)
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def is_launching_rank() -> bool:
+    """Whether this process is global rank 0, as the environment tells before any trainer exists.
+
+    Lightning's ``ddp`` launcher starts the other ranks at ``trainer.fit``, with ``LOCAL_RANK`` (and ``NODE_RANK``)
+    set; torchrun and Slurm set theirs for every rank. A process with no such variable runs alone: rank 0.
+    """
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value and value != "0":
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)

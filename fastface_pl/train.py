@@ -1,6 +1,7 @@
 """Train a face-recognition model with the FastFace scheduler.
 
     python -m fastface_pl.train                                   # the CPU demo (synthetic identities, about 70 s)
+    python -m fastface_pl.train trainer=ddp trainer.accelerator=cpu trainer.devices=2   # the demo on 2 CPU ranks (DDP)
     python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=/data/ms1m-retinaface-t1
     python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=... ckpt_path=runs/<date>/<time>-<id>/checkpoints/last.ckpt
     python -m fastface_pl.train +experiment=r100_ms1mv3 data.root=... ckpt_path=runs/<date>/<time>   # its newest
@@ -10,6 +11,7 @@ Each run writes a folder (``runs/<date>/<time>-<id>/`` by default): ``checkpoint
 after every epoch), ``logs/metrics.csv`` (and TensorBoard events where installed), ``config.yaml`` (the
 resolved config), ``schedule.png`` (loss, its EMA, the detector signal and threshold, the LR and the
 decisions) and ``results.json`` (the final verification accuracies and the scheduler's decisions).
+Under DDP (``trainer=ddp``) the other ranks train in rank 0's folder and only rank 0 writes these files.
 
 Faults end with a message and an exit code (:mod:`fastface_pl.faults`, docs/fault_tolerance.md): 2 for a usage
 error (a bad config value, checkpoint or path), 3 when the training diverges, 128 + the signal number after
@@ -19,7 +21,12 @@ SIGTERM (143) or Ctrl+C (130), with a checkpoint of the step reached and the com
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
 import sys
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +38,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from fastface_pl.checkpoints import SAFE_GLOBALS, AtomicCheckpointIO, restoring_from
@@ -39,7 +48,7 @@ from fastface_pl.evaluation.report import format_results
 from fastface_pl.faults import EXIT_USAGE, UsageError, classify_fault
 from fastface_pl.plotting import plot_run_metrics
 from fastface_pl.resume import compare_with_checkpoint, resolve_checkpoint
-from fastface_pl.runs import claim_run_folder, fail, write_results
+from fastface_pl.runs import claim_run_folder, fail, is_launching_rank, write_results
 from fastface_pl.safety import DivergenceGuard, PreemptionCheckpoint
 
 log = logging.getLogger("fastface_pl.train")
@@ -85,10 +94,61 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
     ]
     if lr_callback is not None:
         callbacks.insert(0, lr_callback)
+    callbacks.insert(0, DistributedFaults())  # first: before a SIGTERM checkpoint is saved in on_exception
     # checkpoints are written to a temporary name and renamed: a full disk never leaves a truncated one
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir),
                           plugins=[AtomicCheckpointIO()])
     return trainer, module, datamodule, lr_callback
+
+
+class DistributedFaults(Callback):
+    """Under DDP, a SIGTERM that ends all ranks together, and rank 0 alive to record a fault.
+
+    Lightning's SIGTERM handler broadcasts from inside the handler, wherever each rank happens to be (in a
+    backward's all-reduce, in a loss reduce): the ranks then wait in different collectives for ever. Here the
+    handler only sets the flag (and, on rank 0, passes the signal to the ranks it started, as Lightning does);
+    Lightning broadcasts rank 0's flag at the start of the next step and stops every rank together.
+
+    Lightning's ``ddp`` launcher also watches the ranks it started (every 5 s) and kills rank 0 as soon as one has
+    exited with an error. A fault that reaches every rank (a divergence, SIGTERM) ends the other ranks first, so
+    rank 0 could be killed before it writes results.json, prints the message and exits with the fault's code.
+    Once the fault has reached rank 0, the watch is stopped; :func:`end_started_ranks` ends them instead.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread():
+            return
+        connector = trainer._signal_connector  # Lightning restores the previous handler at teardown
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if not connector.received_sigterm and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+            connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+        for thread in threading.enumerate():
+            if isinstance(thread, _ChildProcessObserver):
+                thread._child_processes = []  # nothing left to watch: the thread ends at its next check
+
+
+def end_started_ranks(trainer: pl.Trainer, grace_s: float = 5.0) -> None:
+    """After a fault on rank 0: wait ``grace_s`` for the ranks that Lightning started to exit, then kill the rest
+    (a rank waiting for rank 0 in a collective would wait forever)."""
+    procs = [p for p in getattr(trainer.strategy.launcher, "procs", None) or [] if p.poll() is None]
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("rank process %d did not end after the fault: killed", proc.pid)
+            proc.kill()
+            proc.wait()
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
@@ -111,9 +171,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
     require_dataset(cfg)
     validate_config(cfg)  # before any data is read
     ckpt_path, checkpoint = resolve_checkpoint(cfg.ckpt_path, run_dir)  # before the data and model are built
-    claim_run_folder(run_dir, resume_in_place=cfg.ckpt_path == "last")
+    # Under DDP only rank 0 claims the run folder and writes its files; the other ranks (started by Lightning at
+    # trainer.fit with rank 0's hydra.run.dir, or by torchrun/Slurm) train in the same folder.
+    launching = is_launching_rank()
+    if launching:
+        claim_run_folder(run_dir, resume_in_place=cfg.ckpt_path == "last")
     pl.seed_everything(cfg.seed, workers=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if launching:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer, module, datamodule, lr_callback = build(cfg, run_dir, resume_from=checkpoint)
     del checkpoint  # (memory-mapped) read again by Lightning, weights-only
@@ -124,9 +189,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
         with torch.serialization.safe_globals(SAFE_GLOBALS), restoring_from(ckpt_path):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as err:
+        if isinstance(err, SIGTERMException):  # under DDP, SIGTERM's checkpoint is saved in on_exception
+            saved = [c.checkpoint for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint) and c.checkpoint]
+            if saved:
+                err.checkpoint = saved[0]
         outcome = classify_fault(err, run_dir, overrides, step=int(trainer.global_step))
         if outcome is not None and outcome.record and trainer.is_global_zero:
             write_results(run_dir, {**summary, "global_step": int(trainer.global_step), **outcome.record})
+        end_started_ranks(trainer)
         raise
     if trainer.global_step == 0:
         raise UsageError("the run trained no optimizer step (trainer.max_epochs, trainer.max_steps or "
@@ -134,9 +204,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
     summary.update(status="completed", global_step=int(trainer.global_step))
     if lr_callback is not None:
         summary["decisions"] = [list(d) for d in lr_callback.decisions]
-        log.info("%d LR decision(s), at optimizer steps %s", len(lr_callback.decisions),
-                 [step for step, _, _ in lr_callback.decisions])
-    if cfg.validate_at_end:
+        if trainer.is_global_zero:
+            log.info("%d LR decision(s), at optimizer steps %s", len(lr_callback.decisions),
+                     [step for step, _, _ in lr_callback.decisions])
+    if cfg.validate_at_end:  # under DDP every rank validates its contiguous block of the pairs
         table, summary["verification"] = format_results(trainer.validate(module, datamodule=datamodule, verbose=False))
         if trainer.is_global_zero:
             print("\nVerification (10-fold accuracy, VAL@FAR, XNorm):\n" + table)
@@ -156,6 +227,15 @@ def _schedule_name(cfg: DictConfig) -> str:
     return str(cfg.scheduler.get("detector") or cfg.scheduler.get("name") or cfg.scheduler._target_.rsplit(".")[-1])
 
 
+def _pass_sweep_folder_to_ranks() -> None:
+    """In a sweep (``-m``) under DDP, Lightning starts the other ranks with this process's command line: they run
+    the same sweep, one job beside each of rank 0's. Give them this sweep's folder: its default name holds the time
+    and a random id, which a new process would draw again (Lightning passes ``hydra.run.dir`` only)."""
+    argument = f'hydra.sweep.dir="{HydraConfig.get().sweep.dir}"'
+    if argument not in sys.argv:
+        sys.argv.append(argument)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fastface_pl.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """One run (one job of a sweep): its summary, or ``{"status": "diverged", ...}`` for a diverged sweep job."""
@@ -165,6 +245,12 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+    # the verification metrics gather every rank's pairs before they are computed: the same value on each rank
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/.*sync_dist=True")
+    if not is_launching_rank():  # rank 0 tells the run's story; the other ranks say only what goes wrong
+        logging.getLogger("fastface_pl").setLevel(logging.WARNING)
+    elif HydraConfig.get().mode == RunMode.MULTIRUN:
+        _pass_sweep_folder_to_ranks()
     overrides = tuple(HydraConfig.get().overrides.task)
     try:
         return run(cfg, run_dir, overrides)
@@ -175,7 +261,12 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
         if outcome.status == "diverged" and HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"fastface_pl.train: error: {outcome.message}", file=sys.stderr)
             return {"status": "diverged", "run_dir": str(run_dir)}  # the sweep goes on; exit 3 at its end
-        fail(outcome.message, outcome.exit_code, label="" if outcome.status == "interrupted" else "error: ")
+        label = "" if outcome.status == "interrupted" else "error: "
+        if not is_launching_rank():
+            if outcome.status in ("diverged", "interrupted"):  # every rank stops together: rank 0 says it
+                sys.exit(outcome.exit_code)
+            label = f"[rank {rank_zero_only.rank}] {label}"
+        fail(outcome.message, outcome.exit_code, label=label)
     return None
 
 
