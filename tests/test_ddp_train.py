@@ -225,3 +225,79 @@ def test_a_sweep_under_ddp_keeps_each_job_in_one_folder(tmp_path):
         assert (sweeps[0] / job / "train_ddp_process_1.log").is_file()
         summary = json.loads((sweeps[0] / job / "results.json").read_text())
         assert summary["status"] == "completed" and summary["global_step"] == STEPS_PER_EPOCH
+
+
+# ------------------------------------------------------------------ classifier=sharded (issue 18)
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sharded") / "run"
+    result = run_train(run_dir, *TINY_DDP, "classifier=sharded", timeout=300)
+    assert result.returncode == 0, explain(result)
+    return run_dir
+
+
+def _load(path: Path) -> dict:
+    import torch
+
+    from fastface_pl.checkpoints import SAFE_GLOBALS
+
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_the_sharded_layer_trains_on_two_ranks_and_saves_the_whole_layer(sharded_run, tmp_path):
+    summary = json.loads((sharded_run / "results.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 2 * STEPS_PER_EPOCH
+    assert summary["decisions"]  # one decision stream for both ranks (the loss is the global loss)
+    state = _load(sharded_run / "checkpoints" / "last.ckpt")
+    assert state["sharded_classifier"] == {"world_size": 2, "num_classes": 24}
+    assert tuple(state["state_dict"]["classifier.weight"].shape) == (24, 128)
+    groups = state["optimizer_states"][0]["param_groups"]
+    index = next(g for g in groups if g["name"] == "classifier")["params"][0]
+    assert tuple(state["optimizer_states"][0]["state"][index]["momentum_buffer"].shape) == (24, 128)
+    out = tmp_path / "evaluated.json"  # one process evaluates it (the backbone alone)
+    result = run_python("-m", "fastface_pl.evaluate", str(sharded_run / "checkpoints" / "last.ckpt"),
+                        "--num-workers", "0", "--json", str(out), timeout=300)
+    assert result.returncode == 0, explain(result)
+    together = summary["verification"]["synthetic"]["accuracy"]
+    assert json.loads(out.read_text())["synthetic"]["accuracy"] == pytest.approx(together, abs=1e-6)
+
+
+def test_a_sharded_run_resumes_on_two_ranks_and_on_one(sharded_run, tmp_path):
+    last = sharded_run / "checkpoints" / "last.ckpt"
+    for name, devices in (("two", ["trainer.devices=2"]), ("one", ["trainer=default", "trainer.devices=1"])):
+        run_dir = tmp_path / name
+        arguments = [a for a in TINY_DDP if not a.startswith(("trainer=", "trainer.devices"))] + devices
+        result = run_train(run_dir, *arguments, "classifier=sharded", "trainer.max_epochs=3", f"ckpt_path={last}",
+                           timeout=300)
+        assert result.returncode == 0, explain(result)
+        summary = json.loads((run_dir / "results.json").read_text())
+        assert summary["status"] == "completed" and summary["resumed_from"] == str(last)
+    # one process trains 24 steps in the third epoch (batch 8, no second rank), two ranks 12
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["global_step"] == 3 * STEPS_PER_EPOCH
+    assert "split again over 1" in (tmp_path / "one" / "train.log").read_text()
+
+
+def test_sigterm_under_the_sharded_layer_saves_the_whole_layer(tmp_path):
+    """The checkpoint of a pre-empted run gathers every rank's rows (a collective, on the fault path)."""
+    run_dir = tmp_path / "terminated"
+    process = subprocess.Popen(train_command(run_dir, *TINY_DDP, "classifier=sharded", "trainer.max_epochs=50",
+                                             "validate_at_end=false"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=command_env(),
+                               start_new_session=True)
+    marker = run_dir / "checkpoints" / "step0000015.ckpt"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the ranks did not stop after SIGTERM\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    assert result.returncode == 143, explain(result)
+    saved = sorted((run_dir / "checkpoints").glob("interrupted-step*.ckpt"))
+    assert len(saved) == 1, explain(result)
+    assert tuple(_load(saved[0])["state_dict"]["classifier.weight"].shape) == (24, 128)
