@@ -47,6 +47,9 @@ class RankRows(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "end")
 
+    def on_fit_end(self, trainer, pl_module) -> None:  # after fit, as a user saving the trained model would
+        trainer.save_checkpoint(self.out_dir / f"{self.tag}-after-fit.ckpt")
+
 
 def fit(tmp_path: Path, tag: str, epochs: int, devices: int = 2, ckpt_path: Path | None = None,
         sample_rate: float = 0.5) -> Path:
@@ -85,6 +88,10 @@ def test_checkpoints_hold_the_whole_layer_and_a_resume_on_the_same_ranks_is_exac
     momentum = checkpoint["optimizer_states"][0]["state"][index]["momentum_buffer"]
     torch.testing.assert_close(momentum, torch.cat([r["momentum"] for r in ranks]), rtol=0, atol=0)
     assert ranks[0]["steps"] == 2 * STEPS_PER_EPOCH
+    after = load(tmp_path / "straight-after-fit.ckpt")  # the layer and the optimizer are whole after fit
+    torch.testing.assert_close(after["state_dict"]["classifier.weight"], whole, rtol=0, atol=0)
+    torch.testing.assert_close(after["optimizer_states"][0]["state"][index]["momentum_buffer"], momentum, rtol=0,
+                               atol=0)
 
     first = fit(tmp_path, "first", epochs=1)
     fit(tmp_path, "resumed", epochs=2, ckpt_path=first / "epoch=0.ckpt")
@@ -149,3 +156,45 @@ def test_fastface_the_guard_bf16_and_accumulation_work_with_the_sharded_layer(tm
     assert len(ranks[0]["decisions"]) >= 1 and ranks[0]["lrs"][-1][0] < 0.05
     assert ranks[0]["loss"] == ranks[1]["loss"] and torch.isfinite(torch.tensor(ranks[0]["loss"]))
     assert model.classifier.weight.shape == (CLASSES, 16)  # whole again in the launching process
+
+
+class Overflow(Callback):
+    """Makes rank 1's own rows overflow at one step (before the scaler unscales) and records each rank's scale."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir, self.scales = out_dir, []
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            pl_module.classifier.weight.grad[0, 0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.scales.append(float(trainer.precision_plugin.scaler.get_scale()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({"scales": self.scales, "backbone": {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}},
+                   self.out_dir / f"overflow-rank{trainer.global_rank}.pt")
+
+
+def test_under_fp16_an_overflow_on_one_rank_makes_every_rank_skip_the_step(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    torch.manual_seed(0)
+    datamodule = FaceDataModule("synthetic", batch_size=4, num_workers=0, seed=1, synthetic=SYNTHETIC)
+    model = FaceRecognitionModule(
+        num_classes=CLASSES, backbone="tiny", backbone_kwargs={"input_size": 16}, embedding_size=16,
+        margin="cosface", margin_kwargs={"s": 16.0, "m": 0.2}, classifier="sharded", lr=0.05,
+    )
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=5,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))],
+        callbacks=[Overflow(tmp_path)], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    ranks = [load(tmp_path / f"overflow-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["scales"] == ranks[1]["scales"]
+    assert min(ranks[0]["scales"]) < 1024.0  # the overflow was seen, by both
+    for key, value in ranks[0]["backbone"].items():
+        if "running_" not in key and "num_batches_tracked" not in key:
+            torch.testing.assert_close(ranks[1]["backbone"][key], value, rtol=0, atol=0)

@@ -344,11 +344,25 @@ class FaceRecognitionModule(pl.LightningModule):
         self.log("train/dcp_skipped_writes", self.classifier.skipped_writes.float(), on_step=True, on_epoch=False)
         return (loss_a + loss_b) / 2
 
-    def on_fit_end(self) -> None:
-        """``sharded``: the whole layer back on every rank, so that ``state_dict()`` after ``fit`` (and what
-        ``ddp_spawn`` hands back to the launching process) holds every row."""
-        if isinstance(self.classifier, ShardedClassifier):
-            self.classifier.unshard()
+    def on_train_end(self) -> None:
+        """``sharded`` over several ranks: the whole layer and its momentum back on every rank (on the host, before
+        Lightning's teardown), the optimizer rebound to them, so that ``state_dict()`` after ``fit``, a checkpoint
+        saved then, and what ``ddp_spawn`` hands back to the launching process hold every row."""
+        layer = self.classifier
+        if not isinstance(layer, ShardedClassifier) or layer.world_size == 1:
+            return
+        rows, trainer = layer.weight, self.trainer
+        holders = [(optimizer, group) for optimizer in trainer.optimizers for group in optimizer.param_groups
+                   if any(p is rows for p in group["params"])]
+        # whether to gather a momentum: from the settings (the same on every rank), never from a rank's own state
+        momenta = [gather_rows(optimizer.state.get(rows, {}).get("momentum_buffer", torch.zeros_like(rows)), layer,
+                               every_rank=True) if group.get("momentum", 0) else None for optimizer, group in holders]
+        layer.unshard()
+        for (optimizer, group), momentum in zip(holders, momenta):
+            group["params"] = [layer.weight if p is rows else p for p in group["params"]]
+            old = optimizer.state.pop(rows, {})
+            if momentum is not None and "momentum_buffer" in old:
+                optimizer.state[layer.weight] = {**old, "momentum_buffer": momentum}
 
     def on_train_start(self) -> None:
         if self.hparams.classifier == "dcp":  # after a resume, warn only about refusals of this run
@@ -372,7 +386,8 @@ class FaceRecognitionModule(pl.LightningModule):
         """``sharded``: keeps this rank's rows of the layer. ``dcp``: enlarges the pool to hold one step's gallery
         view of all ranks. Both before a checkpoint loads and the optimizer is built."""
         trainer = self._trainer
-        if isinstance(self.classifier, ShardedClassifier) and trainer is not None and trainer.world_size > 1:
+        if isinstance(self.classifier, ShardedClassifier) and stage == "fit" and trainer is not None \
+                and trainer.world_size > 1:
             self.classifier.shard(trainer.global_rank, trainer.world_size)
         if stage != "fit" or self.hparams.classifier != "dcp":
             return
@@ -391,6 +406,14 @@ class FaceRecognitionModule(pl.LightningModule):
         settings["pool_size"] = needed  # checkpoints rebuild the same pool
 
     def on_fit_start(self) -> None:
+        layer = self.classifier
+        if isinstance(layer, ShardedClassifier) and layer.world_size > 1 and self.trainer.gradient_clip_val is not None:
+            raise ValueError(
+                f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} clips every parameter together, and with "
+                "classifier=sharded each rank holds other rows of the layer: the ranks would scale their gradients "
+                "differently and their backbones drift apart. Leave it null; model.clip_grad_norm clips the backbone "
+                "(the same on every rank)"
+            )
         if self.hparams.classifier == "dcp":
             needed = self._dcp_gallery_batch()
             if needed is not None and needed > self.classifier.pool_size:
@@ -412,11 +435,15 @@ class FaceRecognitionModule(pl.LightningModule):
             return
         checkpoint["state_dict"]["classifier.weight"] = gather_rows(layer.weight, layer)
         for optimizer_state in checkpoint.get("optimizer_states", []):
-            index, entry = _classifier_state(optimizer_state)
-            if entry is not None and "momentum_buffer" in entry:  # the same on every rank: they step together
-                # a new dict: the optimizer's state_dict() shares its entries with the live optimizer
-                optimizer_state["state"][index] = {**entry, "momentum_buffer": gather_rows(entry["momentum_buffer"],
-                                                                                             layer)}
+            index, entry, momentum = _classifier_state(optimizer_state)
+            # Whether to gather, from what every rank shares (the settings, the step count), never from one rank's
+            # own state: a rank that disagreed would leave the others waiting. A rank without a buffer sends zeros.
+            if index is None or not momentum or self.trainer.global_step == 0:
+                continue
+            buffer = (entry or {}).get("momentum_buffer")
+            whole = gather_rows(buffer if buffer is not None else torch.zeros_like(layer.weight), layer)
+            # a new dict: the optimizer's state_dict() shares its entries with the live optimizer
+            optimizer_state["state"][index] = {**(entry or {}), "momentum_buffer": whole}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """``sharded``: this rank's rows of the checkpoint's whole weight and momentum (whatever world size saved
@@ -434,7 +461,7 @@ class FaceRecognitionModule(pl.LightningModule):
         if "classifier.weight" in state:
             state["classifier.weight"] = slice_rows(state["classifier.weight"], layer)
         for optimizer_state in checkpoint.get("optimizer_states", []):
-            index, entry = _classifier_state(optimizer_state)
+            index, entry, _ = _classifier_state(optimizer_state)
             if entry is not None and "momentum_buffer" in entry:
                 optimizer_state["state"][index] = {**entry, "momentum_buffer": slice_rows(entry["momentum_buffer"],
                                                                                             layer)}
@@ -473,6 +500,24 @@ class FaceRecognitionModule(pl.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule["milestones"], schedule["gamma"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``sharded`` under fp16 with a gradient scaler: the ranks agree on whether this step overflowed.
+
+        Lightning has just unscaled the gradients; each rank's scaler found infs or NaNs in its own gradients only,
+        and the ranks hold different rows of the layer. Were one rank to skip a step the others take, its scale and
+        its backbone would drift apart from theirs for good. One ``all_reduce`` (MAX) of the overflow flag, on the
+        device, makes every rank skip or step together (as FSDP's sharded scaler does).
+        """
+        layer = self.classifier
+        if not isinstance(layer, ShardedClassifier) or layer.world_size == 1:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return
+        state = scaler._per_optimizer_states.get(id(optimizer), {})
+        for found in state.get("found_inf_per_device", {}).values():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=layer.group)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -534,11 +579,11 @@ class FaceRecognitionModule(pl.LightningModule):
             self.log("val/accuracy", torch.stack(accuracies).mean(), prog_bar=True, add_dataloader_idx=False)
 
 
-def _classifier_state(optimizer_state: Mapping[str, Any]) -> tuple[Any, Any]:
-    """(index, state entry) of the classifier's weight in an optimizer's ``state_dict`` (its group is named
-    ``classifier``); (None, None) when there is none."""
+def _classifier_state(optimizer_state: Mapping[str, Any]) -> tuple[Any, Any, float]:
+    """(index, state entry, momentum setting) of the classifier's weight in an optimizer's ``state_dict`` (its group
+    is named ``classifier``); (None, None, 0) when there is none."""
     for group in optimizer_state.get("param_groups", []):
         if group.get("name") == "classifier" and group.get("params"):
             index = group["params"][0]
-            return index, optimizer_state.get("state", {}).get(index)
-    return None, None
+            return index, optimizer_state.get("state", {}).get(index), float(group.get("momentum", 0) or 0)
+    return None, None, 0.0

@@ -209,8 +209,9 @@ class ShardedClassifier(nn.Module):
         self.check_labels = check_labels
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.normal_(self.weight, 0.0, 0.01)  # as the full layer (and arcface_torch)
-        # the random share's seed (from the global generator: seed_everything governs it), kept in checkpoints;
-        # a Python int, so that drawing a sample reads nothing from the device
+        # the random share's seed (from the global generator: seed_everything governs it; rank 0's under DDP),
+        # kept in checkpoints; a Python int, not a buffer, so that seeding the generator reads nothing from the
+        # device (drawing the sample still synchronises once, for the number of positives, as Partial FC does)
         self.sample_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.rank, self.world_size, self.group = 0, 1, None
         self.start, self.end = 0, num_classes
@@ -241,24 +242,20 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"classifier=sharded needs at least one identity per rank: {self.num_classes} "
                              f"identities over {world_size} ranks; use classifier=full")
         start, end = shard_range(self.num_classes, world_size, rank)
+        seed = [self.sample_seed]
+        dist.broadcast_object_list(seed, src=0, group=group)  # rank 0's, as checkpoints keep it
+        self.sample_seed = int(seed[0])
         self.weight = nn.Parameter(self.weight.data[start:end].clone())
         self.rank, self.world_size, self.group, self.start, self.end = rank, world_size, group, start, end
 
     @torch.no_grad()
     def unshard(self) -> None:
-        """Every rank gets the whole weight back (a collective), as one process holds it: after ``fit``, so that
-        the module's ``state_dict`` is the whole layer again. The optimizer's rows stay where they were."""
+        """Every rank gets the whole weight back, on the host (a collective): the layer is then the whole layer
+        of one process, as after ``fit``. The caller rebinds an optimizer that held the rows
+        (:meth:`~fastface_pl.models.module.FaceRecognitionModule.on_train_end` does)."""
         if self.world_size == 1:
             return
-        longest = math.ceil(self.num_classes / self.world_size)
-        padded = self.weight.new_zeros((longest, self.embedding_size))
-        padded[: self.num_local] = self.weight
-        parts = padded.new_empty((self.world_size * longest, self.embedding_size))
-        _all_gather(parts, padded, group=self.group)
-        whole = torch.cat([parts[rank * longest : rank * longest + end - start] for rank, (start, end) in
-                           enumerate(shard_range(self.num_classes, self.world_size, r) for r in
-                                     range(self.world_size))])
-        self.weight = nn.Parameter(whole)
+        self.weight = nn.Parameter(gather_rows(self.weight, self, every_rank=True))
         self.rank, self.world_size, self.group, self.start, self.end = 0, 1, None, 0, self.num_classes
 
     def get_extra_state(self) -> dict[str, int]:
@@ -288,13 +285,18 @@ class ShardedClassifier(nn.Module):
             raise ValueError(f"expected embeddings [B, D] and labels [B], got {list(embeddings.shape)} and "
                              f"{list(labels.shape)}")
         labels = labels.long()
-        if self.check_labels:
-            _check_labels(labels, self.num_classes)
         embeddings = embeddings.float()  # gathered in fp32: the loss is computed in fp32 anyway
         group = self.group if self.world_size > 1 else None
         if group is not None:
             embeddings = _GatherRows.apply(embeddings, group)
             labels = _gather_labels(labels, group)
+        if self.check_labels:  # after the gather: every rank raises together
+            _check_labels(labels, self.num_classes)
+        # A label no rank holds would leave its sample without a target, silently: stop as the full layer's
+        # index error does, without reading anything on the host (a device-side assertion on a GPU).
+        torch._assert_async(((labels >= IGNORE_LABEL) & (labels < self.num_classes)).all(),
+                            f"labels must be in [0, {self.num_classes}) or -1; set num_classes to the number of "
+                            "identities in the data")
         valid = labels != IGNORE_LABEL
         local = torch.where((labels >= self.start) & (labels < self.end), labels - self.start,
                             torch.full_like(labels, -1))
@@ -315,25 +317,37 @@ class ShardedClassifier(nn.Module):
                 f", rows=[{self.start}, {self.end}) of rank {self.rank}/{self.world_size}")
 
 
-def gather_rows(rows: torch.Tensor, layer: ShardedClassifier) -> Optional[torch.Tensor]:
-    """The whole ``[C, ...]`` tensor from every rank's ``rows`` (its shard), on rank 0's CPU; None on the others.
+def gather_rows(rows: torch.Tensor, layer: ShardedClassifier, every_rank: bool = False) -> Optional[torch.Tensor]:
+    """The whole ``[C, ...]`` tensor made of every rank's ``rows`` (its shard of it), on the host: on rank 0 only
+    (None on the others), or on every rank with ``every_rank``.
 
-    A collective: every rank calls it, in the same order.
+    A collective: every rank calls it, in the same order. The shards travel one at a time through a buffer of
+    one shard on the rows' device, so no device ever holds the whole tensor.
     """
     if layer.world_size == 1:
         return rows.detach().cpu()
     longest = math.ceil(layer.num_classes / layer.world_size)
-    padded = rows.new_zeros((longest, *rows.shape[1:]))
-    padded[: rows.shape[0]] = rows.detach()
-    parts = [torch.empty_like(padded) for _ in range(layer.world_size)] if layer.rank == 0 else None
-    dist.gather(padded, parts, dst=0, group=layer.group)
-    if parts is None:
-        return None
-    pieces = []
-    for rank, part in enumerate(parts):
-        start, end = shard_range(layer.num_classes, layer.world_size, rank)
-        pieces.append(part[: end - start].cpu())
-    return torch.cat(pieces)
+    buffer = rows.new_zeros((longest, *rows.shape[1:]))
+    whole = (torch.empty((layer.num_classes, *rows.shape[1:]), dtype=rows.dtype)
+             if every_rank or layer.rank == 0 else None)
+    for source in range(layer.world_size):
+        start, end = shard_range(layer.num_classes, layer.world_size, source)
+        if source == layer.rank:
+            buffer[: end - start] = rows.detach()
+        if every_rank:
+            dist.broadcast(buffer, src=_global_rank(layer.group, source), group=layer.group)
+        elif source != 0 and layer.rank in (0, source):
+            if layer.rank == source:
+                dist.send(buffer, dst=_global_rank(layer.group, 0), group=layer.group)
+            else:
+                dist.recv(buffer, src=_global_rank(layer.group, source), group=layer.group)
+        if whole is not None:
+            whole[start:end] = buffer[: end - start].cpu()
+    return whole
+
+
+def _global_rank(group: Any, rank: int) -> int:
+    return rank if group is None or group is dist.group.WORLD else dist.get_global_rank(group, rank)
 
 
 def slice_rows(whole: torch.Tensor, layer: ShardedClassifier) -> torch.Tensor:
