@@ -227,6 +227,12 @@ def validate_config(cfg: DictConfig) -> None:
             check(key, OmegaConf.select(cfg, key, default=None))
         except ValueError as err:
             problems.append(str(err))
+    if OmegaConf.select(cfg, "model.classifier", default=None) == "sharded" \
+            and OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None) is not None:
+        problems.append(f"trainer.gradient_clip_val={OmegaConf.select(cfg, 'trainer.gradient_clip_val')} with "
+                        "classifier=sharded: it clips every parameter together, each rank's own rows of the layer "
+                        "included, so ranks would clip differently; leave it null (model.clip_grad_norm clips the "
+                        "backbone)")
     ckpt_path = OmegaConf.select(cfg, "ckpt_path", default=None)
     if ckpt_path is not None and not isinstance(ckpt_path, str):
         problems.append(f"ckpt_path={ckpt_path!r}: expected a path, a run folder, 'last' or null")

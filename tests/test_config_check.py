@@ -104,3 +104,9 @@ def test_claiming_a_run_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(UsageError, match="permission denied"):
         claim_run_folder(tmp_path / "other", resume_in_place=False)
+
+
+def test_the_sharded_layer_with_the_trainers_clipping_is_refused_before_anything_is_built():
+    validate_config(_compose("classifier=sharded", "trainer=ddp"))
+    with pytest.raises(UsageError, match=r"trainer.gradient_clip_val=1.0 with classifier=sharded"):
+        validate_config(_compose("classifier=sharded", "trainer=ddp", "trainer.gradient_clip_val=1.0"))
