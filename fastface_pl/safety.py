@@ -1,4 +1,5 @@
-"""Callbacks that keep a long run trustworthy: a divergence guard and a pre-emption checkpoint.
+"""Callbacks that keep a long run trustworthy: a divergence guard, a pre-emption checkpoint, and under DDP the
+ranks stopping together on a fault (:class:`DistributedFaults`, :func:`end_started_ranks`).
 
 :class:`DivergenceGuard` stops a run whose loss stays non-finite, whatever the LR scheduler, and refuses to
 save non-finite weights, so the newest checkpoint on disk is always a good one. :class:`PreemptionCheckpoint`
@@ -10,9 +11,12 @@ See ``docs/fault_tolerance.md``.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
+import subprocess
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +29,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
 from fastface_pl.validation import check_int
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted", "EXIT_DIVERGED",
            "finite_or_none"]
@@ -258,3 +264,53 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
+
+
+class DistributedFaults(Callback):
+    """Under DDP, a SIGTERM that ends all ranks together, and rank 0 alive to record a fault.
+
+    Lightning's SIGTERM handler broadcasts from inside the handler, wherever each rank happens to be (in a
+    backward's all-reduce, in a loss reduce): the ranks then wait in different collectives for ever. Here the
+    handler only sets the flag (and, on rank 0, passes the signal to the ranks it started, as Lightning does);
+    Lightning broadcasts rank 0's flag at the start of the next step and stops every rank together.
+
+    Lightning's ``ddp`` launcher also watches the ranks it started (every 5 s) and kills rank 0 as soon as one has
+    exited with an error. A fault that reaches every rank (a divergence, SIGTERM) ends the other ranks first, so
+    rank 0 could be killed before it writes results.json, prints the message and exits with the fault's code.
+    Once the fault has reached rank 0, the watch is stopped; :func:`end_started_ranks` ends them instead.
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread():
+            return
+        connector = trainer._signal_connector  # Lightning restores the previous handler at teardown
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if not connector.received_sigterm and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+            connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+        for thread in threading.enumerate():
+            if isinstance(thread, _ChildProcessObserver):
+                thread._child_processes = []  # nothing left to watch: the thread ends at its next check
+
+
+def end_started_ranks(trainer: Trainer, grace_s: float = 5.0) -> None:
+    """After a fault on rank 0: wait ``grace_s`` for the ranks that Lightning started to exit, then kill the rest
+    (a rank waiting for rank 0 in a collective would wait forever)."""
+    procs = [p for p in getattr(trainer.strategy.launcher, "procs", None) or [] if p.poll() is None]
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("rank process %d did not end after the fault: killed", proc.pid)
+            proc.kill()
+            proc.wait()

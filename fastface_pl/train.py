@@ -21,11 +21,7 @@ SIGTERM (143) or Ctrl+C (130), with a checkpoint of the step reached and the com
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
 import sys
-import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -49,7 +45,7 @@ from fastface_pl.faults import EXIT_USAGE, UsageError, classify_fault
 from fastface_pl.plotting import plot_run_metrics
 from fastface_pl.resume import compare_with_checkpoint, resolve_checkpoint
 from fastface_pl.runs import claim_run_folder, fail, is_launching_rank, write_results
-from fastface_pl.safety import DivergenceGuard, PreemptionCheckpoint
+from fastface_pl.safety import DistributedFaults, DivergenceGuard, PreemptionCheckpoint, end_started_ranks
 
 log = logging.getLogger("fastface_pl.train")
 
@@ -99,56 +95,6 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir),
                           plugins=[AtomicCheckpointIO()])
     return trainer, module, datamodule, lr_callback
-
-
-class DistributedFaults(Callback):
-    """Under DDP, a SIGTERM that ends all ranks together, and rank 0 alive to record a fault.
-
-    Lightning's SIGTERM handler broadcasts from inside the handler, wherever each rank happens to be (in a
-    backward's all-reduce, in a loss reduce): the ranks then wait in different collectives for ever. Here the
-    handler only sets the flag (and, on rank 0, passes the signal to the ranks it started, as Lightning does);
-    Lightning broadcasts rank 0's flag at the start of the next step and stops every rank together.
-
-    Lightning's ``ddp`` launcher also watches the ranks it started (every 5 s) and kills rank 0 as soon as one has
-    exited with an error. A fault that reaches every rank (a divergence, SIGTERM) ends the other ranks first, so
-    rank 0 could be killed before it writes results.json, prints the message and exits with the fault's code.
-    Once the fault has reached rank 0, the watch is stopped; :func:`end_started_ranks` ends them instead.
-    """
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.world_size < 2 or threading.current_thread() is not threading.main_thread():
-            return
-        connector = trainer._signal_connector  # Lightning restores the previous handler at teardown
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            if not connector.received_sigterm and trainer.strategy.launcher is not None:
-                trainer.strategy.launcher.kill(signum)
-            connector.received_sigterm = True
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not trainer.is_global_zero:
-            return
-        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-
-        for thread in threading.enumerate():
-            if isinstance(thread, _ChildProcessObserver):
-                thread._child_processes = []  # nothing left to watch: the thread ends at its next check
-
-
-def end_started_ranks(trainer: pl.Trainer, grace_s: float = 5.0) -> None:
-    """After a fault on rank 0: wait ``grace_s`` for the ranks that Lightning started to exit, then kill the rest
-    (a rank waiting for rank 0 in a collective would wait forever)."""
-    procs = [p for p in getattr(trainer.strategy.launcher, "procs", None) or [] if p.poll() is None]
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("rank process %d did not end after the fault: killed", proc.pid)
-            proc.kill()
-            proc.wait()
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:

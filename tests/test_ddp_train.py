@@ -161,7 +161,7 @@ WATCHED = """
 import subprocess, sys, time
 from types import SimpleNamespace
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from fastface_pl.train import DistributedFaults, end_started_ranks
+from fastface_pl.safety import DistributedFaults, end_started_ranks
 
 rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3); raise SystemExit(3)"])
 _ChildProcessObserver(main_pid=__import__("os").getpid(), child_processes=[rank], sleep_period=0.1).start()
@@ -187,7 +187,7 @@ def test_a_rank_left_waiting_after_a_fault_is_ended():
     import sys
     from types import SimpleNamespace
 
-    from fastface_pl.train import end_started_ranks
+    from fastface_pl.safety import end_started_ranks
 
     waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     done = subprocess.Popen([sys.executable, "-c", "pass"])
