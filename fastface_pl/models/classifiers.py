@@ -46,27 +46,12 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 class _MarginCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weight, labels, margin, reuse_buffer):  # type: ignore[override]
-        dtype = _compute_dtype(embeddings, weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            emb = embeddings.to(dtype)
-            w = weight.to(dtype)
-            emb_norm = emb.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
-            emb_hat = emb / emb_norm
-            w_norm = w.norm(dim=1).clamp_min(_NORM_EPS)
-
-            buffer = emb_hat @ w.t()  # the single [B, C] buffer: cosines → logits → softmax → gradient
-            buffer.div_(w_norm).clamp_(-1.0, 1.0)
-
+            # the single [B, C] buffer: cosines → logits → softmax → gradient
+            emb_hat, emb_norm, w, w_norm, buffer = _cosines(embeddings, weight)
             rows = (labels != IGNORE_LABEL).nonzero().squeeze(1)
             cols = labels[rows]
-            with torch.enable_grad():
-                cos_target = buffer[rows, cols].detach().requires_grad_(True)
-                target = margin.target_logit(cos_target)
-                if target.requires_grad:
-                    (d_target,) = torch.autograd.grad(target.sum(), cos_target)
-                else:
-                    d_target = torch.zeros_like(cos_target)
-            target = target.detach()
+            target, d_target = _target_logits(margin, buffer[rows, cols])
 
             s = margin.s
             buffer.index_put_((rows, cols), target)
@@ -105,20 +90,54 @@ class _MarginCrossEntropy(torch.autograd.Function):
                 valid[rows] = True
                 grad[~valid] = 0.0
             grad.mul_(grad_loss.to(grad.dtype) * (ctx.s / max(ctx.num_valid, 1)))
-            grad.div_(w_norm)  # g / ‖w_j‖  (∂cos_ij/∂ê_i = w_j/‖w_j‖)
-            grad_emb = grad_w = None
-            if need_emb:
-                grad_emb_hat = grad @ w
-                radial = (grad_emb_hat * emb_hat).sum(dim=1, keepdim=True)
-                grad_emb = (grad_emb_hat - radial * emb_hat) / emb_norm
-                grad_emb = grad_emb.to(ctx.input_dtypes[0])
-            if need_w:
-                grad_w = grad.t() @ emb_hat  # [C, D]
-                # remove the component along w_j: ∂(w/‖w‖) = (I − ŵŵᵀ)/‖w‖
-                along = torch.bmm(grad_w.unsqueeze(1), w.unsqueeze(2)).view(-1) / (w_norm * w_norm)
-                grad_w.addcmul_(w, along.unsqueeze(1), value=-1.0)
-                grad_w = grad_w.to(ctx.input_dtypes[1])
+            grad_emb, grad_w = _input_gradients(grad, emb_hat, emb_norm, w, w_norm, (need_emb, need_w),
+                                                ctx.input_dtypes)
         return grad_emb, grad_w, None, None, None
+
+
+def _cosines(embeddings: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(ê, ‖e‖, w, ‖w‖, cos)`` in the compute dtype: the cosines ``ê · w_j / ‖w_j‖`` in a fresh ``[B, C]``
+    buffer, clamped to [−1, 1] in place (no normalised copy of the weight). Call with autocast off."""
+    dtype = _compute_dtype(embeddings, weight)
+    emb = embeddings.to(dtype)
+    w = weight.to(dtype)
+    emb_norm = emb.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    emb_hat = emb / emb_norm
+    w_norm = w.norm(dim=1).clamp_min(_NORM_EPS)
+    buffer = emb_hat @ w.t()
+    buffer.div_(w_norm).clamp_(-1.0, 1.0)
+    return emb_hat, emb_norm, w, w_norm, buffer
+
+
+def _target_logits(margin: MarginHead, cos_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The margin head's target logits of ``cos_target`` (detached) and their derivative in cos θ."""
+    with torch.enable_grad():
+        cos_target = cos_target.detach().requires_grad_(True)
+        target = margin.target_logit(cos_target)
+        if target.requires_grad:
+            (d_target,) = torch.autograd.grad(target.sum(), cos_target)
+        else:
+            d_target = torch.zeros_like(cos_target)
+    return target.detach(), d_target
+
+
+def _input_gradients(grad: torch.Tensor, emb_hat: torch.Tensor, emb_norm: torch.Tensor, w: torch.Tensor,
+                     w_norm: torch.Tensor, needed: tuple[bool, bool],
+                     dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The embeddings' and the weight's gradients from ``grad`` = ∂L/∂cos (divided by ‖w_j‖ in place)."""
+    grad.div_(w_norm)  # g / ‖w_j‖  (∂cos_ij/∂ê_i = w_j/‖w_j‖)
+    grad_emb = grad_w = None
+    if needed[0]:
+        grad_emb_hat = grad @ w
+        radial = (grad_emb_hat * emb_hat).sum(dim=1, keepdim=True)
+        grad_emb = ((grad_emb_hat - radial * emb_hat) / emb_norm).to(dtypes[0])
+    if needed[1]:
+        grad_w = grad.t() @ emb_hat  # [C, D]
+        # remove the component along w_j: ∂(w/‖w‖) = (I − ŵŵᵀ)/‖w‖
+        along = torch.bmm(grad_w.unsqueeze(1), w.unsqueeze(2)).view(-1) / (w_norm * w_norm)
+        grad_w.addcmul_(w, along.unsqueeze(1), value=-1.0)
+        grad_w = grad_w.to(dtypes[1])
+    return grad_emb, grad_w
 
 
 def margin_cross_entropy(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

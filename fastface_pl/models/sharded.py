@@ -32,13 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastface_pl.models.classifiers import _check_labels, _compute_dtype
+from fastface_pl.models.classifiers import _check_labels, _cosines, _input_gradients, _target_logits
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
 from fastface_pl.validation import check_int, check_real
 
 __all__ = ["ShardedClassifier", "shard_range", "sharded_margin_cross_entropy", "gather_rows", "slice_rows"]
-
-_NORM_EPS = 1e-12
 
 
 # torch >= 2.10 names them *_single (the older names warn); the same collectives
@@ -58,11 +56,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, group):  # type: ignore[override]
-        world = dist.get_world_size(group)
-        out = rows.new_empty((world * rows.shape[0], *rows.shape[1:]))
-        _all_gather(out, rows.contiguous(), group=group)
-        ctx.group, ctx.world = group, world
-        return out
+        ctx.group, ctx.world = group, dist.get_world_size(group)
+        return _gathered(rows, group)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -71,9 +66,10 @@ class _GatherRows(torch.autograd.Function):
         return own.mul_(ctx.world), None
 
 
-def _gather_labels(labels: torch.Tensor, group: Any) -> torch.Tensor:
-    out = labels.new_empty(dist.get_world_size(group) * labels.shape[0])
-    _all_gather(out, labels.contiguous(), group=group)
+def _gathered(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Every rank's ``tensor`` (the same shape on each), stacked along the first dimension in rank order."""
+    out = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather(out, tensor.contiguous(), group=group)
     return out
 
 
@@ -83,28 +79,14 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, weight, target_cols, valid, margin, group, reuse_buffer):  # type: ignore[override]
-        dtype = _compute_dtype(embeddings, weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            emb = embeddings.to(dtype)
-            w = weight.to(dtype)
-            emb_norm = emb.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
-            emb_hat = emb / emb_norm
-            w_norm = w.norm(dim=1).clamp_min(_NORM_EPS)
-            buffer = emb_hat @ w.t()  # cosines → logits → softmax → gradient, in place
-            buffer.div_(w_norm).clamp_(-1.0, 1.0)
-
+            # cosines → logits → softmax → gradient, in place
+            emb_hat, emb_norm, w, w_norm, buffer = _cosines(embeddings, weight)
             here = target_cols >= 0  # rows whose target class is one of this rank's scored rows
             rows = torch.arange(buffer.shape[0], device=buffer.device)
             cols = target_cols.clamp_min(0)
             cos_target = buffer[rows, cols]
-            with torch.enable_grad():
-                cos_leaf = cos_target.detach().requires_grad_(True)
-                target = margin.target_logit(cos_leaf)
-                if target.requires_grad:
-                    (d_target,) = torch.autograd.grad(target.sum(), cos_leaf)
-                else:
-                    d_target = torch.zeros_like(cos_leaf)
-            target = target.detach()
+            target, d_target = _target_logits(margin, cos_target)
             s = margin.s
             buffer[rows, cols] = torch.where(here, target, cos_target)
             buffer.mul_(s)
@@ -118,7 +100,7 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
             row_sum, target_logit = sums[0], sums[1]
             buffer.div_(row_sum.unsqueeze(1))  # softmax p over this rank's columns
             log_sum_exp = row_sum.log() + row_max
-            num_valid = valid.sum().clamp_min(1).to(dtype)
+            num_valid = valid.sum().clamp_min(1).to(buffer.dtype)
             loss = torch.where(valid, log_sum_exp - target_logit, torch.zeros_like(row_max)).sum() / num_valid
 
         ctx.save_for_backward(emb_hat, emb_norm, w, w_norm, buffer, rows, cols, here, valid, d_target, num_valid)
@@ -141,17 +123,8 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
             grad[rows, cols] = torch.where(here, (p_target - 1.0) * d_target, p_target)
             grad.mul_(valid.unsqueeze(1).to(grad.dtype))  # rows without a label contribute nothing
             grad.mul_((grad_loss.to(grad.dtype) * ctx.s / num_valid))
-            grad.div_(w_norm)
-            grad_emb = grad_w = None
-            if ctx.needs_input_grad[0]:
-                grad_emb_hat = grad @ w
-                radial = (grad_emb_hat * emb_hat).sum(dim=1, keepdim=True)
-                grad_emb = ((grad_emb_hat - radial * emb_hat) / emb_norm).to(ctx.input_dtypes[0])
-            if ctx.needs_input_grad[1]:
-                grad_w = grad.t() @ emb_hat
-                along = torch.bmm(grad_w.unsqueeze(1), w.unsqueeze(2)).view(-1) / (w_norm * w_norm)
-                grad_w.addcmul_(w, along.unsqueeze(1), value=-1.0)
-                grad_w = grad_w.to(ctx.input_dtypes[1])
+            grad_emb, grad_w = _input_gradients(grad, emb_hat, emb_norm, w, w_norm, ctx.needs_input_grad[:2],
+                                                ctx.input_dtypes)
         return grad_emb, grad_w, None, None, None, None, None
 
 
@@ -289,7 +262,7 @@ class ShardedClassifier(nn.Module):
         group = self.group if self.world_size > 1 else None
         if group is not None:
             embeddings = _GatherRows.apply(embeddings, group)
-            labels = _gather_labels(labels, group)
+            labels = _gathered(labels, group)
         if self.check_labels:  # after the gather: every rank raises together
             _check_labels(labels, self.num_classes)
         # A label no rank holds would leave its sample without a target, silently: stop as the full layer's
