@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,54 +38,69 @@ def optimizer(backbone: nn.Module, layer: nn.Module) -> torch.optim.Optimizer:
                         weight_decay=5e-4)
 
 
-def equality_rank(rank: int, world: int, init_file: str, out_dir: str, num_classes: int) -> None:
-    """Trains the sharded layer with a DDP backbone for STEPS steps on this rank's part of each global batch."""
+@contextmanager
+def gloo_rank(rank: int, world: int, init_file: str):
+    """This process as rank ``rank`` of ``world`` CPU ranks (one thread), for the ``with`` block."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        backbone, layer = build(num_classes)
-        layer.shard(rank, world)
-        model = DistributedDataParallel(backbone)
-        opt = optimizer(backbone, layer)
-        x, y = global_batches(num_classes, world)
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        losses, first_grads = [], None
-        for step in range(STEPS):
-            loss = layer(model(x[step, mine]), y[step, mine])
-            opt.zero_grad()
-            loss.backward()
-            if first_grads is None:
-                first_grads = [p.grad.clone() for p in backbone.parameters()]
-            opt.step()
-            losses.append(loss.detach())
-        torch.save({"losses": torch.stack(losses), "grads": first_grads, "backbone": backbone.state_dict(),
-                    "rows": layer.weight.detach().clone(), "range": (layer.start, layer.end)},
-                   Path(out_dir, f"rank{rank}.pt"))
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def sharded_on_rank(rank: int, world: int, num_classes: int, rate: float = 1.0):
+    """(backbone, its DDP wrapper, the layer sharded for this rank, the optimizer, this rank's batch columns)."""
+    backbone, layer = build(num_classes, rate)
+    layer.shard(rank, world)
+    return (backbone, DistributedDataParallel(backbone), layer, optimizer(backbone, layer),
+            slice(rank * PER_RANK, (rank + 1) * PER_RANK))
+
+
+def train(model: nn.Module, backbone: nn.Module, layer: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+          y: torch.Tensor, before_step=None, after_step=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """STEPS SGD steps of ``layer(model(x[step]), y[step])``: the losses and the backbone's first gradients."""
+    losses, first_grads = [], None
+    for step in range(STEPS):
+        if before_step is not None:
+            before_step(step)
+        loss = layer(model(x[step]), y[step])
+        opt.zero_grad()
+        loss.backward()
+        if first_grads is None:
+            first_grads = [p.grad.clone() for p in backbone.parameters()]
+        opt.step()
+        losses.append(loss.detach())
+        if after_step is not None:
+            after_step(step)
+    return torch.stack(losses), first_grads
+
+
+def equality_rank(rank: int, world: int, init_file: str, out_dir: str, num_classes: int) -> None:
+    """Trains the sharded layer with a DDP backbone for STEPS steps on this rank's part of each global batch."""
+    with gloo_rank(rank, world, init_file):
+        backbone, model, layer, opt, mine = sharded_on_rank(rank, world, num_classes)
+        x, y = global_batches(num_classes, world)
+        losses, first_grads = train(model, backbone, layer, opt, x[:, mine], y[:, mine])
+        torch.save({"losses": losses, "grads": first_grads, "backbone": backbone.state_dict(),
+                    "rows": layer.weight.detach().clone(), "range": (layer.start, layer.end)},
+                   Path(out_dir, f"rank{rank}.pt"))
 
 
 def sampling_rank(rank: int, world: int, init_file: str, out_dir: str, num_classes: int, rate: float) -> None:
     """Records each step's sampled rows and positives; then a layer restored from the state after step 2 draws
     step 3's sample again."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        backbone, layer = build(num_classes, rate)
-        layer.shard(rank, world)
-        model = DistributedDataParallel(backbone)
-        opt = optimizer(backbone, layer)
+    with gloo_rank(rank, world, init_file):
+        backbone, model, layer, opt, mine = sharded_on_rank(rank, world, num_classes, rate)
         x, y = global_batches(num_classes, world)
-        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        samples, saved = [], None
-        for step in range(STEPS):
+        samples, saved = [], {}
+
+        def keep_state(step: int) -> None:
             if step == 2:
-                saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in layer.state_dict().items()}
-            loss = layer(model(x[step, mine]), y[step, mine])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            samples.append(layer.last_sampled.clone())
+                saved.update({k: v.clone() if torch.is_tensor(v) else v for k, v in layer.state_dict().items()})
+
+        train(model, backbone, layer, opt, x[:, mine], y[:, mine], before_step=keep_state,
+              after_step=lambda step: samples.append(layer.last_sampled.clone()))
         _, again = build(num_classes, rate, seed=99)  # another seed: the restored state must decide
         again.shard(rank, world)
         again.load_state_dict(saved)
@@ -93,8 +109,6 @@ def sampling_rank(rank: int, world: int, init_file: str, out_dir: str, num_class
         torch.save({"samples": samples, "resumed": again.last_sampled.clone(), "labels": y,
                     "range": (layer.start, layer.end), "num_sample": layer.num_sample},
                    Path(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def spawn(function, world: int, out_dir: Path, *args) -> list[dict]:

@@ -63,12 +63,7 @@ def test_checkpoints_are_written_once_and_load(ddp_run):
     names = sorted(p.name for p in checkpoints.iterdir())
     assert names == ["epoch00-step0000012.ckpt", "epoch01-step0000024.ckpt", "last.ckpt",
                      "step0000015.ckpt", "step0000020.ckpt"]  # no last-v1.ckpt, no temporary file left
-    import torch
-
-    from fastface_pl.checkpoints import SAFE_GLOBALS
-
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    state = _load(checkpoints / "last.ckpt")
     assert state["global_step"] == 2 * STEPS_PER_EPOCH and state["epoch"] == 1
     assert state["hyper_parameters"]["num_classes"] == 24
 
@@ -114,10 +109,11 @@ def test_a_divergence_under_ddp_is_recorded_once_with_exit_3(tmp_path):
     assert Path(summary["last_good_checkpoint"]).is_file()
 
 
-def test_sigterm_to_all_ranks_saves_the_step_and_exits_143(tmp_path):
-    """A scheduler's SIGTERM reaches every rank wherever it is (Lightning's own handler deadlocked here)."""
-    run_dir = tmp_path / "terminated"
-    process = subprocess.Popen(train_command(run_dir, *TINY_DDP, "trainer.max_epochs=50", "validate_at_end=false"),
+def terminated_run(run_dir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, list[Path]]:
+    """A long 2-rank run sent SIGTERM (to every rank) once its step-15 checkpoint exists; it must exit 143 with
+    one interrupted-step checkpoint, which is returned with the finished process."""
+    process = subprocess.Popen(train_command(run_dir, *TINY_DDP, *overrides, "trainer.max_epochs=50",
+                                             "validate_at_end=false"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=command_env(),
                                start_new_session=True)
     marker = run_dir / "checkpoints" / "step0000015.ckpt"
@@ -135,6 +131,13 @@ def test_sigterm_to_all_ranks_saves_the_step_and_exits_143(tmp_path):
     assert result.returncode == 143, explain(result)
     saved = sorted((run_dir / "checkpoints").glob("interrupted-step*.ckpt"))
     assert len(saved) == 1, explain(result)
+    return result, saved
+
+
+def test_sigterm_to_all_ranks_saves_the_step_and_exits_143(tmp_path):
+    """A scheduler's SIGTERM reaches every rank wherever it is (Lightning's own handler deadlocked here)."""
+    run_dir = tmp_path / "terminated"
+    result, saved = terminated_run(run_dir)
     summary = json.loads((run_dir / "results.json").read_text())
     assert summary["status"] == "interrupted" and summary["checkpoint"] == str(saved[0])
     assert "the state of the step reached is in" in result.stderr and str(saved[0]) in result.stderr
@@ -237,6 +240,7 @@ def sharded_run(tmp_path_factory) -> Path:
 
 
 def _load(path: Path) -> dict:
+    """A checkpoint read as the project reads it: weights-only, with its allow-list."""
     import torch
 
     from fastface_pl.checkpoints import SAFE_GLOBALS
@@ -280,24 +284,5 @@ def test_a_sharded_run_resumes_on_two_ranks_and_on_one(sharded_run, tmp_path):
 
 def test_sigterm_under_the_sharded_layer_saves_the_whole_layer(tmp_path):
     """The checkpoint of a pre-empted run gathers every rank's rows (a collective, on the fault path)."""
-    run_dir = tmp_path / "terminated"
-    process = subprocess.Popen(train_command(run_dir, *TINY_DDP, "classifier=sharded", "trainer.max_epochs=50",
-                                             "validate_at_end=false"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=command_env(),
-                               start_new_session=True)
-    marker = run_dir / "checkpoints" / "step0000015.ckpt"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        stdout, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the ranks did not stop after SIGTERM\n{stderr[-3000:]}")
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    assert result.returncode == 143, explain(result)
-    saved = sorted((run_dir / "checkpoints").glob("interrupted-step*.ckpt"))
-    assert len(saved) == 1, explain(result)
+    _, saved = terminated_run(tmp_path / "terminated", "classifier=sharded")
     assert tuple(_load(saved[0])["state_dict"]["classifier.weight"].shape) == (24, 128)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from fastface_pl.models.classifiers import FullClassifier, SampledClassifier
 from fastface_pl.models.margins import build_margin
 from fastface_pl.models.sharded import ShardedClassifier, shard_range
-from sharded_ranks import EMBEDDING, STEPS, build, equality_rank, global_batches, optimizer, sampling_rank, spawn
+from sharded_ranks import EMBEDDING, build, equality_rank, global_batches, optimizer, sampling_rank, spawn, train
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 
@@ -63,19 +63,9 @@ def reference_full_layer(num_classes: int, world: int) -> dict:
     backbone, sharded = build(num_classes)
     full = FullClassifier(EMBEDDING, num_classes, "arcface")
     full.weight.data.copy_(sharded.weight.data)
-    opt = optimizer(backbone, full)
     x, y = global_batches(num_classes, world)
-    losses, first_grads = [], None
-    for step in range(STEPS):
-        loss = full(backbone(x[step]), y[step])
-        opt.zero_grad()
-        loss.backward()
-        if first_grads is None:
-            first_grads = [p.grad.clone() for p in backbone.parameters()]
-        opt.step()
-        losses.append(loss.detach())
-    return {"losses": torch.stack(losses), "grads": first_grads, "backbone": backbone.state_dict(),
-            "weight": full.weight.detach()}
+    losses, first_grads = train(backbone, backbone, full, optimizer(backbone, full), x, y)
+    return {"losses": losses, "grads": first_grads, "backbone": backbone.state_dict(), "weight": full.weight.detach()}
 
 
 @needs_gloo
