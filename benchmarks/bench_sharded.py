@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from _record import add_json_argument, write_json
+from bench_classifier_memory import _reset_peak  # noqa: E402  (same folder)
 
 MIB = 2**20
 FP32, INT64 = 4, 8
@@ -89,15 +90,20 @@ def estimated_peak(variant: str, classes: int, world: int, batch: int, dim: int)
     return max((classes + local) * dim * FP32, 4 * local * dim * FP32 + world * batch * local * FP32)
 
 
-def available_bytes() -> int | None:
+def _proc_number(path: str, key: str, scale: int = 1) -> int | None:
+    """The number after ``key:`` in a ``/proc`` file, times ``scale``; None where the file or the key is missing."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * scale
     except OSError:
         pass
     return None
+
+
+def available_bytes() -> int | None:
+    return _proc_number("/proc/meminfo", "MemAvailable", 1024)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -118,34 +124,11 @@ def _lo_tx() -> int | None:
 
 def _wchar() -> int | None:
     """Bytes this process has written (files and sockets); None where /proc/self/io is unavailable."""
-    try:
-        with open("/proc/self/io") as io:
-            for line in io:
-                if line.startswith("wchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    return _proc_number("/proc/self/io", "wchar")
 
 
 def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
+    return _proc_number("/proc/self/status", field, 1024)  # reported in kB
 
 
 def _delta(after: int | None, before: int | None) -> int | None:

@@ -143,27 +143,40 @@ def make_trainer(sizes: Sizes, device: torch.device, precision: str, steps: int,
                       num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10_000, callbacks=callbacks)
 
 
+class HandStep:
+    """The module's optimizer step by hand: autocast, a GradScaler for fp16 on CUDA, the backbone clipped at 5,
+    the module's optimizer. ``step(loss_of, images, labels)`` returns the loss."""
+
+    def __init__(self, module: FaceRecognitionModule, device: torch.device, precision: str) -> None:
+        groups = module.configure_optimizers()
+        self.optimizer = groups if isinstance(groups, torch.optim.Optimizer) else groups["optimizer"]
+        self.device_type = device.type
+        self.dtype = torch.float16 if precision.startswith("16") else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16 and device.type == "cuda")
+        self.clipped = [p for p in module.backbone.parameters() if p.requires_grad]
+
+    def step(self, loss_of, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            loss = loss_of(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.clipped, 5.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+
 def plain_loop(module: FaceRecognitionModule, loader: DataLoader, device: torch.device, precision: str,
                steps: int, warmup: int) -> float:
     """The module's training step by hand; returns the wall seconds of the steps after ``warmup``."""
     module.to(device).train()
-    groups = module.configure_optimizers()
-    optimizer = groups if isinstance(groups, torch.optim.Optimizer) else groups["optimizer"]
-    dtype = torch.float16 if precision.startswith("16") else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
-    clipped = [p for p in module.backbone.parameters() if p.requires_grad]
+    hand = HandStep(module, device, precision)
     start = None
     for step, (images, labels) in enumerate(itertools.islice(itertools.cycle(loader), steps)):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype):
-            loss = module.classifier(module(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(clipped, 5.0)
-        scaler.step(optimizer)
-        scaler.update()
+        hand.step(lambda x, y: module.classifier(module(x), y), images, labels)
         if step + 1 == warmup:
             synchronize(device)
             start = time.perf_counter()
@@ -386,7 +399,7 @@ def _multigpu_job(rank: int, world: int, device: torch.device, settings: dict[st
                   classes: int) -> dict[str, Any]:
     """Warm-up and timed steps of one layer on this rank; its seconds and peak memory."""
     row: dict[str, Any] = {"layer": layer, "classes": classes}
-    module = step_loss = optimizer = None
+    module = step_loss = hand = None
     try:
         _free(device)
         if device.type == "cuda":
@@ -407,11 +420,7 @@ def _multigpu_job(rank: int, world: int, device: torch.device, settings: dict[st
                 return module.classifier(backbone(images), labels)
         else:
             step_loss = DistributedDataParallel(_TrainStep(module), device_ids=ids)
-        groups = module.configure_optimizers()
-        optimizer = groups if isinstance(groups, torch.optim.Optimizer) else groups["optimizer"]
-        dtype = torch.float16 if settings["precision"].startswith("16") else torch.bfloat16
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
-        clipped = [p for p in module.backbone.parameters() if p.requires_grad]
+        hand = HandStep(module, device, settings["precision"])
         generator = torch.Generator().manual_seed(rank)
         size, batch = settings["input_size"], settings["batch"]
         batches = [(torch.randn(batch, 3, size, size, generator=generator).to(device),
@@ -422,15 +431,7 @@ def _multigpu_job(rank: int, world: int, device: torch.device, settings: dict[st
                 synchronize(device)
                 dist.barrier()
                 start = time.perf_counter()
-            images, labels = batches[step % len(batches)]
-            with torch.autocast(device.type, dtype=dtype):
-                loss = step_loss(images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(clipped, 5.0)
-            scaler.step(optimizer)
-            scaler.update()
+            loss = hand.step(step_loss, *batches[step % len(batches)])
         synchronize(device)
         dist.barrier()
         row["seconds"] = time.perf_counter() - start
@@ -443,7 +444,7 @@ def _multigpu_job(rank: int, world: int, device: torch.device, settings: dict[st
     except torch.cuda.OutOfMemoryError as error:
         row["error"] = f"out of memory: {str(error).splitlines()[0][:200]}"
     finally:
-        module = step_loss = optimizer = None
+        module = step_loss = hand = None
         _free(device)
     return row
 
