@@ -25,11 +25,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from fastface_pl.scheduling.auto import AutoFastFaceDetector
 from fastface_pl.scheduling.detectors import Detector, build_detector, detector_class
+from fastface_pl.scheduling.ending import DEFAULT_LATEST_START, DEFAULT_STOP_COOLDOWN_FRACTION, RunEnding
 from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
 from fastface_pl.scheduling.lr_scheduler import (
     DEFAULT_PATIENCE_FRACTION,
     NONFINITE_POLICIES,
+    CooldownShape,
     FastFaceLR,
+    Mode,
     check_detector_arguments,
     uses_auto_settings,
 )
@@ -108,6 +111,19 @@ class FastFaceLRCallback(StepLossConsumer):
             (so a ``LearningRateMonitor`` placed after this callback logs the LR the step used).
         verbose: Report each decision (rank zero): the step, the reason and the new LR.
         name: Tells two callbacks of the same detector type apart in checkpoints (``state_key``).
+        mode: What a decision does (docs/cooldown.md): ``"halve"`` (the paper: the LR is divided by δ),
+            ``"cooldown"`` (the first decision, at step t_d, starts an anneal of the LR to zero over the rest of
+            the run; with no decision by ``latest_cooldown_start``·T the anneal starts there, which is WSD) or
+            ``"stop"`` (for a run whose length nobody knows: the anneal lasts ``cooldown_fraction``·t_d steps,
+            then the callback stops the Trainer; its checkpoints are saved at that epoch end as at any other).
+        cooldown_shape: ``"1-sqrt"`` (default) or ``"linear"``.
+        latest_cooldown_start: The latest cooldown start, a fraction of T (None: none; ``"stop"`` without a
+            budget has none).
+        cooldown_fraction: c of ``"stop"``: the cooldown lasts ⌈c·t_d⌉ optimizer steps.
+        horizon_epochs: ``"stop"`` with settings from a run length (τ, or the auto rule): the length, in
+            epochs of this run's data, that they are resolved for. It replaces the budget, so the decisions are
+            the same whatever ``max_epochs`` or ``max_steps`` say.
+        horizon_steps: The same in optimizer steps (give one of the two).
 
     Example::
 
@@ -145,11 +161,31 @@ class FastFaceLRCallback(StepLossConsumer):
         compose_with_step_schedulers: bool = False,
         verbose: bool = True,
         name: str | None = None,
+        mode: Mode = "halve",
+        cooldown_shape: CooldownShape = "1-sqrt",
+        latest_cooldown_start: float | None = DEFAULT_LATEST_START,
+        cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION,
+        horizon_epochs: float | None = None,
+        horizon_steps: int | None = None,
     ) -> None:
         super().__init__()
+        # The ending's settings, checked now (a cooldown's budget is checked when training starts).
+        self._ending = RunEnding(mode, cooldown_shape, latest_cooldown_start, cooldown_fraction, total_steps=1).settings
+        self.horizon_epochs = check_real("horizon_epochs", horizon_epochs, 0.0, allow_none=True)
+        self.horizon_steps = check_int("horizon_steps", horizon_steps, 1, allow_none=True, none_means="none")
+        if (horizon_epochs is not None or horizon_steps is not None) and mode != "stop":
+            raise ValueError(f"horizon_epochs and horizon_steps apply to mode='stop' only, got mode={mode!r} "
+                             "(the other modes resolve the detector's settings for the run length)")
+        if horizon_epochs is not None and horizon_steps is not None:
+            raise ValueError(f"give horizon_epochs or horizon_steps, not both; got horizon_epochs={horizon_epochs!r}, "
+                             f"horizon_steps={horizon_steps!r}")
         self._detector_name, self._detector_kwargs, self._patience_fraction = check_detector_arguments(
             detector, detector_kwargs, patience, patience_fraction)
         self._fraction_given = patience_fraction is not None
+        if mode == "stop" and self._patience_fraction is not None and horizon_epochs is None and horizon_steps is None:
+            raise ValueError("mode='stop' resolves the detector's settings (patience_fraction, or the auto rule) for a "
+                             "horizon that does not depend on the budget: pass horizon_epochs (for example 5, the "
+                             "paper's run length) or horizon_steps, or give the patience in steps (patience=...)")
         self.min_lr = check_real("min_lr", min_lr, 0.0, low_open=False, allow_none=True)
         self.sync_every_n_steps = check_int("sync_every_n_steps", sync_every_n_steps, 1)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
@@ -212,6 +248,28 @@ class FastFaceLRCallback(StepLossConsumer):
         if self._scheduler is not None:
             return self._scheduler.num_nonfinite
         return int(self._scheduler_state().get("num_nonfinite", 0))
+
+    @property
+    def cooldown_start(self) -> int | None:
+        """t_d: the optimizer step after which the cooldown began (``"cooldown"``, ``"stop"``), or None."""
+        ending = self._ending_state()
+        return ending.get("start")
+
+    @property
+    def stop_step(self) -> int | None:
+        """``"stop"`` mode: the last optimizer step of the run, once its cooldown has begun."""
+        ending = self._ending_state()
+        return ending.get("end") if ending.get("mode") == "stop" else None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """``"stop"`` mode: why the run stops (or will stop), once the cooldown has begun."""
+        return self._scheduler.stop_reason if self._scheduler is not None else None
+
+    def _ending_state(self) -> dict[str, Any]:
+        if self._scheduler is not None:
+            return self._scheduler.ending.state_dict()
+        return dict(self._scheduler_state().get("ending") or {})
 
     @property
     def steps_observed(self) -> int:
@@ -283,14 +341,18 @@ class FastFaceLRCallback(StepLossConsumer):
         state, steps, rescale = self._state_to_continue(trainer)
         detector = self._scheduler.detector if self._scheduler is not None and state is not None else self._detector
         self._close_scheduler()
-        total = self._run_length(trainer) if detector is None else None
+        mode = self._ending["mode"]
+        horizon = self._horizon(trainer) if mode == "stop" else None
+        total = self._budget(trainer) if detector is None or mode != "halve" else None
         self._scheduler = FastFaceLR(
             list(trainer.optimizers),
             detector if detector is not None else self._detector_name,
             self._detector_kwargs if detector is None else None,
             patience_fraction=self._patience_fraction if detector is None else None,
             total_steps=total, min_lr=self.min_lr, on_nonfinite=self.on_nonfinite, compose=self._composed,
-            warn_nonfinite=False,
+            warn_nonfinite=False, mode=mode, cooldown_shape=self._ending["shape"],
+            latest_cooldown_start=self._ending["latest_start"], cooldown_fraction=self._ending["cooldown_fraction"],
+            horizon_steps=horizon,
         )
         own = {"on_nonfinite": self._scheduler.on_nonfinite, "min_lr": self._scheduler.min_lrs}
         if state:
@@ -300,6 +362,8 @@ class FastFaceLRCallback(StepLossConsumer):
                    (("on_nonfinite", self._scheduler.on_nonfinite), ("min_lr", self._scheduler.min_lrs))
                    if value != own[key]}
         self._scheduler.on_nonfinite, self._scheduler.min_lrs = own["on_nonfinite"], own["min_lr"]
+        if state:
+            changes.update(self._reconcile_ending(horizon, total))
         if rescale:  # a second fit, or a loaded state: the optimizers start from their base LR
             self._scheduler.rescale()
         self._loaded, self._restored = None, False
@@ -308,11 +372,52 @@ class FastFaceLRCallback(StepLossConsumer):
         # Settings changed since the checkpoint, and P for this run length: with automatic optimization T is
         # known now; with manual optimization once two optimizer steps show how often the optimizers step.
         fraction = self._patience_fraction if self._detector_name is not None else None
-        self._run_length_known = pl_module.automatic_optimization or fraction is None
+        self._run_length_known = pl_module.automatic_optimization or (fraction is None and mode == "halve")
+        needs_total = (fraction is not None and mode != "stop") or mode == "cooldown"
         self._reconcile_settings(trainer, changes,
-                                 total=self._run_length(trainer) if fraction is not None and self._run_length_known
-                                 else None)
+                                 total=self._budget(trainer) if needs_total and self._run_length_known else total)
+        self._scheduler.advance(self.steps_observed + 1)
         self._next_lr = self._scheduler.lr_in_effect()
+
+    def _horizon(self, trainer: Trainer) -> int | None:
+        """H of the stop mode: ``horizon_steps``, or ``horizon_epochs`` times this run's optimizer steps per epoch."""
+        if self.horizon_epochs is None:
+            return self.horizon_steps
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or batches < 1:
+            raise MisconfigurationException(
+                "FastFaceLRCallback: horizon_epochs needs the number of batches per epoch, but the training data has "
+                "no length (an iterable dataset); give horizon_steps instead")
+        per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        return max(1, round(self.horizon_epochs * per_epoch))
+
+    def _budget(self, trainer: Trainer) -> int | None:
+        """T when the run has one; in ``"stop"`` mode an unknown T is allowed (None)."""
+        try:
+            return self._run_length(trainer)
+        except MisconfigurationException:
+            if self._ending["mode"] == "stop":
+                return None
+            raise
+
+    def _reconcile_ending(self, horizon: int | None, total: int | None) -> dict[str, tuple[Any, Any]]:
+        """This callback's ending settings over a restored state; the cooldown continues if the mode is the same."""
+        scheduler = self._scheduler
+        saved = scheduler.ending.settings
+        changes = {f"ending {key}": (saved[key], value) for key, value in self._ending.items() if saved[key] != value}
+        if changes:
+            ending = RunEnding(**self._ending, total_steps=total if total is not None else scheduler.total_steps)
+            if saved["mode"] == self._ending["mode"] and scheduler.ending.started:
+                ending.begin(scheduler.ending.start, scheduler.ending.reason)
+            else:
+                scheduler.scale_before_cooldown = None
+            scheduler.ending = ending
+        if scheduler.horizon_steps != horizon:
+            changes["horizon_steps"] = (scheduler.horizon_steps, horizon)
+            scheduler.horizon_steps = horizon
+            if horizon is not None:
+                changes.update(scheduler.reconfigure(**scheduler.run_length_settings(total)))
+        return changes
 
     def _state_to_continue(self, trainer: Trainer) -> tuple[dict[str, Any] | None, int, bool]:
         """(scheduler state, optimizer steps so far, whether the optimizers need the LR scale applied).
@@ -377,7 +482,7 @@ class FastFaceLRCallback(StepLossConsumer):
         scheduler = self._scheduler
         changes = {**scheduler.reconfigure(**self._configured_settings), **changes}
         scheduler.patience_fraction = self._patience_fraction if self._detector_name is not None else None
-        if scheduler.patience_fraction is not None and total is not None:
+        if total is not None:  # P (a fraction τ), the auto rule's T, the cooldown's end
             self._set_total_steps(total)
         if changes and scheduler.detector.steps_seen > 0:
             listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -409,6 +514,10 @@ class FastFaceLRCallback(StepLossConsumer):
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        count = len(self._scheduler.decisions)
+        self._scheduler.advance(self.steps_observed + 1)  # the cooldown's LR for this step (host arithmetic)
+        if len(self._scheduler.decisions) > count and self.verbose:  # the latest point
+            self._report(*self._scheduler.decisions[-1][:2])
         if self._composed:
             self._scheduler.scale_composed()  # the LR in effect, for anything that reads it during the batch
 
@@ -419,6 +528,11 @@ class FastFaceLRCallback(StepLossConsumer):
         if self._composed:
             self._scheduler.unscale_composed()
         self._next_lr = self._scheduler.lr_in_effect()
+        stop = self._scheduler.ending.stop_step
+        if stop is not None and self.steps_observed >= stop and not trainer.should_stop:
+            trainer.should_stop = True  # every rank: the same reduced losses give the same decision
+            rank_zero_info(f"FastFaceLRCallback: stopping after optimizer step {self.steps_observed}: "
+                           f"{self._scheduler.stop_reason}. Checkpoints are saved at this epoch end as usual.")
 
     def on_optimizer_step(self, trainer: Trainer, step: int) -> None:
         """Called by the reader as optimizer step ``step`` completes: the LR it ran with, for the logs."""
@@ -457,16 +571,21 @@ class FastFaceLRCallback(StepLossConsumer):
             if rates is None and not final:
                 return
             self._run_length_known = True
-            if self._scheduler.patience_fraction is not None:
+            mode = self._ending["mode"]
+            if (self._scheduler.patience_fraction is not None and mode != "stop") or mode == "cooldown":
+                self._set_total_steps(self._run_length(trainer, rates))
+            elif mode == "stop" and self._budget(trainer) is not None:
                 self._set_total_steps(self._run_length(trainer, rates))
             steps, self._held = self._held, []
         log_every = trainer.log_every_n_steps if self.log_signals else 0
         to_log: list[tuple[int, dict[str, float]]] = []
         metrics: dict[str, float] = {}
+        decisions = self._scheduler.decisions
         for item in steps:
-            factor = self._scheduler.step(item.value, step=item.step)
-            if factor != 1.0 and self.verbose:
-                self._report(item.step, factor)
+            count = len(decisions)
+            self._scheduler.step(item.value, step=item.step)
+            if len(decisions) > count and self.verbose:
+                self._report(*decisions[-1][:2])
             metrics = self._signals(item.value, self._lrs.pop(item.step, math.nan))
             if log_every > 0 and item.step % log_every == 0:
                 to_log.append((item.log_step, metrics))
@@ -478,7 +597,12 @@ class FastFaceLRCallback(StepLossConsumer):
                     logger.log_metrics(values, step=log_step)  # Lightning's own step axis (self.log, LR monitor)
 
     def _report(self, step: int, factor: float) -> None:
-        detector = self._scheduler.detector
+        detector, ending = self._scheduler.detector, self._scheduler.ending
+        if ending.started and step == ending.start:
+            stop = f"; the run stops after step {ending.end}" if ending.stop_step is not None else ""
+            rank_zero_info(f"FastFaceLRCallback: optimizer step {step}: {ending.reason}; the LR anneals to zero "
+                           f"({ending.shape}) over steps {ending.start + 1}..{ending.end}{stop}")
+            return
         if factor > 1.0:
             reason = f"restart ×{factor:g} (still stationary after {detector.patience} more steps)"
         elif detector.signal is None:
@@ -493,10 +617,11 @@ class FastFaceLRCallback(StepLossConsumer):
     def _signals(self, value: float, lr_used: float) -> dict[str, float]:
         detector = self._scheduler.detector
         metrics = {"fastface/loss": value} if math.isfinite(value) else {}
-        for key in ("smoothed_loss", "signal", "threshold", "stationary_count", "num_decisions"):
+        for key in ("smoothed_loss", "signal", "threshold", "stationary_count"):
             item = getattr(detector, key)
             if item is not None:
                 metrics[f"fastface/{key}"] = float(item)
+        metrics["fastface/num_decisions"] = float(len(self._scheduler.decisions))
         metrics["fastface/lr_scale"] = self._scheduler.lr_scale
         if math.isfinite(lr_used):
             metrics["fastface/lr"] = lr_used

@@ -25,12 +25,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from fastface_pl.scheduling.auto import AutoFastFaceDetector, patience_steps
 from fastface_pl.scheduling.detectors import Detector, NonFiniteLossError, build_detector, detector_class
+from fastface_pl.scheduling.ending import (
+    DEFAULT_LATEST_START,
+    DEFAULT_STOP_COOLDOWN_FRACTION,
+    RunEnding,
+)
 from fastface_pl.validation import check_choice, check_int, check_real
 
 __all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "NONFINITE_POLICIES"]
@@ -38,6 +43,8 @@ __all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "NONFINITE_POLICIES"]
 DEFAULT_PATIENCE_FRACTION = 0.05  # τ of the FastFace paper (docs/scheduler.md)
 NONFINITE_POLICIES = ("skip", "raise")
 _STATE_VERSION = 1
+Mode = Literal["halve", "cooldown", "stop"]
+CooldownShape = Literal["1-sqrt", "linear"]
 #: Giving any of these to "fastface" selects explicit settings; without them the auto rule resolves them.
 EXPLICIT_FASTFACE_SETTINGS = ("alpha", "beta", "threshold", "patience")
 
@@ -106,6 +113,17 @@ class FastFaceLR:
             scheduler; the decisions are applied as a scale on top of it while the optimizer steps
             (optimizer step hooks), so any scheduler composes exactly. Call :meth:`close` to remove them.
         warn_nonfinite: warn at the first skipped non-finite loss.
+        mode: what a decision does (docs/cooldown.md). ``"halve"``: the paper, the LR is multiplied by the
+            detector's factor at each decision. ``"cooldown"``: the first decision (at step t_d) starts an anneal of
+            the LR to zero over the rest of the budget T (``total_steps`` needed); without one the cooldown starts
+            at ``latest_cooldown_start``·T (WSD). ``"stop"``: the cooldown lasts ``cooldown_fraction``·t_d steps
+            and then :attr:`should_stop` turns True; the detector's settings come from ``horizon_steps``, not
+            from the budget, which may be unknown.
+        cooldown_shape: ``"1-sqrt"`` (default) or ``"linear"``.
+        latest_cooldown_start: the latest cooldown start as a fraction of T (None: none).
+        cooldown_fraction: c of ``"stop"``: the cooldown lasts ⌈c·t_d⌉ steps.
+        horizon_steps: ``"stop"`` only: the run length the detector's settings are resolved for (P = int(τ·H), or
+            the auto rule's T), so that they do not depend on the budget.
 
     Example::
 
@@ -128,7 +146,10 @@ class FastFaceLR:
                  patience: int | None = None, patience_fraction: float | None = None,
                  total_steps: int | None = None, min_lr: float | Sequence[float] | None = None,
                  on_nonfinite: str = "skip", compose: bool | Sequence[torch.optim.Optimizer] = False,
-                 warn_nonfinite: bool = True) -> None:
+                 warn_nonfinite: bool = True, mode: Mode = "halve", cooldown_shape: CooldownShape = "1-sqrt",
+                 latest_cooldown_start: float | None = DEFAULT_LATEST_START,
+                 cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION,
+                 horizon_steps: int | None = None) -> None:
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         for item in optimizers:
             if not isinstance(item, torch.optim.Optimizer):
@@ -140,6 +161,11 @@ class FastFaceLR:
         name, kwargs, fraction = check_detector_arguments(detector, detector_kwargs, patience, patience_fraction)
         self.patience_fraction = fraction
         self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True, none_means="unknown")
+        self.ending = RunEnding(mode, cooldown_shape, latest_cooldown_start, cooldown_fraction, self.total_steps)
+        self.horizon_steps = check_int("horizon_steps", horizon_steps, 1, allow_none=True, none_means="none")
+        if self.horizon_steps is not None and mode != "stop":
+            raise ValueError(f"horizon_steps applies to mode='stop' only (mode={mode!r} resolves the detector's "
+                             "settings for total_steps)")
         self.auto_settings = uses_auto_settings(name, kwargs)
         if name is None:
             self.detector: Detector = detector
@@ -155,6 +181,7 @@ class FastFaceLR:
         self.num_nonfinite = 0
         self.first_nonfinite_step: int | None = None
         self.lr_scale = 1.0
+        self.scale_before_cooldown: float | None = None  # lr_scale when the cooldown began
         self.decisions: list[tuple[int, float, float]] = []
         composed = optimizers if compose is True else list(compose or [])
         if any(all(item is not other for other in optimizers) for item in composed):
@@ -174,7 +201,13 @@ class FastFaceLR:
         """
         if self.patience_fraction is None:
             return {}
-        if total_steps is None:
+        if self.ending.mode == "stop":
+            total_steps = self.horizon_steps
+            if total_steps is None:
+                raise ValueError("mode='stop' resolves the detector's settings for a horizon that does not depend on "
+                                 "the budget: pass horizon_steps (for example the optimizer steps of a few epochs) or "
+                                 "give the patience in steps and the detector's settings explicitly")
+        elif total_steps is None:
             raise ValueError(f"patience_fraction={self.patience_fraction} needs the run length: pass total_steps "
                              "(the optimizer steps of the whole run) or give patience in steps")
         if getattr(self, "auto_settings", False):
@@ -186,8 +219,14 @@ class FastFaceLR:
         return {"patience": patience_steps(int(total_steps), self.patience_fraction)}
 
     def set_total_steps(self, total_steps: int) -> dict[str, tuple[Any, Any]]:
-        """Re-resolves the run-length settings for a new T; returns ``{name: (old, new)}`` of what changed."""
+        """Re-resolves the run-length settings for a new T; returns ``{name: (old, new)}`` of what changed.
+
+        In ``"stop"`` mode the detector's settings stay (they follow ``horizon_steps``); the cooldown's end follows T.
+        """
         self.total_steps = check_int("total_steps", total_steps, 1)
+        self.ending.set_total_steps(self.total_steps)
+        if self.ending.mode == "stop":
+            return {}
         return self.reconfigure(**self.run_length_settings(total_steps))
 
     def reconfigure(self, **hyperparameters: Any) -> dict[str, tuple[Any, Any]]:
@@ -214,17 +253,61 @@ class FastFaceLR:
                 the callback passes it because steps without a loss are never fed.
 
         Returns:
-            The factor applied (1.0 when nothing was decided or the loss was skipped).
+            The factor applied to the LR of the next step (1.0 when nothing changed).
         """
         if type(loss) is not float:  # the callback passes floats: it skips these checks
             loss = self._as_float(loss)
         self.last_step = self.last_step + 1 if step is None else int(step)
         if not math.isfinite(loss):
-            return self._skip_nonfinite(loss)
-        factor = self.detector.update(loss)
-        if factor != 1.0:
-            self._apply(factor)
+            self._skip_nonfinite(loss)
+        elif not self.ending.started:  # once the cooldown runs, the detector's work is done
+            factor = self.detector.update(loss)
+            if factor != 1.0 and self.ending.mode == "halve":
+                self._apply(factor)
+                return factor
+            if factor < 1.0:
+                self.ending.begin(self.last_step, "loss stationary")
+        return self.advance(self.last_step + 1)
+
+    def advance(self, next_step: int) -> float:
+        """Sets the LR of optimizer step ``next_step`` from the cooldown (``"cooldown"`` and ``"stop"`` modes).
+
+        :meth:`step` calls it; the callback also calls it before each batch, so the cooldown moves every step
+        while the losses are read in blocks. Host arithmetic only. Returns the factor applied (1.0: none).
+        """
+        ending = self.ending
+        if ending.mode == "halve":
+            return 1.0
+        ending.begin_if_due(next_step)
+        if not ending.started:
+            return 1.0
+        first = self.scale_before_cooldown is None
+        if first:
+            self.scale_before_cooldown = self.lr_scale
+        target = self.scale_before_cooldown * ending.factor(next_step)
+        if target == self.lr_scale and not first:
+            return 1.0
+        factor = target / self.lr_scale
+        self._apply(factor, record=False)
+        self.lr_scale = target
+        if first:
+            self.decisions.append((ending.start, float(factor), self.lr_in_effect()))
         return factor
+
+    @property
+    def should_stop(self) -> bool:
+        """``"stop"`` mode: the cooldown has ended with the last step fed; end the training loop."""
+        stop = self.ending.stop_step
+        return stop is not None and self.last_step >= stop
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the run stops (``"stop"`` mode), once the cooldown has started: the steps and their cause."""
+        ending = self.ending
+        if ending.stop_step is None:
+            return None
+        return (f"the cooldown that began after optimizer step {ending.start} ({ending.reason}) ends at step "
+                f"{ending.end} ({ending.end - ending.start} steps, {ending.shape} to zero)")
 
     @staticmethod
     def _as_float(loss: Any) -> float:
@@ -252,13 +335,14 @@ class FastFaceLR:
                               RuntimeWarning, stacklevel=3)
         return 1.0
 
-    def _apply(self, factor: float) -> None:
+    def _apply(self, factor: float, record: bool = True) -> None:
         self.lr_scale *= factor
         composed = {id(optimizer) for optimizer, _ in self._composed}
         for (optimizer, group), floor in zip(self._groups(), self._floors()):
             if id(optimizer) not in composed:
                 _set_lr(group, self._floored(float(group["lr"]) * factor, float(group["lr"]), floor))
-        self.decisions.append((self.last_step, float(factor), self.lr_in_effect()))
+        if record:
+            self.decisions.append((self.last_step, float(factor), self.lr_in_effect()))
 
     @staticmethod
     def _floored(new_lr: float, old_lr: float, floor: float | None) -> float:
@@ -382,6 +466,9 @@ class FastFaceLR:
             "first_nonfinite_step": self.first_nonfinite_step,
             "lr_scale": self.lr_scale,
             "decisions": [list(d) for d in self.decisions],
+            "ending": self.ending.state_dict(),
+            "scale_before_cooldown": self.scale_before_cooldown,
+            "horizon_steps": self.horizon_steps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -413,14 +500,22 @@ class FastFaceLR:
             raise ValueError("state['decisions'] must be a list of [step, factor, lr] triples, got "
                              f"{state.get('decisions')!r}") from None
         lr_scale = check_real("state['lr_scale']", state.get("lr_scale", math.prod(f for _, f, _ in decisions)), 0.0)
+        ending = RunEnding(**self.ending.settings, total_steps=total)
+        if state.get("ending") is not None:
+            ending.load_state_dict(state["ending"])
+        before = check_real("state['scale_before_cooldown']", state.get("scale_before_cooldown"), 0.0,
+                            allow_none=True)
+        horizon = check_int("state['horizon_steps']", state.get("horizon_steps"), 1, allow_none=True,
+                            none_means="none")
         self.detector.load_state_dict(state["detector"])
+        self.ending, self.scale_before_cooldown, self.horizon_steps = ending, before, horizon
         self.patience_fraction, self.total_steps, self.min_lrs = fraction, total, min_lrs
         self.on_nonfinite = on_nonfinite
         self.last_step, self.num_nonfinite, self.first_nonfinite_step = last_step, num_nonfinite, first
         self.decisions, self.lr_scale = decisions, lr_scale
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(detector={self.detector!r}, min_lrs={self.min_lrs}, "
+        return (f"{type(self).__name__}(detector={self.detector!r}, {self.ending!r}, min_lrs={self.min_lrs}, "
                 f"on_nonfinite={self.on_nonfinite!r}, last_step={self.last_step})")
 
 
