@@ -150,6 +150,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
     summary.update(status="completed", global_step=int(trainer.global_step))
     if lr_callback is not None:
         summary["decisions"] = [list(d) for d in lr_callback.decisions]
+        if lr_callback.stop_step is not None and trainer.global_step >= lr_callback.stop_step:
+            summary.update(stopped_at=int(trainer.global_step), stop_reason=lr_callback.stop_reason)
         if trainer.is_global_zero:
             log.info("%d LR decision(s), at optimizer steps %s", len(lr_callback.decisions),
                      [step for step, _, _ in lr_callback.decisions])

@@ -155,3 +155,20 @@ def test_demo_trains_and_evaluates_with_the_f2c_pool(tmp_path):
     assert result.returncode == 0, explain(result)
     assert json.loads(out.read_text())["synthetic"]["accuracy"] == pytest.approx(
         summary["verification"]["synthetic"]["accuracy"])
+
+
+def test_the_stop_preset_stops_the_run_saves_it_and_says_why(tmp_path):
+    # A generous budget (12 epochs, 144 steps); the rule's settings come from 1 epoch: the run stops long before.
+    run_dir = tmp_path / "run"
+    overrides = [item for item in SHORT_DEMO if not item.startswith(("scheduler.", "trainer.max_epochs"))]
+    result = _train(run_dir, *overrides, "scheduler=fastface_stop", "scheduler.horizon_epochs=1",
+                    "trainer.max_epochs=12")
+    summary = json.loads((run_dir / "results.json").read_text())
+    assert summary["status"] == "completed" and summary["stopped_at"] == summary["global_step"] < 144
+    start = summary["decisions"][0][0]
+    assert summary["stopped_at"] == start + -(-start // 2)  # c = 0.5: ⌈t_d / 2⌉ steps of cooldown
+    assert "stopping after optimizer step" in result.stdout + result.stderr
+    import torch
+
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == summary["stopped_at"]  # the checkpoint a user evaluates is the stopped run's

@@ -491,8 +491,13 @@ class FastFaceLRCallback(StepLossConsumer):
 
     def _set_total_steps(self, total: int) -> None:
         scheduler = self._scheduler
-        previous_total = scheduler.total_steps
+        previous_total, previous_end = scheduler.total_steps, scheduler.ending.end
         recomputed = scheduler.set_total_steps(total)
+        if scheduler.ending.end != previous_end and previous_end is not None:
+            rank_zero_info(
+                f"FastFaceLRCallback: this run is T = {total} optimizer steps (it was {previous_total}); the cooldown "
+                f"that began after step {scheduler.ending.start} now ends at step {scheduler.ending.end} (was "
+                f"{previous_end}).")
         if "total_steps" in recomputed and scheduler.detector.steps_seen > 0:
             rank_zero_info(
                 f"FastFaceLRCallback: this run is T = {total} optimizer steps (the checkpoint had "

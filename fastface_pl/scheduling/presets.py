@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from fastface_pl.scheduling.ending import DEFAULT_LATEST_START, DEFAULT_STOP_COOLDOWN_FRACTION
+
 TORCH_SCHEDULES = ("polynomial", "step", "constant")
 
 
 def lr_callback(detector: str = "fastface", *, patience: int | None = None, patience_fraction: float | None = None,
                 min_lr: float | None = None, sync_every_n_steps: int = 16, on_nonfinite: str = "skip",
-                **detector_kwargs: Any):
+                mode: str = "halve", cooldown_shape: str = "1-sqrt",
+                latest_cooldown_start: float | None = DEFAULT_LATEST_START,
+                cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION, horizon_epochs: float | None = None,
+                horizon_steps: int | None = None, **detector_kwargs: Any):
     """``FastFaceLRCallback(detector, detector_kwargs, ...)`` with the detector's arguments given flat.
 
     Args:
@@ -23,6 +28,8 @@ def lr_callback(detector: str = "fastface", *, patience: int | None = None, pati
         patience: P in optimizer steps; give it or ``patience_fraction`` (τ), not both.
         patience_fraction: τ: P = int(τ·T). Neither given: 0.05 for ``fastface``, 2·window for ``moving_haar``.
         min_lr, sync_every_n_steps, on_nonfinite: as :class:`FastFaceLRCallback`.
+        mode, cooldown_shape, latest_cooldown_start, cooldown_fraction, horizon_epochs, horizon_steps: what a
+            decision does, as :class:`FastFaceLRCallback` (docs/cooldown.md).
         **detector_kwargs: the detector's own arguments (``alpha``, ``beta``, ``threshold``, ``decay``,
             ``max_decays`` / ``window``, ``threshold``, ``decay``, ``restart_after``, ``max_decays``). A
             ``fastface`` detector given none of ``alpha``, ``beta``, ``threshold``, ``patience`` resolves them
@@ -32,7 +39,10 @@ def lr_callback(detector: str = "fastface", *, patience: int | None = None, pati
 
     return FastFaceLRCallback(detector=detector, detector_kwargs=detector_kwargs, patience=patience,
                               patience_fraction=patience_fraction, min_lr=min_lr,
-                              sync_every_n_steps=sync_every_n_steps, on_nonfinite=on_nonfinite)
+                              sync_every_n_steps=sync_every_n_steps, on_nonfinite=on_nonfinite, mode=mode,
+                              cooldown_shape=cooldown_shape, latest_cooldown_start=latest_cooldown_start,
+                              cooldown_fraction=cooldown_fraction, horizon_epochs=horizon_epochs,
+                              horizon_steps=horizon_steps)
 
 
 def torch_schedule(
