@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastface_pl.scheduling.lr_scheduler import FastFaceLR
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -66,7 +68,7 @@ def test_the_fixed_set_repeats_its_images(bench):
 def test_mean_ci_is_students_t(bench):
     mean, half = bench.mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0
-    assert half == pytest.approx(4.303 * 1.0 / 3 ** 0.5)  # t(0.975, 2 dof) · s / √n
+    assert half == pytest.approx(4.30265 * 1.0 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2 dof) · s / √n
     assert bench.mean_ci([5.0]) == (5.0, 0.0)
 
 
@@ -133,6 +135,10 @@ def test_tiny_run_end_to_end(bench, tmp_path, capsys):
     assert set(by_name) == set(bench.SCHEDULES)
     assert all(sorted(r["seed"] for r in group) == [3407, 3408, 3409] for group in by_name.values())  # same seeds
     assert by_name["polynomial_4x"][0]["steps"] == 4 * by_name["polynomial"][0]["steps"]
+    stops = {r["seed"]: r["steps"] for r in by_name["fastface_stop"]}
+    assert {r["seed"]: r["steps"] for r in by_name["polynomial_at_stop"]} == stops  # the twin that knew S
+    assert all(r["budget_steps"] == 4 * by_name["polynomial"][0]["steps"] for r in by_name["fastface_stop"])
+    assert all(len(r["decisions"]) == 1 for r in by_name["fastface_cooldown"])  # the one start of the anneal
     assert by_name["polynomial"][0]["curve"][-1]["lr"] == 0.0
     assert by_name["step"][0]["final_lr"] == pytest.approx(0.1 * 0.1 ** 3)
     assert by_name["drop80"][0]["final_lr"] == pytest.approx(0.01)
@@ -141,14 +147,49 @@ def test_tiny_run_end_to_end(bench, tmp_path, capsys):
              for name, group in by_name.items()}
     assert max(first.values()) - min(first.values()) < 1e-6
     out = capsys.readouterr().out
-    assert "| fastface_auto | 1 |" in out and " ± " in out and "Precondition, task fresh, data seed 77" in out
+    assert "| fastface_auto | 1 |" in out and " ± " in out and "fastface_cooldown − wsd, TAR@1e-3" in out and "Precondition, task fresh, data seed 77" in out
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.main(["--report", str(rows_path)]) == 0  # the tables again, from the stored rows
     assert "Precondition, task fresh, data seed 77" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dof, table", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (10, 2.228), (14, 2.145),
+                                        (20, 2.086), (30, 2.042), (120, 1.980)])
+def test_student_t_quantiles_for_any_number_of_seeds(bench, dof, table):
+    assert bench.t_quantile(dof) == pytest.approx(table, abs=6e-4)
+
+
+@pytest.mark.parametrize("name, mode", [("fastface_cooldown", "cooldown"), ("fastface_stop", "stop")])
+def test_the_benchmark_decides_as_fastfacelr_does_for_a_user(bench, name, mode):
+    config = _config(bench, epochs=2)
+    task = bench.build_task(config)
+    row = bench.train_run(task, config, name, 3407, keep_losses=True)
+    per_epoch = len(task.train_labels) // config.batch_size
+    options = {"total_steps": row["budget_steps"], "mode": mode}
+    if mode == "stop":
+        options.update(horizon_steps=round(bench.CHOSEN["fastface_stop"]["horizon"] * per_epoch),
+                       cooldown_fraction=bench.CHOSEN["fastface_stop"]["c"])
+    scheduler = FastFaceLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr), "fastface",
+                           **options)
+    for value in row["losses"]:
+        scheduler.step(value)
+    assert [list(d) for d in scheduler.decisions] == row["decisions"]
+    assert scheduler.ending.start == row["cooldown_start"] is not None
+    assert row["final_lr"] == pytest.approx(scheduler.get_last_lr()[0], rel=1e-12)
+    if mode == "stop":
+        assert row["stopped"] == scheduler.should_stop and row["steps"] == scheduler.ending.end
+
+
+def test_help_states_the_tasks_own_defaults(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = bench.TaskConfig()
+    assert f"E (default {defaults.epochs})" in text and f"(default {defaults.weight_decay:g})" in text
+
+
 def test_bad_flags_are_refused(bench):
     for argv in (["--seeds", "0"], ["--jobs", "0"], ["--image-size", "8"], ["--schedules", "nope"],
-                 ["--weight-decay", "-1"]):
+                 ["--weight-decay", "-1"], ["--schedules", "wsd@lr=2"], ["--schedules", "schedule_free@beta=2"]):
         with pytest.raises(SystemExit):
             bench.main(argv)

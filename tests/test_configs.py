@@ -79,6 +79,17 @@ def test_comparison_schedules(name, expected):
     assert instantiate(cfg.scheduler, _convert_="all") == expected
 
 
+@pytest.mark.parametrize("name, mode", [("fastface_cooldown", "cooldown"), ("fastface_stop", "stop")])
+def test_the_cooldown_and_stop_presets_build_their_mode(name, mode):
+    from fastface_pl.scheduling.callback import FastFaceLRCallback
+
+    cfg = _compose(f"scheduler={name}")
+    callback = instantiate(cfg.scheduler, _convert_="all")
+    assert isinstance(callback, FastFaceLRCallback) and callback._ending["mode"] == mode
+    assert callback._ending["shape"] == "1-sqrt" and callback._ending["latest_start"] == 0.8
+    assert (callback.horizon_epochs is not None) == (mode == "stop")
+
+
 def test_demo_defaults_are_small():
     cfg = _compose()
     assert cfg.data.root == "synthetic" and cfg.model.backbone == "tiny"
