@@ -87,8 +87,8 @@ STOP_BUDGET = 4
 #: Settings of the rows that need them, each chosen on the selection data seed only (docs/benchmark.md):
 #: ``fastface_stop``'s horizon H (epochs) and cooldown fraction c; schedule-free SGD's LR and warm-up (a
 #: fraction of the run); the decay of the weight EMA.
-CHOSEN = {"fastface_stop": {"horizon": 8.0, "c": 0.5}, "schedule_free": {"lr": 0.3, "warmup": 0.05},
-          "constant_ema": {"decay": 0.998}, "fastface_ema": {"decay": 0.998}}
+CHOSEN = {"fastface_stop": {"horizon": 8.0, "c": 1.0}, "schedule_free": {"lr": 0.3, "warmup": 0.05},
+          "constant_ema": {"decay": 0.99}, "fastface_ema": {"decay": 0.99}}
 #: Variant keys a schedule name may carry after ``@`` (``schedule_free@lr=1,warmup=0``), for the selection seed.
 VARIANT_KEYS = {"fastface_auto": ("lam", "tau", "decay", "window", "guard"), "fastface_stop": ("horizon", "c"),
                 "schedule_free": ("lr", "warmup"), "constant_ema": ("decay",), "fastface_ema": ("decay",)}

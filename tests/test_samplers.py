@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from fastface_pl.data import DatasetError, FaceDataModule
 from fastface_pl.data.datasets import ImageFolderDataset, RecordDataset, SyntheticFaces

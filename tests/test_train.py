@@ -162,7 +162,7 @@ def test_the_stop_preset_stops_the_run_saves_it_and_says_why(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [item for item in SHORT_DEMO if not item.startswith(("scheduler.", "trainer.max_epochs"))]
     result = _train(run_dir, *overrides, "scheduler=fastface_stop", "scheduler.horizon_epochs=1",
-                    "trainer.max_epochs=12")
+                    "scheduler.cooldown_fraction=0.5", "trainer.max_epochs=12")
     summary = json.loads((run_dir / "results.json").read_text())
     assert summary["status"] == "completed" and summary["stopped_at"] == summary["global_step"] < 144
     start = summary["decisions"][0][0]

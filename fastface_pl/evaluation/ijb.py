@@ -36,7 +36,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from fastface_pl.atomic import atomic_write, write_text_atomic

@@ -37,7 +37,7 @@ COOLDOWN_SHAPES = ("1-sqrt", "linear")
 #: The latest cooldown start, as a fraction of the budget: WSD's usual 20 % cooldown.
 DEFAULT_LATEST_START = 0.8
 #: c of the stop mode: the cooldown lasts c·t_d steps (chosen on the benchmark's selection seed, docs/cooldown.md).
-DEFAULT_STOP_COOLDOWN_FRACTION = 0.5
+DEFAULT_STOP_COOLDOWN_FRACTION = 1.0
 
 
 def cooldown_factor(step: int, start: int, end: int, shape: str = "1-sqrt") -> float:
