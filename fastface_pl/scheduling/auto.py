@@ -190,7 +190,7 @@ class AutoFastFaceDetector:
 
         >>> detector = AutoFastFaceDetector(total_steps=1000)
         >>> factors = [detector.update(max(6.0, 10.0 - 0.05 * t)) for t in range(200)]  # flat from step 81
-        >>> detector.settings.patience, detector.decisions[0][0]
+        >>> detector.settings.patience, factors.index(0.5) + 1
         (50, 153)
     """
 
@@ -222,9 +222,7 @@ class AutoFastFaceDetector:
         if len(self._calibration) < max(3, self.calibration_steps):
             return 1.0
         self._resolve()
-        for value in self._calibration:
-            self.detector.update(value)
-        return self.detector.lr_scale  # 1.0 unless the window held a decision (only when P < 3)
+        return math.prod(self.detector.update(value) for value in self._calibration)  # 1.0 unless P < 3
 
     def _resolve(self) -> None:
         self.settings = fastface_auto_settings(self.total_steps, self._calibration, self.patience_fraction)
@@ -232,20 +230,16 @@ class AutoFastFaceDetector:
                                          max_decays=self.max_decays, wait_for_descent=True)
 
     def __getattr__(self, name: str) -> Any:
-        # threshold, signal, smoothed_loss, stationary_count, decisions … of the resolved detector
+        # threshold, signal, smoothed_loss, stationary_count, num_reductions … of the resolved detector
         if name.startswith("_") or name in ("detector", "settings"):
             raise AttributeError(name)
         detector = self.__dict__.get("detector")
         if detector is not None:
             return getattr(detector, name)
-        if name == "decisions":
-            return []
-        if name in ("num_decisions", "stationary_count"):
+        if name in ("num_reductions", "stationary_count"):
             return 0
         if name == "steps_seen":
             return len(self.__dict__.get("_calibration", ()))
-        if name == "lr_scale":
-            return 1.0
         if name in ("threshold", "signal", "smoothed_loss", "alpha", "beta", "patience"):
             return None
         raise AttributeError(name)

@@ -20,8 +20,12 @@ Example::
     >>> lr = 0.02
     >>> for loss in [5.0, 5.0, 5.0, 5.0, 5.0]:
     ...     lr *= detector.update(loss)
-    >>> detector.decisions, lr
-    ([(4, 0.5)], 0.01)
+    >>> detector.num_reductions, lr
+    (1, 0.01)
+
+A detector keeps only what detection needs. The decisions, the LR scale and the optimizer-step numbering
+belong to whoever applies the factors (:class:`~fastface_pl.scheduling.lr_scheduler.FastFaceLR`, or
+:func:`~fastface_pl.scheduling.replay.replay` for a logged curve).
 """
 
 from __future__ import annotations
@@ -83,11 +87,6 @@ class Detector(Protocol):
     @property
     def stationary_count(self) -> int: ...
 
-    @property
-    def num_decisions(self) -> int: ...
-
-    @property
-    def decisions(self) -> list[tuple[int, float]]: ...
 
 
 def _as_loss(loss: Any) -> float:
@@ -117,7 +116,7 @@ def _check_state_header(state: Any, expected_type: str) -> None:
             f"state was saved by detector type {found!r}, cannot load it into {expected_type}; "
             f"build a {found} instead (build_detector) or pass a state from {expected_type}.state_dict()"
         )
-    version = state.get("version", 1)
+    version = state.get("version")
     if not isinstance(version, int) or version < 1 or version > STATE_VERSION:
         raise ValueError(
             f"state version {version!r} is not supported (this fastface_pl reads versions 1..{STATE_VERSION}); "
@@ -125,8 +124,16 @@ def _check_state_header(state: Any, expected_type: str) -> None:
         )
 
 
+def _required(state: Mapping[str, Any], key: str) -> Any:
+    """``state[key]``, or a ValueError naming the key."""
+    if key not in state:
+        raise ValueError(f"state has no {key!r}: pass a dict from the detector's state_dict()")
+    return state[key]
+
+
 def _finite_or_none(state: Mapping[str, Any], key: str, required: bool) -> float | None:
-    value = state.get(key)
+    """``state[key]`` as a finite float; None when it is None and not ``required``. ValueError otherwise."""
+    value = _required(state, key)
     if value is None and not required:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -138,7 +145,7 @@ def _finite_or_none(state: Mapping[str, Any], key: str, required: bool) -> float
 # What both detectors share: common state, read-only properties, state plumbing, pickling and repr
 # --------------------------------------------------------------------------------------------------
 class _StationarityDetector:
-    """Common state (steps, stationary count, decisions, LR scale), read-only views and state plumbing.
+    """Common state (losses seen, stationary count, reductions made), read-only views and state plumbing.
 
     A subclass lists its constructor arguments in ``_HYPERPARAMETERS`` (each readable as a property),
     and implements ``_configure`` (check and store them), ``_reset_state`` (calling this one), ``update``,
@@ -146,14 +153,16 @@ class _StationarityDetector:
     """
 
     _HYPERPARAMETERS: tuple[str, ...] = ()
+    _steps: int
+    _count: int
+    _reductions: int
 
     def _reset_state(self) -> None:
         self._steps = 0
         self._smoothed: float | None = None
         self._signal: float | None = None
         self._count = 0
-        self._decisions: list[tuple[int, float]] = []
-        self._scale = 1.0
+        self._reductions = 0
 
     # Read-only views; the subclass docstrings say what the symbols stand for (λ/θ, L^E_t/a_t, D^E_t/S_t).
     @property
@@ -178,7 +187,7 @@ class _StationarityDetector:
 
     @property
     def steps_seen(self) -> int:
-        """Number of losses fed so far."""
+        """Number of losses fed so far (the detector's own t; non-finite losses never reach it)."""
         return self._steps
 
     @property
@@ -197,20 +206,9 @@ class _StationarityDetector:
         return self._count
 
     @property
-    def lr_scale(self) -> float:
-        """Product of all factors returned so far: the detector's decisions, before any ``min_lr`` floor or a
-        composed schedule that :class:`FastFaceLR` applies on top."""
-        return self._scale
-
-    @property
-    def num_decisions(self) -> int:
-        """Number of decisions made so far (decays, and for Moving Haar restarts)."""
-        return len(self._decisions)
-
-    @property
-    def decisions(self) -> list[tuple[int, float]]:
-        """(1-based step of the deciding update, factor) for every decision so far (a copy)."""
-        return list(self._decisions)
+    def num_reductions(self) -> int:
+        """LR reductions (factors 1/δ) returned so far: what ``max_decays`` caps."""
+        return self._reductions
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -228,9 +226,8 @@ class _StationarityDetector:
         state.update(self.hyperparameters)
         state["steps_seen"] = self._steps
         state["stationary_count"] = self._count
+        state["num_reductions"] = self._reductions
         state.update(self._state_body())
-        state["decisions"] = [list(d) for d in self._decisions]
-        state["lr_scale"] = self._scale
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -241,25 +238,23 @@ class _StationarityDetector:
                 invalid value (for Moving Haar: buffers that do not match its window).
         """
         _check_state_header(state, type(self).__name__)
-        self._configure(**{name: state.get(name, getattr(self, name)) for name in self._HYPERPARAMETERS})
+        self._configure(**{name: _required(state, name) for name in self._HYPERPARAMETERS})
         self._reset_state()
-        self._steps = check_int("state['steps_seen']", state.get("steps_seen", 0), 0)
-        self._count = check_int("state['stationary_count']", state.get("stationary_count", 0), 0)
-        self._decisions = [(int(step), float(factor)) for step, factor in state.get("decisions") or []]
-        self._scale = float(state.get("lr_scale", math.prod(f for _, f in self._decisions)))
+        self._steps = check_int("state['steps_seen']", _required(state, "steps_seen"), 0)
+        self._count = check_int("state['stationary_count']", _required(state, "stationary_count"), 0)
+        self._reductions = check_int("state['num_reductions']", _required(state, "num_reductions"), 0)
         self._load_state_body(state)
 
     def __getstate__(self) -> dict[str, Any]:
         return self.state_dict()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._configure(**{name: state[name] for name in self._HYPERPARAMETERS})
         self.load_state_dict(state)
 
     def __repr__(self) -> str:
         arguments = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters.items())
         return (f"{type(self).__name__}({arguments}) [steps_seen={self._steps}, "
-                f"stationary_count={self._count}, num_decisions={len(self._decisions)}]")
+                f"stationary_count={self._count}, num_reductions={self._reductions}]")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,16 +367,17 @@ class FastFaceDetector(_StationarityDetector):
             self._count = 0
             return 1.0
         self._count += 1
-        decays_left = self._max_decays is None or len(self._decisions) < self._max_decays
-        if self._count <= self._patience or not decays_left:
+        if self._count <= self._patience:
             return 1.0
-        return self._decide(1.0 / self._decay)
+        return self._decide()
 
-    def _decide(self, factor: float) -> float:
+    def _decide(self) -> float:
+        """The factor of a decision due now: 1/δ, or 1.0 once ``max_decays`` reductions are made."""
+        if self._max_decays is not None and self._reductions >= self._max_decays:
+            return 1.0  # the count keeps growing while the loss is stationary
         self._count = 0
-        self._scale *= factor
-        self._decisions.append((self._steps, factor))
-        return factor
+        self._reductions += 1
+        return 1.0 / self._decay
 
     @property
     def alpha(self) -> float:
@@ -421,7 +417,7 @@ class FastFaceDetector(_StationarityDetector):
         if self._steps >= 2:
             self._signal = _finite_or_none(state, "signal", required=True)
             self._signal_prev = _finite_or_none(state, "signal_prev", required=True)
-        descended = state.get("descended", False)
+        descended = _required(state, "descended")
         if not isinstance(descended, bool):
             raise ValueError(f"state['descended'] must be True or False, got {descended!r}")
         self._descended = descended
@@ -500,7 +496,6 @@ class MovingHaarDetector(_StationarityDetector):
         self._sum_old = 0.0
         self._sum_new = 0.0
         self._run = 0
-        self._reductions = 0
 
     # ---------------------------------------------------------------------------------------------
     def update(self, loss: float) -> float:
@@ -567,6 +562,8 @@ class MovingHaarDetector(_StationarityDetector):
         self._sum_new = math.fsum(ordered[self._half:])
 
     def _decide(self) -> float:
+        """The factor of a decision due now: 1/δ, a restart's δ^(r−1), or 1.0 once ``max_decays`` reductions
+        are made."""
         if self._max_decays is not None and self._reductions >= self._max_decays:
             return 1.0  # no reduction left: no decision at all, restart included
         if self._restart_after is not None and self._run >= self._restart_after:
@@ -577,8 +574,6 @@ class MovingHaarDetector(_StationarityDetector):
             self._run += 1
             self._reductions += 1
         self._count = 0
-        self._scale *= factor
-        self._decisions.append((self._steps, factor))
         return factor
 
     @property
@@ -610,13 +605,12 @@ class MovingHaarDetector(_StationarityDetector):
             "smoothed_loss": self._smoothed,
             "signal": self._signal,
             "run_decays": self._run,
-            "num_reductions": self._reductions,
         }
 
     def _load_state_body(self, state: Mapping[str, Any]) -> None:
         m = self._window
-        losses = [float(x) for x in state.get("losses", self._losses)]
-        averages = [float(x) for x in state.get("averages", self._averages)]
+        losses = [float(x) for x in _required(state, "losses")]
+        averages = [float(x) for x in _required(state, "averages")]
         if len(losses) != m or len(averages) != m:
             raise ValueError(f"state buffers hold {len(losses)} losses and {len(averages)} averages, "
                              f"expected {m} each (window={m}); the state is corrupt")
@@ -624,19 +618,15 @@ class MovingHaarDetector(_StationarityDetector):
             raise ValueError("state buffers contain non-finite values; the state is corrupt")
         self._losses = losses
         self._averages = averages
-        self._loss_pos = check_int("state['loss_pos']", state.get("loss_pos", 0), 0) % m
-        self._avg_pos = check_int("state['average_pos']", state.get("average_pos", 0), 0) % m
-        self._num_averages = min(check_int("state['num_averages']", state.get("num_averages", 0), 0), m)
-        self._loss_sum = float(state.get("loss_sum", math.fsum(losses)))
-        self._sum_old = float(state.get("sum_old", 0.0))
-        self._sum_new = float(state.get("sum_new", 0.0))
-        if "sum_old" not in state and self._num_averages == m:
-            self._refresh_haar_sums(self._avg_pos)
-        smoothed, signal = state.get("smoothed_loss"), state.get("signal")
-        self._smoothed = None if smoothed is None else float(smoothed)
-        self._signal = None if signal is None else float(signal)
-        self._run = check_int("state['run_decays']", state.get("run_decays", 0), 0)
-        self._reductions = int(state.get("num_reductions", sum(f < 1.0 for _, f in self._decisions)))
+        self._loss_pos = check_int("state['loss_pos']", _required(state, "loss_pos"), 0) % m
+        self._avg_pos = check_int("state['average_pos']", _required(state, "average_pos"), 0) % m
+        self._num_averages = min(check_int("state['num_averages']", _required(state, "num_averages"), 0), m)
+        self._loss_sum = _finite_or_none(state, "loss_sum", required=True)
+        self._sum_old = _finite_or_none(state, "sum_old", required=True)
+        self._sum_new = _finite_or_none(state, "sum_new", required=True)
+        self._smoothed = _finite_or_none(state, "smoothed_loss", required=False)
+        self._signal = _finite_or_none(state, "signal", required=False)
+        self._run = check_int("state['run_decays']", _required(state, "run_decays"), 0)
 
 
 _DETECTORS = {"fastface": FastFaceDetector, "moving_haar": MovingHaarDetector}
@@ -662,6 +652,6 @@ def build_detector(name: str, **kwargs: Any) -> Detector:
     Example::
 
         >>> build_detector("moving_haar", window=4000)
-        MovingHaarDetector(window=4000, threshold=0.06, patience=8000, decay=2.0, restart_after=3, max_decays=None) [steps_seen=0, stationary_count=0, num_decisions=0]
+        MovingHaarDetector(window=4000, threshold=0.06, patience=8000, decay=2.0, restart_after=3, max_decays=None) [steps_seen=0, stationary_count=0, num_reductions=0]
     """
     return detector_class(name)(**kwargs)

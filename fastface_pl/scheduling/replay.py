@@ -58,7 +58,8 @@ class ReplayResult:
     """What :func:`replay` saw.
 
     Attributes:
-        decisions: (1-based step of the deciding update, factor), as in ``detector.decisions``.
+        decisions: (1-based step of the deciding update, factor) for every factor other than 1.0, the steps
+            counted as the detector counts its losses (``steps_seen``).
         lr_scale: product of all factors at the end (the final LR over the initial one).
         steps: number of losses replayed.
         threshold: the detector's threshold (λ or θ).
@@ -184,14 +185,17 @@ def replay(detector: Detector, losses: Iterable[float], record: bool = False) ->
         A :class:`ReplayResult`.
     """
     update = detector.update
-    start_decisions = detector.num_decisions
+    first_step = detector.steps_seen
     result = ReplayResult(decisions=[], lr_scale=1.0, steps=0, threshold=detector.threshold,
                           patience=detector.patience, name=type(detector).__name__)
+    decide = result.decisions.append
     steps = 0
     if not record:
         for loss in losses:
-            update(loss)
+            factor = update(loss)
             steps += 1
+            if factor != 1.0:
+                decide((first_step + steps, factor))
     else:
         nan = math.nan
         traces = (result.losses, result.smoothed_loss, result.signal, result.stationary_count,
@@ -199,8 +203,11 @@ def replay(detector: Detector, losses: Iterable[float], record: bool = False) ->
         add_loss, add_smoothed, add_signal, add_count, add_scale = (t.append for t in traces)
         scale = 1.0
         for loss in losses:
-            scale *= update(loss)
+            factor = update(loss)
             steps += 1
+            if factor != 1.0:
+                decide((first_step + steps, factor))
+                scale *= factor
             smoothed, signal = detector.smoothed_loss, detector.signal
             add_loss(loss)
             add_smoothed(nan if smoothed is None else smoothed)
@@ -208,7 +215,6 @@ def replay(detector: Detector, losses: Iterable[float], record: bool = False) ->
             add_count(detector.stationary_count)
             add_scale(scale)
     result.steps = steps
-    result.decisions = detector.decisions[start_decisions:]
     result.lr_scale = math.prod(f for _, f in result.decisions)
     return result
 
