@@ -16,6 +16,7 @@ from fastface_pl.scheduling.detectors import (
     DETECTOR_NAMES,
     FastFaceDetector,
     MovingHaarDetector,
+    NonFiniteLossError,
     build_detector,
 )
 
@@ -210,7 +211,7 @@ def test_nonfinite_loss_raises_and_leaves_state_untouched(make, bad):
     detector = make()
     run(detector, plateau_stream(20, seed=1))
     before = detector.state_dict()
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(NonFiniteLossError, match="finite"):
         detector.update(bad)
     assert detector.state_dict() == before
 

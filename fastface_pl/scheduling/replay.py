@@ -32,7 +32,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
-from fastface_pl.scheduling.detectors import Detector, FastFaceDetector, MovingHaarDetector
+from fastface_pl.scheduling.detectors import (
+    PAPER_ALPHA,
+    PAPER_PATIENCE_FRACTION,
+    PAPER_THRESHOLD,
+    Detector,
+    FastFaceDetector,
+    MovingHaarDetector,
+)
 
 __all__ = ["LogRow", "ReplayResult", "load_loss_log", "expand_loss_log", "replay", "decision_log_row",
            "logged_lr_changes", "main"]
@@ -259,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "MS1MV3/ResNet100 log of the FastFace authors)")
     parser.add_argument("--total-steps", type=int, default=None,
                         help="T, total optimizer steps of the run (default: the log's last step)")
-    parser.add_argument("--patience-fraction", type=float, default=0.05, help="τ for FastFace: P = int(τ·T)")
+    parser.add_argument("--patience-fraction", type=float, default=PAPER_PATIENCE_FRACTION, help="τ for FastFace: P = int(τ·T)")
     parser.add_argument("--window", type=int, default=4000, help="m for Moving Haar")
     parser.add_argument("--theta", type=float, default=0.06, help="θ for Moving Haar")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw both replays into this PNG")
@@ -281,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     initial_lr = rows[0].lr
     detectors = [
         ("FastFace", FastFaceDetector(patience=patience), False,
-         f"α=β=0.001, λ=5e-5, τ={args.patience_fraction} of T={total} → P={patience}, δ=2, K=8"),
+         f"α=β={PAPER_ALPHA:g}, λ={PAPER_THRESHOLD:g}, τ={args.patience_fraction} of T={total} → P={patience}, δ=2, K=8"),
         ("Moving Haar", MovingHaarDetector(window=args.window, threshold=args.theta), True,
          f"m={args.window}, θ={args.theta}, P=2m={2 * args.window}, δ=2, R=3"),
     ]
