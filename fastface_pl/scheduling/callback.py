@@ -203,8 +203,6 @@ class FastFaceLRCallback(StepLossConsumer):
             self._detector = build_detector(self._detector_name, **self._detector_kwargs)
         # What a resumed run applies over the checkpoint's detector settings (P from τ is resolved separately).
         self._configured_settings = self._settings_to_apply(detector)
-        self._state_key = self._generate_state_key(
-            detector=self._detector_name or type(detector).__name__, **({"name": name} if name else {}))
 
         self._initial_detector = None if self._detector is None else self._detector.state_dict()
         self._scheduler: FastFaceLR | None = None  # the owner of the LR, built when training starts
@@ -281,7 +279,8 @@ class FastFaceLRCallback(StepLossConsumer):
     @property
     def state_key(self) -> str:
         """The detector type plus ``name``: stable when settings change, so a resume always finds its state."""
-        return self._state_key
+        detector = self._detector_name or type(self._detector).__name__  # an instance stays this callback's
+        return self._generate_state_key(detector=detector, **({"name": self.name} if self.name else {}))
 
     def _settings_to_apply(self, detector: Any) -> dict[str, Any]:
         if self._detector_name is None:
@@ -438,10 +437,8 @@ class FastFaceLRCallback(StepLossConsumer):
             f"FastFaceLRCallback: a new run starts at global step 0; the state of the earlier fit ({self._steps} "
             f"optimizer steps, {len(self._scheduler.decisions)} decisions, LR scale {self._scheduler.lr_scale:g}) "
             "is dropped. To continue it, fit the same Trainer again or load its state_dict() first.")
-        if self._initial_detector is not None:  # a detector instance: back to how it was given
+        if self._initial_detector is not None:  # a detector known at construction: back to how it was given
             self._detector.load_state_dict(self._initial_detector)
-        elif self._patience_fraction is None:
-            self._detector = build_detector(self._detector_name, **self._detector_kwargs)
         self._scheduler.close()
         self._scheduler, self._steps = None, 0
         return None, 0, False
