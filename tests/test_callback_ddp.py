@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fastface_pl.scheduling.callback import FastFaceLRCallback
 from fastface_pl.scheduling.detectors import build_detector
+from fastface_pl.scheduling.replay import replay
 
 LR0 = 0.1
 DETECTOR = {"alpha": 0.5, "beta": 0.5, "threshold": 1e-3, "patience": 4}
@@ -85,16 +86,12 @@ def test_ddp_ranks_feed_the_rank_mean_and_apply_identical_lrs(tmp_path):
     assert records[0]["decisions"] == records[1]["decisions"]
     assert records[0]["fed"] == records[1]["fed"] == STEPS
 
-    detector = build_detector("fastface", **DETECTOR)
-    for value in base_losses(STEPS):
-        detector.update(value)
-    assert len(detector.decisions) >= 2
-    assert [(s, f) for s, f, _ in records[0]["decisions"]] == [tuple(d) for d in detector.decisions]
+    decided = replay(build_detector("fastface", **DETECTOR), base_losses(STEPS)).decisions
+    assert len(decided) >= 2
+    assert [(s, f) for s, f, _ in records[0]["decisions"]] == decided
     # A rank-local stream would decide differently: the test can tell.
-    local = build_detector("fastface", **DETECTOR)
-    for base, offset in zip(base_losses(STEPS), rank_offsets(STEPS)):
-        local.update(base + offset)
-    assert local.decisions != detector.decisions
+    local = [base + offset for base, offset in zip(base_losses(STEPS), rank_offsets(STEPS))]
+    assert replay(build_detector("fastface", **DETECTOR), local).decisions != decided
 
     # Mid-block checkpoint (20 % 3 = 2 steps not yet read): every rank reads the block (the rank mean) before
     # Lightning collects the state; rank 0 writes it.

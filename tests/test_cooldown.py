@@ -11,6 +11,7 @@ from test_callback import staircase_losses
 from fastface_pl.scheduling.detectors import FastFaceDetector
 from fastface_pl.scheduling.ending import RunEnding, cooldown_factor
 from fastface_pl.scheduling.lr_scheduler import FastFaceLR
+from fastface_pl.scheduling.replay import replay
 
 LR0 = 0.1
 DETECTOR = {"alpha": 0.5, "beta": 0.5, "threshold": 1e-3, "patience": 4}
@@ -102,10 +103,7 @@ def test_a_tampered_ending_state_is_refused_naming_the_key(edit, match):
 # ---------------------------------------------------------------------------------------------------------- FastFaceLR
 def test_cooldown_mode_anneals_from_the_first_decision_to_zero_at_t():
     losses = staircase_losses(200, seed=2)
-    reference = FastFaceDetector(**DETECTOR)
-    for value in losses:
-        reference.update(value)
-    t_d = reference.decisions[0][0]  # the halving mode's first decision
+    t_d = replay(FastFaceDetector(**DETECTOR), losses).decisions[0][0]  # the halving mode's first decision
     scheduler = FastFaceLR(sgd(), FastFaceDetector(**DETECTOR), total_steps=200, mode="cooldown")
     lrs = lrs_of(scheduler, losses)
     assert scheduler.ending.start == t_d < 0.8 * 200
@@ -119,7 +117,7 @@ def test_cooldown_mode_without_a_stationary_stretch_is_wsd():
     scheduler = FastFaceLR(sgd(), FastFaceDetector(**DETECTOR), total_steps=100, mode="cooldown",
                            cooldown_shape="linear")
     lrs = lrs_of(scheduler, falling(100))
-    assert scheduler.detector.decisions == [] and scheduler.ending.start == 80
+    assert scheduler.detector.num_reductions == 0 and scheduler.ending.start == 80
     assert lrs == pytest.approx([LR0 * cooldown_factor(t, 80, 100, "linear") for t in range(1, 101)], rel=1e-12)
 
 
@@ -178,8 +176,6 @@ def test_halve_mode_is_the_paper_and_ignores_the_ending():
     losses = staircase_losses(200, seed=2)
     scheduler = FastFaceLR(sgd(), FastFaceDetector(**DETECTOR), total_steps=200)
     lrs = lrs_of(scheduler, losses)
-    reference = FastFaceDetector(**DETECTOR)
-    for value in losses:
-        reference.update(value)
+    reference = replay(FastFaceDetector(**DETECTOR), losses)
     assert [(s, f) for s, f, _ in scheduler.decisions] == reference.decisions
     assert lrs[-1] == pytest.approx(LR0 * reference.lr_scale) and not scheduler.ending.started

@@ -72,7 +72,7 @@ def test_without_a_stationary_stretch_the_cooldown_starts_at_the_latest_point_on
     cb = callback(mode="cooldown", sync_every_n_steps=16)  # the latest point needs no read: exactly on time
     model = ScriptedModule(losses)
     make_trainer(max_steps=100, callbacks=[cb]).fit(model)
-    assert cb.cooldown_start == 80 and cb.detector.decisions == []
+    assert cb.cooldown_start == 80 and cb.detector.num_reductions == 0
     assert model.lrs == pytest.approx([LR0 * cooldown_factor(t, 80, 100) for t in range(1, 101)], rel=1e-12)
 
 

@@ -16,6 +16,7 @@ from fastface_pl.scheduling.detectors import (
     DETECTOR_NAMES,
     FastFaceDetector,
     MovingHaarDetector,
+    NonFiniteLossError,
     build_detector,
 )
 
@@ -23,6 +24,11 @@ from fastface_pl.scheduling.detectors import (
 def run(detector, losses):
     """Feeds ``losses``; returns the factors returned at every step."""
     return [detector.update(loss) for loss in losses]
+
+
+def decided(factors):
+    """(1-based step, factor) of every factor other than 1.0."""
+    return [(step, factor) for step, factor in enumerate(factors, start=1) if factor != 1.0]
 
 
 def plateau_stream(length: int, seed: int) -> list[float]:
@@ -64,18 +70,14 @@ FASTFACE_TABLE = [
                          ids=[row[0] for row in FASTFACE_TABLE])
 def test_fastface_rules(kwargs, losses, expected):
     detector = FastFaceDetector(**RAW, **kwargs)
-    factors = run(detector, losses)
-    assert detector.decisions == expected
-    decided = {step: factor for step, factor in expected}
-    assert factors == [decided.get(step, 1.0) for step in range(1, len(losses) + 1)]
-    assert detector.num_decisions == len(expected)
-    assert detector.lr_scale == pytest.approx(math.prod(f for _, f in expected))
+    assert decided(run(detector, losses)) == expected
+    assert detector.num_reductions == len(expected)
 
 
 def test_fastface_default_cap_is_eight_then_factor_one_forever():
     detector = FastFaceDetector(**RAW, patience=0)
     factors = run(detector, [5.0] * 30)
-    assert detector.num_decisions == 8
+    assert detector.num_reductions == 8
     assert factors[1:9] == [0.5] * 8 and set(factors[9:]) == {1.0}
     assert detector.stationary_count == 30 - 1 - 8  # keeps counting after the cap
 
@@ -129,10 +131,8 @@ MOVING_HAAR_TABLE = [
                          ids=[row[0] for row in MOVING_HAAR_TABLE])
 def test_moving_haar_rules(kwargs, losses, expected):
     detector = MovingHaarDetector(window=2, threshold=0.5, **kwargs)
-    factors = run(detector, losses)
-    assert detector.decisions == expected
-    decided = {step: factor for step, factor in expected}
-    assert factors == [decided.get(step, 1.0) for step in range(1, len(losses) + 1)]
+    assert decided(run(detector, losses)) == expected
+    assert detector.num_reductions == sum(factor < 1.0 for _, factor in expected)
 
 
 def test_moving_haar_signal_values_window_2():
@@ -152,10 +152,10 @@ def test_moving_haar_signal_values_window_2():
 def test_moving_haar_odd_window_uses_floor_half():
     # m = 3, h = 1: S_t = (a_{t-3} - a_{t-2} - a_{t-1}) / 3, so a constant loss c gives S = -c/3.
     detector = MovingHaarDetector(window=3)
-    run(detector, [6.0] * 13)
+    factors = run(detector, [6.0] * 13)
     assert detector.signal == pytest.approx(-2.0)
     assert detector.patience == 6
-    assert detector.decisions == [(13, 0.5)]  # counts from step 7, (P+1)-th counted step is 13
+    assert decided(factors) == [(13, 0.5)]  # counts from step 7, (P+1)-th counted step is 13
 
 
 def test_moving_haar_default_patience_is_twice_window():
@@ -211,7 +211,7 @@ def test_nonfinite_loss_raises_and_leaves_state_untouched(make, bad):
     detector = make()
     run(detector, plateau_stream(20, seed=1))
     before = detector.state_dict()
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(NonFiniteLossError, match="finite"):
         detector.update(bad)
     assert detector.state_dict() == before
 
@@ -275,8 +275,9 @@ def test_resume_mid_stream_continues_exactly(name, cut, transport):
     losses = plateau_stream(3000, seed=7)
     reference = make()
     expected = trajectory(reference, losses)
-    assert reference.num_decisions >= 4  # the stream exercises decisions, the cap / the restarts
-    assert reference.num_decisions == 8 if name == "fastface" else 4.0 in [f for _, f in reference.decisions]
+    factors = [factor for factor, *_ in expected]
+    assert len(decided(factors)) >= 4  # the stream exercises decisions, the cap / the restarts
+    assert reference.num_reductions == 8 if name == "fastface" else 4.0 in factors
 
     first = make()
     trajectory(first, losses[:cut])
@@ -291,7 +292,6 @@ def test_resume_mid_stream_continues_exactly(name, cut, transport):
     else:
         resumed = copy.deepcopy(first)
     assert trajectory(resumed, losses[cut:]) == expected[cut:]
-    assert resumed.decisions == reference.decisions
     assert resumed.state_dict() == reference.state_dict()
 
 
@@ -316,29 +316,23 @@ def test_load_state_rejects_other_detector_type_and_newer_version():
         MovingHaarDetector(window=4).load_state_dict(bad)
 
 
-@pytest.mark.parametrize("name, later_keys", [("fastface", ["lr_scale"]),
-                                              ("moving_haar", ["lr_scale", "num_reductions", "version"])])
-def test_load_state_tolerates_missing_later_keys(name, later_keys):
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("key", ["steps_seen", "num_reductions", "patience", "smoothed_loss"])
+def test_load_state_names_a_missing_key(name, key):
     make, _ = FACTORIES[name]
-    losses = plateau_stream(2000, seed=3)
-    reference = make()
-    expected = trajectory(reference, losses)
     first = make()
-    trajectory(first, losses[:1200])
+    run(first, plateau_stream(200, seed=3))
     state = first.state_dict()
-    for key in later_keys:
-        del state[key]
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert trajectory(resumed, losses[1200:]) == expected[1200:]
-    assert resumed.lr_scale == pytest.approx(reference.lr_scale)
+    del state[key]
+    with pytest.raises(ValueError, match=repr(key)):
+        make().load_state_dict(state)
 
 
-def test_decisions_property_is_a_copy():
+def test_a_detector_keeps_no_decisions_or_lr_scale():
     detector = FastFaceDetector(**RAW, patience=0)
-    run(detector, [5.0, 5.0])
-    detector.decisions.append((99, 1.0))
-    assert detector.decisions == [(2, 0.5)]
+    assert decided(run(detector, [5.0, 5.0])) == [(2, 0.5)]
+    assert not hasattr(detector, "decisions") and not hasattr(detector, "lr_scale")
+    assert not {"decisions", "lr_scale"} & set(detector.state_dict())
     with pytest.raises(AttributeError):
         detector.patience = 3
 

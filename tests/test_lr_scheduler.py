@@ -23,6 +23,15 @@ def raw_detector(patience=1, **kwargs):
     return FastFaceDetector(alpha=1.0, beta=1.0, threshold=0.5, patience=patience, **kwargs)
 
 
+def test_the_scheduler_alone_records_decisions_numbered_by_optimizer_step():
+    scheduler = FastFaceLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02), FastFaceDetector(patience=1))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        factors = [scheduler.step(loss) for loss in (3.0, math.nan, 3.0, 3.0)]
+    assert factors == [1.0, 1.0, 1.0, 0.5]
+    assert scheduler.decisions == [(4, 0.5, 0.01)]  # the NaN step counts: step 4, not the detector's third loss
+    assert scheduler.detector.steps_seen == 3 and not hasattr(scheduler.detector, "decisions")
+
+
 def test_decision_scales_every_group_and_keeps_their_ratio():
     optimizer = make_optimizer()
     scheduler = FastFaceLR(optimizer, raw_detector(patience=1))

@@ -1,5 +1,6 @@
 """The FastFace and Moving Haar LR schedulers: pure detectors, a Lightning callback, a plain-PyTorch scheduler,
-the presets of ``conf/scheduler/`` and the replay of a logged loss curve (:mod:`~fastface_pl.scheduling.replay`).
+the factories of the Hydra configs ``conf/scheduler/``, the checks of a saved state and the replay of a logged
+loss curve (:mod:`~fastface_pl.scheduling.replay`).
 
 Names are imported lazily (the detectors need neither torch nor Lightning).
 """
@@ -14,7 +15,8 @@ _MODULES = {
     "fastface_pl.scheduling.auto": ("AutoFastFaceDetector",),
     "fastface_pl.scheduling.callback": ("FastFaceLRCallback",),
     "fastface_pl.scheduling.lr_scheduler": ("FastFaceLR",),
-    "fastface_pl.scheduling.presets": ("lr_callback", "torch_schedule"),
+    "fastface_pl.scheduling.hydra_factories": ("lr_callback", "torch_schedule"),
+    "fastface_pl.scheduling.saved_state": ("SchedulerStateError",),
 }
 
 __all__ = sorted(name for names in _MODULES.values() for name in names)

@@ -32,7 +32,15 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from fastface_pl.scheduling.detectors import FastFaceDetector, NonFiniteLossError
+from fastface_pl.scheduling.detectors import (
+    PAPER_ALPHA,
+    PAPER_PATIENCE_FRACTION,
+    PAPER_THRESHOLD,
+    FastFaceDetector,
+    NonFiniteLossError,
+    as_finite_loss,
+)
+from fastface_pl.scheduling.saved_state import check_state, loading
 from fastface_pl.validation import check_int, check_real
 
 __all__ = ["FastFaceSettings", "AutoFastFaceDetector", "fastface_auto_settings", "calibration_steps",
@@ -42,9 +50,7 @@ __all__ = ["FastFaceSettings", "AutoFastFaceDetector", "fastface_auto_settings",
 #: (ArcFace s = 64, m = 0.5; from the packaged log).
 PAPER_TOTAL_STEPS = 202_320
 PAPER_LOSS_SCALE = 45.55
-PAPER_ALPHA = 1e-3
-PAPER_THRESHOLD = 5e-5
-PAPER_PATIENCE_FRACTION = 0.05
+STATE_VERSION = 1
 
 #: λ·T / L₀ of the paper's run: the share of its starting loss a stationary stretch would still shed over T steps.
 THRESHOLD_RUN_FRACTION = PAPER_THRESHOLD * PAPER_TOTAL_STEPS / PAPER_LOSS_SCALE
@@ -190,20 +196,28 @@ class AutoFastFaceDetector:
 
         >>> detector = AutoFastFaceDetector(total_steps=1000)
         >>> factors = [detector.update(max(6.0, 10.0 - 0.05 * t)) for t in range(200)]  # flat from step 81
-        >>> detector.settings.patience, detector.decisions[0][0]
+        >>> detector.settings.patience, factors.index(0.5) + 1
         (50, 153)
     """
 
     def __init__(self, total_steps: int, patience_fraction: float = PAPER_PATIENCE_FRACTION, decay: float = 2.0,
                  max_decays: int | None = 8) -> None:
-        self.total_steps = check_int("total_steps", total_steps, 1)
-        self.patience_fraction = check_real("patience_fraction", patience_fraction, 0.0, 1.0)
-        self.decay = check_real("decay", decay, 1.0)
-        self.max_decays = check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited")
+        settings = self.check_settings(total_steps, patience_fraction, decay, max_decays)
+        self.total_steps, self.patience_fraction = settings["total_steps"], settings["patience_fraction"]
+        self.decay, self.max_decays = settings["decay"], settings["max_decays"]
         self.calibration_steps = calibration_steps(self.total_steps, self.patience_fraction)
         self._calibration: list[float] = []  # the first losses; kept, so a new T can re-resolve the settings
         self.settings: FastFaceSettings | None = None
         self.detector: FastFaceDetector | None = None
+
+    @staticmethod
+    def check_settings(total_steps: int, patience_fraction: float = PAPER_PATIENCE_FRACTION, decay: float = 2.0,
+                       max_decays: int | None = 8) -> dict[str, Any]:
+        """The constructor arguments, checked (TypeError, ValueError), without building a detector."""
+        return {"total_steps": check_int("total_steps", total_steps, 1),
+                "patience_fraction": check_real("patience_fraction", patience_fraction, 0.0, 1.0),
+                "decay": check_real("decay", decay, 1.0),
+                "max_decays": check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited")}
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -215,16 +229,15 @@ class AutoFastFaceDetector:
         """Feeds one optimizer step's loss; returns the LR factor (1.0, or 1/δ on a decision)."""
         if self.detector is not None:
             return self.detector.update(loss)
-        loss = float(loss)
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"`loss` must be finite, got {loss!r} at step {len(self._calibration) + 1}")
+        try:
+            loss = as_finite_loss(loss)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"{error} (step {len(self._calibration) + 1})") from None
         self._calibration.append(loss)
         if len(self._calibration) < max(3, self.calibration_steps):
             return 1.0
         self._resolve()
-        for value in self._calibration:
-            self.detector.update(value)
-        return self.detector.lr_scale  # 1.0 unless the window held a decision (only when P < 3)
+        return math.prod(self.detector.update(value) for value in self._calibration)  # 1.0 unless P < 3
 
     def _resolve(self) -> None:
         self.settings = fastface_auto_settings(self.total_steps, self._calibration, self.patience_fraction)
@@ -232,20 +245,16 @@ class AutoFastFaceDetector:
                                          max_decays=self.max_decays, wait_for_descent=True)
 
     def __getattr__(self, name: str) -> Any:
-        # threshold, signal, smoothed_loss, stationary_count, decisions … of the resolved detector
+        # threshold, signal, smoothed_loss, stationary_count, num_reductions … of the resolved detector
         if name.startswith("_") or name in ("detector", "settings"):
             raise AttributeError(name)
         detector = self.__dict__.get("detector")
         if detector is not None:
             return getattr(detector, name)
-        if name == "decisions":
-            return []
-        if name in ("num_decisions", "stationary_count"):
+        if name in ("num_reductions", "stationary_count"):
             return 0
         if name == "steps_seen":
             return len(self.__dict__.get("_calibration", ()))
-        if name == "lr_scale":
-            return 1.0
         if name in ("threshold", "signal", "smoothed_loss", "alpha", "beta", "patience"):
             return None
         raise AttributeError(name)
@@ -253,7 +262,7 @@ class AutoFastFaceDetector:
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, the calibration losses and, once resolved, the settings and the detector's state."""
         return {
-            "type": type(self).__name__, "version": 1, **self.hyperparameters,
+            "type": type(self).__name__, "version": STATE_VERSION, **self.hyperparameters,
             "calibration": list(self._calibration),
             "settings": None if self.settings is None else self.settings.as_dict(),
             "detector": None if self.detector is None else self.detector.state_dict(),
@@ -263,18 +272,17 @@ class AutoFastFaceDetector:
         """Restores a :meth:`state_dict`. A state whose ``total_steps`` (or τ) was changed re-resolves the
         settings for the new run length from the saved calibration losses and continues the detector's
         stream under them."""
-        if not isinstance(state, dict) or state.get("type") != type(self).__name__:
-            found = state.get("type") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"state was saved by {found!r}, not {type(self).__name__}; "
-                             "pass a dict from AutoFastFaceDetector.state_dict()")
-        self.__init__(*(state.get(key, value) for key, value in self.hyperparameters.items()))
-        self._calibration = [float(v) for v in state.get("calibration", [])]
-        if state.get("detector") is None:
-            return
-        self._resolve()
-        inner = dict(state["detector"])
-        inner.update(self.settings.detector_kwargs())  # the same values, or those of a new run length
-        self.detector.load_state_dict(inner)
+        owner = type(self).__name__
+        check_state(state, owner, STATE_VERSION, type_name=owner)
+        with loading(owner):
+            self.__init__(*(state.get(key, value) for key, value in self.hyperparameters.items()))
+            self._calibration = [float(v) for v in state.get("calibration", [])]
+            if state.get("detector") is None:
+                return
+            self._resolve()
+            inner = dict(state["detector"])
+            inner.update(self.settings.detector_kwargs())  # the same values, or those of a new run length
+            self.detector.load_state_dict(inner)
 
     def __repr__(self) -> str:
         inner = repr(self.detector) if self.detector is not None else \

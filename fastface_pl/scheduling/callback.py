@@ -34,8 +34,10 @@ from fastface_pl.scheduling.lr_scheduler import (
     FastFaceLR,
     Mode,
     check_detector_arguments,
+    read_state,
     uses_auto_settings,
 )
+from fastface_pl.scheduling.saved_state import check_state, loading, required
 from fastface_pl.validation import check_bool, check_choice, check_int, check_real
 
 __all__ = ["FastFaceLRCallback", "DEFAULT_PATIENCE_FRACTION"]
@@ -201,8 +203,6 @@ class FastFaceLRCallback(StepLossConsumer):
             self._detector = build_detector(self._detector_name, **self._detector_kwargs)
         # What a resumed run applies over the checkpoint's detector settings (P from τ is resolved separately).
         self._configured_settings = self._settings_to_apply(detector)
-        self._state_key = self._generate_state_key(
-            detector=self._detector_name or type(detector).__name__, **({"name": name} if name else {}))
 
         self._initial_detector = None if self._detector is None else self._detector.state_dict()
         self._scheduler: FastFaceLR | None = None  # the owner of the LR, built when training starts
@@ -279,18 +279,19 @@ class FastFaceLRCallback(StepLossConsumer):
     @property
     def state_key(self) -> str:
         """The detector type plus ``name``: stable when settings change, so a resume always finds its state."""
-        return self._state_key
+        detector = self._detector_name or type(self._detector).__name__  # an instance stays this callback's
+        return self._generate_state_key(detector=detector, **({"name": self.name} if self.name else {}))
 
     def _settings_to_apply(self, detector: Any) -> dict[str, Any]:
         if self._detector_name is None:
             return dict(detector.hyperparameters)
         if self._patience_fraction is None:
-            return build_detector(self._detector_name, **self._detector_kwargs).hyperparameters
+            return detector_class(self._detector_name).check_settings(**self._detector_kwargs)
         if uses_auto_settings(self._detector_name, self._detector_kwargs):  # α, β, λ, P from the run
-            settings = AutoFastFaceDetector(1, self._patience_fraction, **self._detector_kwargs).hyperparameters
+            settings = AutoFastFaceDetector.check_settings(1, self._patience_fraction, **self._detector_kwargs)
             del settings["total_steps"]  # resolved for the run length
             return settings
-        settings = build_detector(self._detector_name, **{"patience": 0, **self._detector_kwargs}).hyperparameters
+        settings = detector_class(self._detector_name).check_settings(**{"patience": 0, **self._detector_kwargs})
         del settings["patience"]  # P = int(τ·T), resolved for the run length
         return settings
 
@@ -436,10 +437,8 @@ class FastFaceLRCallback(StepLossConsumer):
             f"FastFaceLRCallback: a new run starts at global step 0; the state of the earlier fit ({self._steps} "
             f"optimizer steps, {len(self._scheduler.decisions)} decisions, LR scale {self._scheduler.lr_scale:g}) "
             "is dropped. To continue it, fit the same Trainer again or load its state_dict() first.")
-        if self._initial_detector is not None:  # a detector instance: back to how it was given
+        if self._initial_detector is not None:  # a detector known at construction: back to how it was given
             self._detector.load_state_dict(self._initial_detector)
-        elif self._patience_fraction is None:
-            self._detector = build_detector(self._detector_name, **self._detector_kwargs)
         self._scheduler.close()
         self._scheduler, self._steps = None, 0
         return None, 0, False
@@ -647,26 +646,18 @@ class FastFaceLRCallback(StepLossConsumer):
         """Takes a state at once (``decisions``, ``detector`` ... show it); training continues from it.
 
         Raises:
-            ValueError: naming the key, for a state of another version or detector, or with bad values.
+            SchedulerStateError: naming the key, for a state of another version or detector, or with bad values.
         """
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"FastFaceLRCallback state must be a dict, got {type(state_dict).__name__}")
-        state = dict(state_dict)
-        version = state.get("version", _STATE_VERSION)
-        if version != _STATE_VERSION:
-            raise ValueError(f"FastFaceLRCallback state['version'] is {version!r}; this fastface_pl reads version "
-                             f"{_STATE_VERSION}")
-        check_int("FastFaceLRCallback state['steps']", state.get("steps", 0), 0)
-        scheduler_state = state.get("scheduler")
-        if scheduler_state is not None and not isinstance(scheduler_state, Mapping):
-            raise ValueError(f"FastFaceLRCallback state['scheduler'] must be a dict or None, got {scheduler_state!r}")
-        detector_state = (scheduler_state or {}).get("detector")
-        if detector_state is not None:
-            detector = self._detector_for(detector_state)
-            # Checks every value (ValueError naming the key): a FastFaceLR on a placeholder loads the state.
-            FastFaceLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), detector).load_state_dict(
-                scheduler_state)
-            self._detector = detector
+        state = dict(check_state(state_dict, "FastFaceLRCallback", _STATE_VERSION))
+        with loading("FastFaceLRCallback"):
+            check_int("state['steps']", state.get("steps", 0), 0)
+            scheduler_state = state.get("scheduler")
+            if scheduler_state is not None and not isinstance(scheduler_state, Mapping):
+                raise ValueError(f"state['scheduler'] must be a dict or None, got {scheduler_state!r}")
+            if scheduler_state is not None:
+                detector = self._detector_for(required(scheduler_state, "detector"))
+                read_state(scheduler_state, detector)  # checks every value; the detector takes its state
+                self._detector = detector
         if self._scheduler is not None:
             self._close_scheduler()
             self._scheduler = None

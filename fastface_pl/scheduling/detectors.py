@@ -20,29 +20,40 @@ Example::
     >>> lr = 0.02
     >>> for loss in [5.0, 5.0, 5.0, 5.0, 5.0]:
     ...     lr *= detector.update(loss)
-    >>> detector.decisions, lr
-    ([(4, 0.5)], 0.01)
+    >>> detector.num_reductions, lr
+    (1, 0.01)
+
+A detector keeps only what detection needs. The decisions, the LR scale and the optimizer-step numbering
+belong to whoever applies the factors (:class:`~fastface_pl.scheduling.lr_scheduler.FastFaceLR`, or
+:func:`~fastface_pl.scheduling.replay.replay` for a logged curve).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+from fastface_pl.scheduling.saved_state import SchedulerStateError, check_state, loading, required
 from fastface_pl.validation import check_int, check_real
 
 __all__ = ["Detector", "FastFaceDetector", "MovingHaarDetector", "NonFiniteLossError", "build_detector",
-           "detector_class", "DETECTOR_NAMES"]
+           "detector_class", "detector_name", "DETECTOR_NAMES", "PAPER_ALPHA", "PAPER_THRESHOLD",
+           "PAPER_PATIENCE_FRACTION"]
 
 STATE_VERSION = 1
 
+#: The FastFace paper's settings (docs/scheduler.md): α = β, λ, and τ (P = int(τ·T)).
+PAPER_ALPHA = 1e-3
+PAPER_THRESHOLD = 5e-5
+PAPER_PATIENCE_FRACTION = 0.05
 
-class NonFiniteLossError(FloatingPointError, ValueError):
-    """A NaN or infinite training loss reached a detector, :class:`FastFaceLR` or the callback (set to raise).
 
-    The one exception type for this condition at all three entry points. It is a ``FloatingPointError``
-    (the run diverged) and, for code written against older versions, a ``ValueError``.
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite training loss reached a detector or :class:`FastFaceLR` (set to raise).
+
+    The one exception type for this condition at every entry point: the run diverged.
     """
 
 
@@ -83,14 +94,9 @@ class Detector(Protocol):
     @property
     def stationary_count(self) -> int: ...
 
-    @property
-    def num_decisions(self) -> int: ...
-
-    @property
-    def decisions(self) -> list[tuple[int, float]]: ...
 
 
-def _as_loss(loss: Any) -> float:
+def as_finite_loss(loss: Any) -> float:
     """``loss`` as a finite float: TypeError when it is no number, NonFiniteLossError when NaN or infinite."""
     if type(loss) is not float:
         try:
@@ -108,29 +114,13 @@ def _as_loss(loss: Any) -> float:
     return loss
 
 
-def _check_state_header(state: Any, expected_type: str) -> None:
-    if not isinstance(state, Mapping):
-        raise ValueError(f"state must be a dict from {expected_type}.state_dict(), got {type(state).__name__}")
-    found = state.get("type")
-    if found != expected_type:
-        raise ValueError(
-            f"state was saved by detector type {found!r}, cannot load it into {expected_type}; "
-            f"build a {found} instead (build_detector) or pass a state from {expected_type}.state_dict()"
-        )
-    version = state.get("version", 1)
-    if not isinstance(version, int) or version < 1 or version > STATE_VERSION:
-        raise ValueError(
-            f"state version {version!r} is not supported (this fastface_pl reads versions 1..{STATE_VERSION}); "
-            "upgrade fastface_pl to load it"
-        )
-
-
-def _finite_or_none(state: Mapping[str, Any], key: str, required: bool) -> float | None:
-    value = state.get(key)
-    if value is None and not required:
+def _finite_state_value(state: Mapping[str, Any], key: str, allow_none: bool = False) -> float | None:
+    """``state[key]`` as a finite float (or None when ``allow_none``); SchedulerStateError otherwise."""
+    value = required(state, key)
+    if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"state[{key!r}] must be a finite number here, got {value!r}; the state is corrupt")
+        raise SchedulerStateError(f"state[{key!r}] must be a finite number here, got {value!r}; the state is corrupt")
     return float(value)
 
 
@@ -138,22 +128,44 @@ def _finite_or_none(state: Mapping[str, Any], key: str, required: bool) -> float
 # What both detectors share: common state, read-only properties, state plumbing, pickling and repr
 # --------------------------------------------------------------------------------------------------
 class _StationarityDetector:
-    """Common state (steps, stationary count, decisions, LR scale), read-only views and state plumbing.
+    """Common state (losses seen, stationary count, reductions made), read-only views and state plumbing.
 
     A subclass lists its constructor arguments in ``_HYPERPARAMETERS`` (each readable as a property),
-    and implements ``_configure`` (check and store them), ``_reset_state`` (calling this one), ``update``,
+    and implements ``_checked`` (the checked settings), ``_reset_state`` (calling this one), ``update``,
     ``_state_body`` and ``_load_state_body`` (its own running state).
     """
 
     _HYPERPARAMETERS: tuple[str, ...] = ()
+    _steps: int
+    _count: int
+    _reductions: int
+
+    @classmethod
+    def check_settings(cls, **kwargs: Any) -> dict[str, Any]:
+        """The hyperparameters ``cls(**kwargs)`` would have (defaults filled in), checked, without building one.
+
+        Raises:
+            TypeError: an unknown or missing argument, or a value of the wrong type.
+            ValueError: a value out of range.
+        """
+        bound = inspect.signature(cls.__init__).bind(None, **kwargs)
+        bound.apply_defaults()
+        return cls._checked(**{name: bound.arguments[name] for name in cls._HYPERPARAMETERS})
+
+    @staticmethod
+    def _checked(**settings: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _configure(self, **settings: Any) -> None:
+        for name, value in self._checked(**settings).items():
+            setattr(self, f"_{name}", value)
 
     def _reset_state(self) -> None:
         self._steps = 0
         self._smoothed: float | None = None
         self._signal: float | None = None
         self._count = 0
-        self._decisions: list[tuple[int, float]] = []
-        self._scale = 1.0
+        self._reductions = 0
 
     # Read-only views; the subclass docstrings say what the symbols stand for (λ/θ, L^E_t/a_t, D^E_t/S_t).
     @property
@@ -178,7 +190,7 @@ class _StationarityDetector:
 
     @property
     def steps_seen(self) -> int:
-        """Number of losses fed so far."""
+        """Number of losses fed so far (the detector's own t; non-finite losses never reach it)."""
         return self._steps
 
     @property
@@ -197,20 +209,9 @@ class _StationarityDetector:
         return self._count
 
     @property
-    def lr_scale(self) -> float:
-        """Product of all factors returned so far: the detector's decisions, before any ``min_lr`` floor or a
-        composed schedule that :class:`FastFaceLR` applies on top."""
-        return self._scale
-
-    @property
-    def num_decisions(self) -> int:
-        """Number of decisions made so far (decays, and for Moving Haar restarts)."""
-        return len(self._decisions)
-
-    @property
-    def decisions(self) -> list[tuple[int, float]]:
-        """(1-based step of the deciding update, factor) for every decision so far (a copy)."""
-        return list(self._decisions)
+    def num_reductions(self) -> int:
+        """LR reductions (factors 1/δ) returned so far: what ``max_decays`` caps."""
+        return self._reductions
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -228,38 +229,37 @@ class _StationarityDetector:
         state.update(self.hyperparameters)
         state["steps_seen"] = self._steps
         state["stationary_count"] = self._count
+        state["num_reductions"] = self._reductions
         state.update(self._state_body())
-        state["decisions"] = [list(d) for d in self._decisions]
-        state["lr_scale"] = self._scale
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores a :meth:`state_dict`, hyperparameters included, so the stream continues exactly.
 
         Raises:
-            ValueError: the state comes from another detector type or a newer version, or holds an
-                invalid value (for Moving Haar: buffers that do not match its window).
+            SchedulerStateError: the state comes from another detector type or a newer version, lacks a key, or
+                holds an invalid value (for Moving Haar: buffers that do not match its window).
         """
-        _check_state_header(state, type(self).__name__)
-        self._configure(**{name: state.get(name, getattr(self, name)) for name in self._HYPERPARAMETERS})
-        self._reset_state()
-        self._steps = check_int("state['steps_seen']", state.get("steps_seen", 0), 0)
-        self._count = check_int("state['stationary_count']", state.get("stationary_count", 0), 0)
-        self._decisions = [(int(step), float(factor)) for step, factor in state.get("decisions") or []]
-        self._scale = float(state.get("lr_scale", math.prod(f for _, f in self._decisions)))
-        self._load_state_body(state)
+        owner = type(self).__name__
+        check_state(state, owner, STATE_VERSION, type_name=owner)
+        with loading(owner):
+            self._configure(**{name: required(state, name) for name in self._HYPERPARAMETERS})
+            self._reset_state()
+            self._steps = check_int("state['steps_seen']", required(state, "steps_seen"), 0)
+            self._count = check_int("state['stationary_count']", required(state, "stationary_count"), 0)
+            self._reductions = check_int("state['num_reductions']", required(state, "num_reductions"), 0)
+            self._load_state_body(state)
 
     def __getstate__(self) -> dict[str, Any]:
         return self.state_dict()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._configure(**{name: state[name] for name in self._HYPERPARAMETERS})
         self.load_state_dict(state)
 
     def __repr__(self) -> str:
         arguments = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters.items())
         return (f"{type(self).__name__}({arguments}) [steps_seen={self._steps}, "
-                f"stationary_count={self._count}, num_decisions={len(self._decisions)}]")
+                f"stationary_count={self._count}, num_reductions={self._reductions}]")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,22 +307,22 @@ class FastFaceDetector(_StationarityDetector):
 
     _HYPERPARAMETERS = ("alpha", "beta", "threshold", "patience", "decay", "max_decays", "wait_for_descent")
 
-    def __init__(self, alpha: float = 1e-3, beta: float = 1e-3, threshold: float = 5e-5, *,
+    def __init__(self, alpha: float = PAPER_ALPHA, beta: float = PAPER_ALPHA, threshold: float = PAPER_THRESHOLD, *,
                  patience: int, decay: float = 2.0, max_decays: int | None = 8,
                  wait_for_descent: bool = False) -> None:
-        self._configure(alpha, beta, threshold, patience, decay, max_decays, wait_for_descent)
+        self._configure(alpha=alpha, beta=beta, threshold=threshold, patience=patience, decay=decay,
+                        max_decays=max_decays, wait_for_descent=wait_for_descent)
         self._reset_state()
 
-    def _configure(self, alpha, beta, threshold, patience, decay, max_decays, wait_for_descent=False) -> None:
+    @staticmethod
+    def _checked(alpha, beta, threshold, patience, decay, max_decays, wait_for_descent) -> dict[str, Any]:
         if not isinstance(wait_for_descent, bool):
             raise TypeError(f"wait_for_descent must be True or False, got {wait_for_descent!r}")
-        self._wait_for_descent = wait_for_descent
-        self._alpha = check_real("alpha", alpha, 0.0, 1.0)
-        self._beta = check_real("beta", beta, 0.0, 1.0)
-        self._threshold = check_real("threshold", threshold)
-        self._patience = check_int("patience", patience, 0)
-        self._decay = check_real("decay", decay, 1.0)
-        self._max_decays = check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited")
+        return {"alpha": check_real("alpha", alpha, 0.0, 1.0), "beta": check_real("beta", beta, 0.0, 1.0),
+                "threshold": check_real("threshold", threshold), "patience": check_int("patience", patience, 0),
+                "decay": check_real("decay", decay, 1.0),
+                "max_decays": check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited"),
+                "wait_for_descent": wait_for_descent}
 
     def _reset_state(self) -> None:
         super()._reset_state()
@@ -346,7 +346,7 @@ class FastFaceDetector(_StationarityDetector):
             TypeError: ``loss`` is not a number.
         """
         if type(loss) is not float or not math.isfinite(loss):  # the common case skips a call
-            loss = _as_loss(loss)
+            loss = as_finite_loss(loss)
         self._steps += 1
         alpha, beta = self._alpha, self._beta
         if self._steps == 1:
@@ -372,16 +372,17 @@ class FastFaceDetector(_StationarityDetector):
             self._count = 0
             return 1.0
         self._count += 1
-        decays_left = self._max_decays is None or len(self._decisions) < self._max_decays
-        if self._count <= self._patience or not decays_left:
+        if self._count <= self._patience:
             return 1.0
-        return self._decide(1.0 / self._decay)
+        return self._decide()
 
-    def _decide(self, factor: float) -> float:
+    def _decide(self) -> float:
+        """The factor of a decision due now: 1/δ, or 1.0 once ``max_decays`` reductions are made."""
+        if self._max_decays is not None and self._reductions >= self._max_decays:
+            return 1.0  # the count keeps growing while the loss is stationary
         self._count = 0
-        self._scale *= factor
-        self._decisions.append((self._steps, factor))
-        return factor
+        self._reductions += 1
+        return 1.0 / self._decay
 
     @property
     def alpha(self) -> float:
@@ -416,16 +417,16 @@ class FastFaceDetector(_StationarityDetector):
 
     def _load_state_body(self, state: Mapping[str, Any]) -> None:
         if self._steps >= 1:
-            self._smoothed = _finite_or_none(state, "smoothed_loss", required=True)
-            self._last_loss = _finite_or_none(state, "last_loss", required=True)
+            self._smoothed = _finite_state_value(state, "smoothed_loss")
+            self._last_loss = _finite_state_value(state, "last_loss")
         if self._steps >= 2:
-            self._signal = _finite_or_none(state, "signal", required=True)
-            self._signal_prev = _finite_or_none(state, "signal_prev", required=True)
-        descended = state.get("descended", False)
+            self._signal = _finite_state_value(state, "signal")
+            self._signal_prev = _finite_state_value(state, "signal_prev")
+        descended = required(state, "descended")
         if not isinstance(descended, bool):
             raise ValueError(f"state['descended'] must be True or False, got {descended!r}")
         self._descended = descended
-        peak = _finite_or_none(state, "peak", required=False)
+        peak = _finite_state_value(state, "peak", allow_none=True)
         self._peak = -math.inf if peak is None else peak
 
 
@@ -473,20 +474,23 @@ class MovingHaarDetector(_StationarityDetector):
 
     def __init__(self, window: int, threshold: float = 0.06, patience: int | None = None,
                  decay: float = 2.0, restart_after: int | None = 3, max_decays: int | None = None) -> None:
-        self._configure(window, threshold, patience, decay, restart_after, max_decays)
+        self._configure(window=window, threshold=threshold, patience=patience, decay=decay,
+                        restart_after=restart_after, max_decays=max_decays)
         self._reset_state()
 
-    def _configure(self, window, threshold, patience, decay, restart_after, max_decays) -> None:
-        self._window = check_int("window", window, 2)
+    @staticmethod
+    def _checked(window, threshold, patience, decay, restart_after, max_decays) -> dict[str, Any]:
+        window = check_int("window", window, 2)
+        patience = check_int("patience", patience, 0, allow_none=True, none_means="2*window")
+        return {"window": window, "threshold": check_real("threshold", threshold),
+                "patience": 2 * window if patience is None else patience, "decay": check_real("decay", decay, 1.0),
+                "restart_after": check_int("restart_after", restart_after, 1, allow_none=True,
+                                           none_means="never restart"),
+                "max_decays": check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited")}
+
+    def _configure(self, **settings: Any) -> None:
+        super()._configure(**settings)
         self._half = self._window // 2
-        self._threshold = check_real("threshold", threshold)
-        self._patience = check_int("patience", patience, 0, allow_none=True, none_means="2*window")
-        if self._patience is None:
-            self._patience = 2 * self._window
-        self._decay = check_real("decay", decay, 1.0)
-        self._restart_after = check_int("restart_after", restart_after, 1, allow_none=True,
-                                        none_means="never restart")
-        self._max_decays = check_int("max_decays", max_decays, 0, allow_none=True, none_means="unlimited")
 
     def _reset_state(self) -> None:
         super()._reset_state()
@@ -500,7 +504,6 @@ class MovingHaarDetector(_StationarityDetector):
         self._sum_old = 0.0
         self._sum_new = 0.0
         self._run = 0
-        self._reductions = 0
 
     # ---------------------------------------------------------------------------------------------
     def update(self, loss: float) -> float:
@@ -517,7 +520,7 @@ class MovingHaarDetector(_StationarityDetector):
             TypeError: ``loss`` is not a number.
         """
         if type(loss) is not float or not math.isfinite(loss):  # the common case skips a call
-            loss = _as_loss(loss)
+            loss = as_finite_loss(loss)
         t = self._steps  # 0-based index of this loss
         self._steps += 1
         m = self._window
@@ -567,6 +570,8 @@ class MovingHaarDetector(_StationarityDetector):
         self._sum_new = math.fsum(ordered[self._half:])
 
     def _decide(self) -> float:
+        """The factor of a decision due now: 1/δ, a restart's δ^(r−1), or 1.0 once ``max_decays`` reductions
+        are made."""
         if self._max_decays is not None and self._reductions >= self._max_decays:
             return 1.0  # no reduction left: no decision at all, restart included
         if self._restart_after is not None and self._run >= self._restart_after:
@@ -577,8 +582,6 @@ class MovingHaarDetector(_StationarityDetector):
             self._run += 1
             self._reductions += 1
         self._count = 0
-        self._scale *= factor
-        self._decisions.append((self._steps, factor))
         return factor
 
     @property
@@ -610,13 +613,12 @@ class MovingHaarDetector(_StationarityDetector):
             "smoothed_loss": self._smoothed,
             "signal": self._signal,
             "run_decays": self._run,
-            "num_reductions": self._reductions,
         }
 
     def _load_state_body(self, state: Mapping[str, Any]) -> None:
         m = self._window
-        losses = [float(x) for x in state.get("losses", self._losses)]
-        averages = [float(x) for x in state.get("averages", self._averages)]
+        losses = [float(x) for x in required(state, "losses")]
+        averages = [float(x) for x in required(state, "averages")]
         if len(losses) != m or len(averages) != m:
             raise ValueError(f"state buffers hold {len(losses)} losses and {len(averages)} averages, "
                              f"expected {m} each (window={m}); the state is corrupt")
@@ -624,32 +626,33 @@ class MovingHaarDetector(_StationarityDetector):
             raise ValueError("state buffers contain non-finite values; the state is corrupt")
         self._losses = losses
         self._averages = averages
-        self._loss_pos = check_int("state['loss_pos']", state.get("loss_pos", 0), 0) % m
-        self._avg_pos = check_int("state['average_pos']", state.get("average_pos", 0), 0) % m
-        self._num_averages = min(check_int("state['num_averages']", state.get("num_averages", 0), 0), m)
-        self._loss_sum = float(state.get("loss_sum", math.fsum(losses)))
-        self._sum_old = float(state.get("sum_old", 0.0))
-        self._sum_new = float(state.get("sum_new", 0.0))
-        if "sum_old" not in state and self._num_averages == m:
-            self._refresh_haar_sums(self._avg_pos)
-        smoothed, signal = state.get("smoothed_loss"), state.get("signal")
-        self._smoothed = None if smoothed is None else float(smoothed)
-        self._signal = None if signal is None else float(signal)
-        self._run = check_int("state['run_decays']", state.get("run_decays", 0), 0)
-        self._reductions = int(state.get("num_reductions", sum(f < 1.0 for _, f in self._decisions)))
+        self._loss_pos = check_int("state['loss_pos']", required(state, "loss_pos"), 0) % m
+        self._avg_pos = check_int("state['average_pos']", required(state, "average_pos"), 0) % m
+        self._num_averages = min(check_int("state['num_averages']", required(state, "num_averages"), 0), m)
+        self._loss_sum = _finite_state_value(state, "loss_sum")
+        self._sum_old = _finite_state_value(state, "sum_old")
+        self._sum_new = _finite_state_value(state, "sum_new")
+        self._smoothed = _finite_state_value(state, "smoothed_loss", allow_none=True)
+        self._signal = _finite_state_value(state, "signal", allow_none=True)
+        self._run = check_int("state['run_decays']", required(state, "run_decays"), 0)
 
 
 _DETECTORS = {"fastface": FastFaceDetector, "moving_haar": MovingHaarDetector}
 DETECTOR_NAMES = tuple(_DETECTORS)
 
 
-def detector_class(name: str) -> type:
-    """The detector class of a name (``"fastface"``, ``"moving_haar"``; ``-`` and case are forgiven)."""
+def detector_name(name: str) -> str:
+    """The name of :data:`DETECTOR_NAMES` that ``name`` spells (``-`` and case are forgiven); ValueError if none."""
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
     if key not in _DETECTORS:
         raise ValueError(f"Unknown detector {name!r}. Only {', '.join(repr(n) for n in DETECTOR_NAMES)} "
                          "are supported.")
-    return _DETECTORS[key]
+    return key
+
+
+def detector_class(name: str) -> type:
+    """The detector class of a name (``"fastface"``, ``"moving_haar"``; ``-`` and case are forgiven)."""
+    return _DETECTORS[detector_name(name)]
 
 
 def build_detector(name: str, **kwargs: Any) -> Detector:
@@ -662,6 +665,6 @@ def build_detector(name: str, **kwargs: Any) -> Detector:
     Example::
 
         >>> build_detector("moving_haar", window=4000)
-        MovingHaarDetector(window=4000, threshold=0.06, patience=8000, decay=2.0, restart_after=3, max_decays=None) [steps_seen=0, stationary_count=0, num_decisions=0]
+        MovingHaarDetector(window=4000, threshold=0.06, patience=8000, decay=2.0, restart_after=3, max_decays=None) [steps_seen=0, stationary_count=0, num_reductions=0]
     """
     return detector_class(name)(**kwargs)

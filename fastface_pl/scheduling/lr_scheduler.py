@@ -30,17 +30,25 @@ from typing import Any, Literal
 import torch
 
 from fastface_pl.scheduling.auto import AutoFastFaceDetector, patience_steps
-from fastface_pl.scheduling.detectors import Detector, NonFiniteLossError, build_detector, detector_class
+from fastface_pl.scheduling.detectors import (
+    PAPER_PATIENCE_FRACTION,
+    Detector,
+    NonFiniteLossError,
+    build_detector,
+    detector_class,
+    detector_name,
+)
 from fastface_pl.scheduling.ending import (
     DEFAULT_LATEST_START,
     DEFAULT_STOP_COOLDOWN_FRACTION,
     RunEnding,
 )
+from fastface_pl.scheduling.saved_state import check_state, loading, required
 from fastface_pl.validation import check_choice, check_int, check_real
 
 __all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "NONFINITE_POLICIES"]
 
-DEFAULT_PATIENCE_FRACTION = 0.05  # τ of the FastFace paper (docs/scheduler.md)
+DEFAULT_PATIENCE_FRACTION = PAPER_PATIENCE_FRACTION  # τ when a "fastface" detector is given no patience
 NONFINITE_POLICIES = ("skip", "raise")
 _STATE_VERSION = 1
 Mode = Literal["halve", "cooldown", "stop"]
@@ -72,15 +80,14 @@ def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] |
     check_int("patience", patience, 0, allow_none=True, none_means="see patience_fraction")
     check_real("patience_fraction", patience_fraction, 0.0, 1.0, allow_none=True)
     if isinstance(detector, str):
-        cls = detector_class(detector)
-        name = next(key for key in ("fastface", "moving_haar") if detector_class(key) is cls)
+        name = detector_name(detector)
         if "patience" in kwargs and (patience is not None or patience_fraction is not None):
             raise ValueError("patience is given twice: in detector_kwargs and as patience/patience_fraction; keep one")
         if patience is not None:
             kwargs["patience"] = int(patience)
         if name == "fastface" and "patience" not in kwargs and patience_fraction is None:
             patience_fraction = DEFAULT_PATIENCE_FRACTION
-        build_detector(name, **{"patience": 0, **kwargs})  # bad detector arguments fail here, not hours later
+        detector_class(name).check_settings(**{"patience": 0, **kwargs})  # bad arguments fail now, not hours later
         return name, kwargs, None if patience_fraction is None else float(patience_fraction)
     if not isinstance(detector, Detector):
         raise TypeError(f"detector must be 'fastface', 'moving_haar' or a detector instance (update, state_dict, "
@@ -472,51 +479,63 @@ class FastFaceLR:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores :meth:`state_dict` (the detector with its settings); load the optimizers' state too."""
-        if not isinstance(state, Mapping) or "detector" not in state:
-            raise ValueError("state has no 'detector' entry: pass a dict from FastFaceLR.state_dict()")
-        version = state.get("version", _STATE_VERSION)
-        if version != _STATE_VERSION:
-            raise ValueError(f"FastFaceLR state['version'] is {version!r}; this fastface_pl reads version "
-                             f"{_STATE_VERSION} (a newer state needs a newer fastface_pl)")
-        fraction = check_real("state['patience_fraction']", state.get("patience_fraction", self.patience_fraction),
-                              0.0, 1.0, allow_none=True)
-        total = check_int("state['total_steps']", state.get("total_steps", self.total_steps), 1, allow_none=True,
-                          none_means="unknown")
-        min_lrs = state.get("min_lrs", self.min_lrs)
-        if min_lrs is not None:
-            if not isinstance(min_lrs, (list, tuple)):
-                raise ValueError(f"state['min_lrs'] must be a list of floats or None, got {min_lrs!r}")
-            min_lrs = [check_real("state['min_lrs']", value, 0.0, low_open=False) for value in min_lrs]
-        on_nonfinite = check_choice("state['on_nonfinite']", state.get("on_nonfinite", self.on_nonfinite),
-                                    NONFINITE_POLICIES)
-        last_step = check_int("state['last_step']", state.get("last_step", 0), 0)
-        num_nonfinite = check_int("state['num_nonfinite']", state.get("num_nonfinite", 0), 0)
-        first = check_int("state['first_nonfinite_step']", state.get("first_nonfinite_step"), 1, allow_none=True,
-                          none_means="none yet")
-        try:
-            decisions = [(int(s), float(f), float(lr)) for s, f, lr in state.get("decisions", [])]
-        except (TypeError, ValueError):
-            raise ValueError("state['decisions'] must be a list of [step, factor, lr] triples, got "
-                             f"{state.get('decisions')!r}") from None
-        lr_scale = check_real("state['lr_scale']", state.get("lr_scale", math.prod(f for _, f, _ in decisions)), 0.0)
-        ending = RunEnding(**self.ending.settings, total_steps=total)
-        if state.get("ending") is not None:
-            ending.load_state_dict(state["ending"])
-        before = check_real("state['scale_before_cooldown']", state.get("scale_before_cooldown"), 0.0,
-                            allow_none=True)
-        horizon = check_int("state['horizon_steps']", state.get("horizon_steps"), 1, allow_none=True,
-                            none_means="none")
-        self.detector.load_state_dict(state["detector"])
-        self.ending, self.scale_before_cooldown, self.horizon_steps = ending, before, horizon
-        self.patience_fraction, self.total_steps, self.min_lrs = fraction, total, min_lrs
-        self.on_nonfinite = on_nonfinite
-        self.last_step, self.num_nonfinite, self.first_nonfinite_step = last_step, num_nonfinite, first
-        self.decisions, self.lr_scale = decisions, lr_scale
+        """Restores :meth:`state_dict` (the detector with its settings); load the optimizers' state too.
+
+        Raises:
+            SchedulerStateError: naming the key, for a state of another version or detector, or a bad value.
+        """
+        for name, value in read_state(state, self.detector).items():
+            setattr(self, name, value)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(detector={self.detector!r}, {self.ending!r}, min_lrs={self.min_lrs}, "
                 f"on_nonfinite={self.on_nonfinite!r}, last_step={self.last_step})")
+
+
+def read_state(state: Mapping[str, Any], detector: Detector) -> dict[str, Any]:
+    """Checks a :meth:`FastFaceLR.state_dict` and loads its detector state into ``detector``; returns the other
+    values by attribute name. Needs no optimizer: the callback checks a loaded state with it.
+
+    Raises:
+        SchedulerStateError: naming the key, for a state of another version or detector, or a bad value.
+    """
+    check_state(state, "FastFaceLR", _STATE_VERSION)
+    with loading("FastFaceLR"):
+        detector_state = required(state, "detector")
+        total = check_int("state['total_steps']", required(state, "total_steps"), 1, allow_none=True,
+                          none_means="unknown")
+        min_lrs = required(state, "min_lrs")
+        if min_lrs is not None:
+            if not isinstance(min_lrs, (list, tuple)):
+                raise ValueError(f"state['min_lrs'] must be a list of floats or None, got {min_lrs!r}")
+            min_lrs = [check_real("state['min_lrs']", value, 0.0, low_open=False) for value in min_lrs]
+        try:
+            decisions = [(int(s), float(f), float(lr)) for s, f, lr in required(state, "decisions")]
+        except (TypeError, ValueError):
+            raise ValueError("state['decisions'] must be a list of [step, factor, lr] triples, got "
+                             f"{state.get('decisions')!r}") from None
+        ending = RunEnding()
+        ending.load_state_dict(required(state, "ending"))
+        values = {
+            "patience_fraction": check_real("state['patience_fraction']", required(state, "patience_fraction"), 0.0,
+                                            1.0, allow_none=True),
+            "total_steps": total,
+            "min_lrs": min_lrs,
+            "on_nonfinite": check_choice("state['on_nonfinite']", required(state, "on_nonfinite"), NONFINITE_POLICIES),
+            "last_step": check_int("state['last_step']", required(state, "last_step"), 0),
+            "num_nonfinite": check_int("state['num_nonfinite']", required(state, "num_nonfinite"), 0),
+            "first_nonfinite_step": check_int("state['first_nonfinite_step']", state.get("first_nonfinite_step"), 1,
+                                              allow_none=True, none_means="none yet"),
+            "decisions": decisions,
+            "lr_scale": check_real("state['lr_scale']", required(state, "lr_scale"), 0.0),
+            "ending": ending,
+            "scale_before_cooldown": check_real("state['scale_before_cooldown']", state.get("scale_before_cooldown"),
+                                                0.0, allow_none=True),
+            "horizon_steps": check_int("state['horizon_steps']", state.get("horizon_steps"), 1, allow_none=True,
+                                       none_means="none"),
+        }
+        detector.load_state_dict(detector_state)
+    return values
 
 
 def _set_lr(group: dict[str, Any], value: float) -> None:

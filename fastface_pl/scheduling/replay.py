@@ -32,7 +32,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
-from fastface_pl.scheduling.detectors import Detector, FastFaceDetector, MovingHaarDetector
+from fastface_pl.scheduling.detectors import (
+    PAPER_ALPHA,
+    PAPER_PATIENCE_FRACTION,
+    PAPER_THRESHOLD,
+    Detector,
+    FastFaceDetector,
+    MovingHaarDetector,
+)
 
 __all__ = ["LogRow", "ReplayResult", "load_loss_log", "expand_loss_log", "replay", "decision_log_row",
            "logged_lr_changes", "main"]
@@ -58,7 +65,8 @@ class ReplayResult:
     """What :func:`replay` saw.
 
     Attributes:
-        decisions: (1-based step of the deciding update, factor), as in ``detector.decisions``.
+        decisions: (1-based step of the deciding update, factor) for every factor other than 1.0, the steps
+            counted as the detector counts its losses (``steps_seen``).
         lr_scale: product of all factors at the end (the final LR over the initial one).
         steps: number of losses replayed.
         threshold: the detector's threshold (λ or θ).
@@ -184,14 +192,17 @@ def replay(detector: Detector, losses: Iterable[float], record: bool = False) ->
         A :class:`ReplayResult`.
     """
     update = detector.update
-    start_decisions = detector.num_decisions
+    first_step = detector.steps_seen
     result = ReplayResult(decisions=[], lr_scale=1.0, steps=0, threshold=detector.threshold,
                           patience=detector.patience, name=type(detector).__name__)
+    decide = result.decisions.append
     steps = 0
     if not record:
         for loss in losses:
-            update(loss)
+            factor = update(loss)
             steps += 1
+            if factor != 1.0:
+                decide((first_step + steps, factor))
     else:
         nan = math.nan
         traces = (result.losses, result.smoothed_loss, result.signal, result.stationary_count,
@@ -199,8 +210,11 @@ def replay(detector: Detector, losses: Iterable[float], record: bool = False) ->
         add_loss, add_smoothed, add_signal, add_count, add_scale = (t.append for t in traces)
         scale = 1.0
         for loss in losses:
-            scale *= update(loss)
+            factor = update(loss)
             steps += 1
+            if factor != 1.0:
+                decide((first_step + steps, factor))
+                scale *= factor
             smoothed, signal = detector.smoothed_loss, detector.signal
             add_loss(loss)
             add_smoothed(nan if smoothed is None else smoothed)
@@ -208,7 +222,6 @@ def replay(detector: Detector, losses: Iterable[float], record: bool = False) ->
             add_count(detector.stationary_count)
             add_scale(scale)
     result.steps = steps
-    result.decisions = detector.decisions[start_decisions:]
     result.lr_scale = math.prod(f for _, f in result.decisions)
     return result
 
@@ -253,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "MS1MV3/ResNet100 log of the FastFace authors)")
     parser.add_argument("--total-steps", type=int, default=None,
                         help="T, total optimizer steps of the run (default: the log's last step)")
-    parser.add_argument("--patience-fraction", type=float, default=0.05, help="τ for FastFace: P = int(τ·T)")
+    parser.add_argument("--patience-fraction", type=float, default=PAPER_PATIENCE_FRACTION, help="τ for FastFace: P = int(τ·T)")
     parser.add_argument("--window", type=int, default=4000, help="m for Moving Haar")
     parser.add_argument("--theta", type=float, default=0.06, help="θ for Moving Haar")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw both replays into this PNG")
@@ -275,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     initial_lr = rows[0].lr
     detectors = [
         ("FastFace", FastFaceDetector(patience=patience), False,
-         f"α=β=0.001, λ=5e-5, τ={args.patience_fraction} of T={total} → P={patience}, δ=2, K=8"),
+         f"α=β={PAPER_ALPHA:g}, λ={PAPER_THRESHOLD:g}, τ={args.patience_fraction} of T={total} → P={patience}, δ=2, K=8"),
         ("Moving Haar", MovingHaarDetector(window=args.window, threshold=args.theta), True,
          f"m={args.window}, θ={args.theta}, P=2m={2 * args.window}, δ=2, R=3"),
     ]

@@ -1,4 +1,4 @@
-"""The LR schedules of ``conf/scheduler/*.yaml``, from flat arguments that a sweep can override.
+"""Factories for the Hydra configs ``conf/scheduler/*.yaml``: LR schedules from flat arguments a sweep overrides.
 
 :func:`lr_callback` builds :class:`~fastface_pl.scheduling.callback.FastFaceLRCallback` with the detector's
 settings as flat keys (``-m scheduler.threshold=2e-5,5e-5``); :func:`torch_schedule` returns the ``lr_schedule``
