@@ -294,13 +294,6 @@ def test_a_refused_write_is_undone_exactly_by_its_undo_record():
         assert torch.equal(pool.state_dict()[key], expected), key
 
 
-def test_checkpoint_without_the_skip_counter_loads():
-    pool = DynamicClassPool(4, num_classes=10, pool_size=3)
-    state = pool.state_dict()
-    del state["skipped_writes"]
-    DynamicClassPool(4, num_classes=10, pool_size=3).load_state_dict(state)
-
-
 class _RecordWindowStarts(pl.Callback):
     """The probe backbone's parameters at the first micro-batch of each accumulation window."""
 

@@ -126,8 +126,6 @@ class DynamicClassPool(nn.Module):
         saved = state_dict.get(prefix + "features")
         if saved is not None and saved.dim() == 3 and saved.shape[1] != self.pool_size:
             self._allocate(int(saved.shape[1]), self.features.device)  # the checkpoint's pool size wins
-        if prefix + "features" in state_dict and prefix + "skipped_writes" not in state_dict:
-            state_dict[prefix + "skipped_writes"] = torch.zeros_like(self.skipped_writes)  # saved before it existed
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def occupancy(self) -> torch.Tensor:
