@@ -1,8 +1,9 @@
-"""Classification layers with a margin softmax: the full layer (the paper's) and a sampled one (Partial FC).
+"""Classification layers with a margin softmax: the full layer (the paper's) and a sampled one (Partial FC), and
+:class:`ClassificationLayer`, the base every layer the module trains derives from (``sharded.py``, ``dcp.py``).
 
-Both return the mean cross-entropy loss (fp32, also under autocast) of a batch of embeddings. They share
-:func:`margin_cross_entropy`, a fused autograd function that keeps **one** batch × C buffer for the whole
-forward and backward pass:
+The full and the sampled layer return the mean cross-entropy loss (fp32, also under autocast) of a batch of
+embeddings. They share :func:`margin_cross_entropy`, a fused autograd function that keeps **one** batch × C
+buffer for the whole forward and backward pass:
 
 1. cosines ``ê · w_j / ‖w_j‖`` are computed into a fresh ``[B, C]`` buffer (no normalised copy of the
    C × D weight is made: the row norms ‖w_j‖ are a C-vector), clamped to [−1, 1] in place;
@@ -277,7 +278,7 @@ class SampledClassifier(FullClassifier):
 
     The sampled rows are gathered with a sparse-gradient embedding lookup, so ``weight.grad`` is a sparse
     tensor holding only the sampled rows (no dense C × D gradient). Use
-    :class:`fastface_pl.models.optim.RowSparseSGD` (the module does) to update only those rows' momentum
+    :class:`fastface_pl.models.optim.RowSparseSGD` (its ``optimizer_class``) to update only those rows' momentum
     and weight decay; plain ``torch.optim.SGD`` would apply weight decay and momentum to every row, as
     arcface_torch's Partial FC does. In eval mode, or with ``sample_rate=1``, every class is used.
 
