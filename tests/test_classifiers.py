@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastface_pl.models.classifiers import FullClassifier, SampledClassifier, build_classifier, margin_cross_entropy
+from fastface_pl.models.classifiers import FullClassifier, SampledClassifier, margin_cross_entropy
 from fastface_pl.models.margins import CombinedMargin, build_margin
 from fastface_pl.models.optim import RowSparseSGD
 
@@ -188,7 +188,6 @@ def test_row_sparse_sgd_matches_sgd_on_the_sampled_rows():
     [
         (lambda: SampledClassifier(8, 10, "arcface", sample_rate=0.0), "sample_rate"),
         (lambda: FullClassifier(8, 0, "arcface"), "num_classes"),
-        (lambda: build_classifier("partial", 8, 10, "arcface"), "valid names: full, sampled"),
         (lambda: margin_cross_entropy(torch.randn(2, 8), torch.randn(5, 4), torch.tensor([0, 1]),
                                       build_margin("arcface")), "embedding_size"),
         (lambda: FullClassifier(4, 5, "arcface", check_labels=True)(torch.randn(2, 4), torch.tensor([0, 5])),

@@ -121,6 +121,21 @@ def test_resolved_experiments_are_what_the_recipe_says():
     assert r50.model == dict(wf12m.model, backbone="r50") and r50.data == wf12m.data
 
 
+def test_classifier_group_mirrors_the_layer_registry():
+    """conf/classifier/ holds one file per layer of ``CLASSIFIERS``, whose settings are that layer's defaults."""
+    from importlib.resources import files
+
+    from fastface_pl.models.module import CLASSIFIERS
+
+    names = {path.name.removesuffix(".yaml") for path in files("fastface_pl.conf").joinpath("classifier").iterdir()
+             if path.name.endswith(".yaml")}
+    assert names == set(CLASSIFIERS)
+    for name, layer in CLASSIFIERS.items():
+        cfg = _compose(f"classifier={name}")
+        assert cfg.model.classifier == name
+        assert cfg.model.classifier_kwargs == layer.SETTINGS, name
+
+
 def test_paper_run_with_the_f2c_pool_composes_and_builds():
     cfg = _compose("+experiment=r100_webface12m", "classifier=dcp", "model.backbone=tiny",
                    "model.backbone_kwargs.input_size=32")

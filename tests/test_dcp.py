@@ -182,9 +182,9 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
 def test_module_builds_gallery_pool_and_one_param_group():
     module = make_dcp_module()
     keys = module.state_dict().keys()
-    assert any(k.startswith("gallery_backbone.") for k in keys)
+    assert any(k.startswith("classifier.gallery_backbone.") for k in keys)
     assert {"classifier.features", "classifier.identity_entry", "classifier.entry_last_used"} <= set(keys)
-    assert all(not p.requires_grad for p in module.gallery_backbone.parameters())
+    assert all(not p.requires_grad for p in module.classifier.gallery_backbone.parameters())
     optimizer = module.configure_optimizers()
     assert [g["name"] for g in optimizer.param_groups] == ["backbone"]
     assert module.needs_identity_pairs
@@ -198,7 +198,7 @@ def test_fit_with_pairs_updates_gallery_as_an_ema(tmp_path):
     trainer.fit(module, datamodule=make_datamodule())
     # one step: gallery = 0.9 · initial + 0.1 · probe before the step (= initial): unchanged, probe moved
     changed = False
-    for g, p0, p1 in zip(module.gallery_backbone.parameters(), probe_before, module.backbone.parameters()):
+    for g, p0, p1 in zip(module.classifier.gallery_backbone.parameters(), probe_before, module.backbone.parameters()):
         assert torch.allclose(g, p0, atol=1e-7)
         changed |= not torch.equal(p0, p1)
     assert changed
@@ -211,7 +211,7 @@ def test_fit_with_pairs_updates_gallery_as_an_ema(tmp_path):
 def test_embed_uses_the_probe_backbone():
     module = make_dcp_module().eval()
     with torch.no_grad():
-        next(module.gallery_backbone.parameters()).add_(1.0)
+        next(module.classifier.gallery_backbone.parameters()).add_(1.0)
         images = torch.randn(2, 3, 16, 16)
         assert torch.allclose(module.embed(images), F.normalize(module.backbone(images), dim=1))
 
@@ -294,13 +294,6 @@ def test_a_refused_write_is_undone_exactly_by_its_undo_record():
         assert torch.equal(pool.state_dict()[key], expected), key
 
 
-def test_checkpoint_without_the_skip_counter_loads():
-    pool = DynamicClassPool(4, num_classes=10, pool_size=3)
-    state = pool.state_dict()
-    del state["skipped_writes"]
-    DynamicClassPool(4, num_classes=10, pool_size=3).load_state_dict(state)
-
-
 class _RecordWindowStarts(pl.Callback):
     """The probe backbone's parameters at the first micro-batch of each accumulation window."""
 
@@ -318,7 +311,7 @@ def test_gallery_ema_follows_optimizer_steps_under_accumulation(tmp_path, accumu
     each window's start: with accumulation, one update per micro-batch would give m^N per optimizer step."""
     pl.seed_everything(0)
     module = make_dcp_module(classifier_kwargs={"momentum": 0.5}, lr=0.5)
-    gallery = [p.detach().clone() for p in module.gallery_backbone.parameters()]
+    gallery = [p.detach().clone() for p in module.classifier.gallery_backbone.parameters()]
     record = _RecordWindowStarts(accumulate)
     trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=accumulate, enable_checkpointing=False,
                             default_root_dir=tmp_path, callbacks=[record])
@@ -326,5 +319,5 @@ def test_gallery_ema_follows_optimizer_steps_under_accumulation(tmp_path, accumu
     assert len(record.probes) == 3
     for probe in record.probes:
         gallery = [0.5 * g + 0.5 * p for g, p in zip(gallery, probe)]
-    for expected, actual in zip(gallery, module.gallery_backbone.parameters()):
+    for expected, actual in zip(gallery, module.classifier.gallery_backbone.parameters()):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

@@ -65,7 +65,8 @@ def test_dcp_ranks_keep_identical_pools_with_all_gallery_features(tmp_path):
         assert (entries[rank["view_a"]] >= 0).all()
     assert not torch.equal(ranks[0]["view_a"], ranks[1]["view_a"])
     # The gallery is an EMA, not a copy, of the probe.
-    gallery = [v for k, v in state.items() if k.startswith("gallery_backbone.") and v.is_floating_point()]
-    probe = [state["backbone." + k[len("gallery_backbone."):]] for k in state
-             if k.startswith("gallery_backbone.") and state[k].is_floating_point()]
+    prefix = "classifier.gallery_backbone."
+    gallery = [v for k, v in state.items() if k.startswith(prefix) and v.is_floating_point()]
+    probe = [state["backbone." + k[len(prefix):]] for k in state
+             if k.startswith(prefix) and state[k].is_floating_point()]
     assert any(not torch.equal(g, p) for g, p in zip(gallery, probe))

@@ -12,8 +12,8 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fastface_pl.data.datamodule import FaceDataModule
-from fastface_pl.models.module import SHARDED_CHECKPOINT_KEY, FaceRecognitionModule
-from fastface_pl.models.sharded import shard_range
+from fastface_pl.models.module import FaceRecognitionModule
+from fastface_pl.models.sharded import SHARDED_CHECKPOINT_KEY, shard_range
 
 pytestmark = [
     pytest.mark.slow,

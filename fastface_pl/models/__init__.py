@@ -11,10 +11,12 @@ _MODULES = {
     "fastface_pl.models.backbones": ("IResNet", "MobileFaceNet", "build_backbone", "BACKBONES"),
     "fastface_pl.models.margins": ("MarginHead", "ArcFace", "ArcFaceExact", "CosFace", "CombinedMargin",
                                    "build_margin"),
-    "fastface_pl.models.classifiers": ("FullClassifier", "SampledClassifier", "margin_cross_entropy",
-                                       "build_classifier"),
+    "fastface_pl.models.classifiers": ("ClassificationLayer", "FullClassifier", "SampledClassifier",
+                                       "margin_cross_entropy"),
+    "fastface_pl.models.sharded": ("ShardedClassifier",),
+    "fastface_pl.models.dcp": ("DynamicClassPool", "DCPClassifier"),
     "fastface_pl.models.optim": ("RowSparseSGD",),
-    "fastface_pl.models.module": ("FaceRecognitionModule",),
+    "fastface_pl.models.module": ("FaceRecognitionModule", "CLASSIFIERS"),
     "fastface_pl.models.export": ("export_torchscript", "export_onnx"),
 }
 

@@ -1,8 +1,9 @@
-"""Classification layers with a margin softmax: the full layer (the paper's) and a sampled one (Partial FC).
+"""Classification layers with a margin softmax: the full layer (the paper's) and a sampled one (Partial FC), and
+:class:`ClassificationLayer`, the base every layer the module trains derives from (``sharded.py``, ``dcp.py``).
 
-Both return the mean cross-entropy loss (fp32, also under autocast) of a batch of embeddings. They share
-:func:`margin_cross_entropy`, a fused autograd function that keeps **one** batch × C buffer for the whole
-forward and backward pass:
+The full and the sampled layer return the mean cross-entropy loss (fp32, also under autocast) of a batch of
+embeddings. They share :func:`margin_cross_entropy`, a fused autograd function that keeps **one** batch × C
+buffer for the whole forward and backward pass:
 
 1. cosines ``ê · w_j / ‖w_j‖`` are computed into a fresh ``[B, C]`` buffer (no normalised copy of the
    C × D weight is made: the row norms ‖w_j‖ are a C-vector), clamped to [−1, 1] in place;
@@ -22,16 +23,20 @@ is treated as the identity in backward (it only trims rounding errors of a few u
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
+from fastface_pl.models.optim import RowSparseSGD
 from fastface_pl.validation import check_int, check_real
 
-__all__ = ["margin_cross_entropy", "FullClassifier", "SampledClassifier", "build_classifier", "CLASSIFIERS"]
+if TYPE_CHECKING:
+    from fastface_pl.models.module import FaceRecognitionModule
+
+__all__ = ["margin_cross_entropy", "ClassificationLayer", "FullClassifier", "SampledClassifier"]
 
 _NORM_EPS = 1e-12
 
@@ -178,7 +183,64 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
         )
 
 
-class FullClassifier(nn.Module):
+class ClassificationLayer(nn.Module):
+    """A classification layer :class:`~fastface_pl.models.module.FaceRecognitionModule` can train.
+
+    The layer owns its settings (``SETTINGS``, the ``classifier_kwargs`` it takes and their defaults, mirrored by
+    ``conf/classifier/<name>.yaml``), how it is built from them, its training loss, its optimizer and its part of
+    the Lightning hooks, which the module forwards to it. The defaults suit a layer that every rank holds whole
+    and that gradients train.
+    """
+
+    SETTINGS: ClassVar[dict[str, Any]] = {}
+    optimizer_class: ClassVar[type[torch.optim.Optimizer]] = torch.optim.SGD
+    needs_identity_pairs: ClassVar[bool] = False  # training batches hold identity pairs at (2i, 2i + 1)
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        """Raises ValueError for a setting out of range (``settings`` holds exactly the keys of ``SETTINGS``)."""
+
+    @classmethod
+    def from_settings(cls, embedding_size: int, num_classes: int, margin: MarginHead, settings: dict[str, Any],
+                      backbone: nn.Module) -> ClassificationLayer:
+        """The layer for D = ``embedding_size``, C = ``num_classes`` and checked ``settings``; ``backbone`` is the
+        module's (a layer may keep a copy of it)."""
+        return cls(embedding_size, num_classes, margin, **settings)
+
+    def ddp_ignored(self) -> list[str]:
+        """Names, relative to the layer, of the tensors DDP must neither broadcast nor average."""
+        return []
+
+    def training_loss(self, module: FaceRecognitionModule, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of one training batch, embedded by ``module``."""
+        return self(module.training_embeddings(images), labels)
+
+    def setup_fit(self, module: FaceRecognitionModule) -> None:
+        """At ``setup("fit")`` under a Trainer: before a checkpoint loads and the optimizer is built."""
+
+    def on_fit_start(self, module: FaceRecognitionModule) -> None:
+        """After the checkpoint has loaded, before training."""
+
+    def on_train_start(self, module: FaceRecognitionModule) -> None:
+        """Lightning's ``on_train_start``."""
+
+    def on_train_epoch_end(self, module: FaceRecognitionModule) -> None:
+        """Lightning's ``on_train_epoch_end``."""
+
+    def on_train_end(self, module: FaceRecognitionModule) -> None:
+        """Lightning's ``on_train_end``."""
+
+    def on_save_checkpoint(self, module: FaceRecognitionModule, checkpoint: dict[str, Any]) -> None:
+        """Edits the checkpoint Lightning is about to save (called on every rank)."""
+
+    def on_load_checkpoint(self, module: FaceRecognitionModule, checkpoint: dict[str, Any]) -> None:
+        """Edits a checkpoint before its state is loaded."""
+
+    def on_before_optimizer_step(self, module: FaceRecognitionModule, optimizer: torch.optim.Optimizer) -> None:
+        """After gradients are unscaled, before the optimizer steps."""
+
+
+class FullClassifier(ClassificationLayer):
     """Margin-softmax layer over all C identities (the paper's choice): ``weight float[C, D]``.
 
     Args:
@@ -216,7 +278,7 @@ class SampledClassifier(FullClassifier):
 
     The sampled rows are gathered with a sparse-gradient embedding lookup, so ``weight.grad`` is a sparse
     tensor holding only the sampled rows (no dense C × D gradient). Use
-    :class:`fastface_pl.models.optim.RowSparseSGD` (the module does) to update only those rows' momentum
+    :class:`fastface_pl.models.optim.RowSparseSGD` (its ``optimizer_class``) to update only those rows' momentum
     and weight decay; plain ``torch.optim.SGD`` would apply weight decay and momentum to every row, as
     arcface_torch's Partial FC does. In eval mode, or with ``sample_rate=1``, every class is used.
 
@@ -227,6 +289,13 @@ class SampledClassifier(FullClassifier):
         sample_rate: fraction of classes per step, in (0, 1].
         check_labels: verify labels are in range every step.
     """
+
+    SETTINGS: ClassVar[dict[str, Any]] = {"sample_rate": 0.1}
+    optimizer_class = RowSparseSGD
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        check_real("sample_rate", settings["sample_rate"], 0.0, 1.0)
 
     def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str = "arcface",
                  sample_rate: float = 0.1, check_labels: bool = False) -> None:
@@ -259,13 +328,3 @@ class SampledClassifier(FullClassifier):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sample_rate={self.sample_rate}"
 
-
-CLASSIFIERS = {"full": FullClassifier, "sampled": SampledClassifier}
-
-
-def build_classifier(name: str, embedding_size: int, num_classes: int, margin: MarginHead | str,
-                     **kwargs: Any) -> FullClassifier:
-    """Builds ``"full"`` or ``"sampled"`` (``sample_rate=...``)."""
-    if name not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {name!r}; valid names: {', '.join(CLASSIFIERS)}")
-    return CLASSIFIERS[name](embedding_size, num_classes, margin, **kwargs)

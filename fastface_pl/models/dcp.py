@@ -2,7 +2,7 @@
 
 Instead of a weight row per identity (C × D), :class:`DynamicClassPool` keeps the features of at most Q
 identities (Q ≪ C), two feature slots per identity, written each step by the gallery network (an EMA copy of
-the backbone, kept by :class:`~fastface_pl.models.module.FaceRecognitionModule`). See ``docs/f2c.md``.
+the backbone, kept with the pool by :class:`DCPClassifier`, the ``dcp`` layer). See ``docs/f2c.md``.
 
 * **Pool**: ``features float[2, Q, D]``: ``features[r, q]`` is the r-th stored gallery feature of the identity
   held by entry q (L2-normalised).
@@ -27,18 +27,23 @@ it costs no host-device sync (``docs/f2c.md``).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastface_pl.validation import check_int
+from fastface_pl.models.classifiers import ClassificationLayer
 from fastface_pl.models.margins import MarginHead, build_margin
+from fastface_pl.validation import check_int, check_real
 
-__all__ = ["DynamicClassPool", "PoolUndo", "default_pool_size", "default_push_topk"]
+if TYPE_CHECKING:
+    from fastface_pl.models.module import FaceRecognitionModule
+
+__all__ = ["DynamicClassPool", "DCPClassifier", "PoolUndo", "default_pool_size", "default_push_topk"]
 
 _LRU_TABLES = ("entry_identity", "entry_last_used", "entry_next_row", "entry_rows_filled")
 
@@ -126,8 +131,6 @@ class DynamicClassPool(nn.Module):
         saved = state_dict.get(prefix + "features")
         if saved is not None and saved.dim() == 3 and saved.shape[1] != self.pool_size:
             self._allocate(int(saved.shape[1]), self.features.device)  # the checkpoint's pool size wins
-        if prefix + "features" in state_dict and prefix + "skipped_writes" not in state_dict:
-            state_dict[prefix + "skipped_writes"] = torch.zeros_like(self.skipped_writes)  # saved before it existed
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def occupancy(self) -> torch.Tensor:
@@ -302,3 +305,162 @@ class DynamicClassPool(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"pool_size={self.pool_size}, push_topk={self.push_topk}")
+
+
+class DCPClassifier(DynamicClassPool, ClassificationLayer):
+    """The ``dcp`` classification layer: the pool, F2C's gallery network and its symmetric training step.
+
+    The gallery network (``gallery_backbone``) is an EMA of the module's backbone, never trained by gradients:
+    ``gallery ← m · gallery + (1 − m) · probe``, parameter by parameter, once per optimizer step (BatchNorm
+    statistics are the gallery's own, as in the F2C reference).
+
+    Args:
+        embedding_size: D.
+        num_classes: C.
+        margin: margin head (or its name) of the softmax over pool entries.
+        backbone: the module's backbone, copied as the gallery network's start.
+        pool_fraction: pool entries as a fraction of ``num_classes`` when ``pool_size`` is None.
+        pool_size: pool entries; a pool smaller than one step's gallery images over all ranks is enlarged at
+            :meth:`setup_fit` when it came from ``pool_fraction``, an error when given.
+        momentum: m, the gallery network's EMA momentum.
+        push_topk: k of the push-away loss (default :func:`default_push_topk`).
+    """
+
+    SETTINGS: ClassVar[dict[str, Any]] = {"pool_fraction": 0.01, "pool_size": None, "momentum": 0.99,
+                                          "push_topk": None}
+    needs_identity_pairs = True
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str, backbone: nn.Module,
+                 pool_fraction: float = 0.01, pool_size: int | None = None, momentum: float = 0.99,
+                 push_topk: int | None = None) -> None:
+        super().__init__(embedding_size, num_classes, pool_size or default_pool_size(num_classes, pool_fraction),
+                         margin, push_topk)
+        self.pool_fraction, self.requested_pool_size, self.momentum = pool_fraction, pool_size, float(momentum)
+        self.gallery_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self._gallery_step: int | None = None  # the optimizer step of the last gallery update
+        self._skipped_reported = 0  # refused pool writes already warned about
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        check_real("pool_fraction", settings["pool_fraction"], 0.0, 1.0)
+        check_real("momentum", settings["momentum"], 0.0, 1.0, low_open=False)
+        check_int("pool_size", settings["pool_size"], 1, allow_none=True, none_means="from pool_fraction")
+        check_int("push_topk", settings["push_topk"], 1, allow_none=True, none_means="0.02 % of the pool")
+
+    @classmethod
+    def from_settings(cls, embedding_size: int, num_classes: int, margin: MarginHead, settings: dict[str, Any],
+                      backbone: nn.Module) -> DCPClassifier:
+        return cls(embedding_size, num_classes, margin, backbone, **settings)
+
+    def ddp_ignored(self) -> list[str]:
+        """The pool's tables: every rank writes the same gathered features into its pool, no need to broadcast."""
+        return [name for name, _ in self.named_buffers(recurse=False)]
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, module: FaceRecognitionModule, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """F2C's symmetric step: view A (even positions) is probe against the pool written from view B (odd
+        positions), with pool and LRU rolled back afterwards; then B is probe against A's gallery features,
+        which stay in the pool. The loss is the mean of the two passes."""
+        if images.shape[0] % 2:
+            raise ValueError(f"classifier='dcp' needs an even batch of identity pairs, got {images.shape[0]} images; "
+                             "use an even batch_size with FaceDataModule (it lays out the pairs itself)")
+        self._update_gallery(module)
+        view_a, view_b = images[0::2], images[1::2]
+        labels_a, labels_b = labels[0::2], labels[1::2]
+        probe_a = module.training_embeddings(view_a)
+        gallery_b, gallery_labels_b = self._gallery_features(module, view_b, labels_b)
+        loss_a, present_a = self(probe_a, labels_a, gallery_b, gallery_labels_b, rollback=True)
+        probe_b = module(view_b)
+        gallery_a, gallery_labels_a = self._gallery_features(module, view_a, labels_a)
+        loss_b, present_b = self(probe_b, labels_b, gallery_a, gallery_labels_a, rollback=False)
+        module.log("train/dcp_present", (present_a + present_b) / 2, on_step=True, on_epoch=False)
+        module.log("train/dcp_skipped_writes", self.skipped_writes.float(), on_step=True, on_epoch=False)
+        return (loss_a + loss_b) / 2
+
+    def _gallery_features(self, module: FaceRecognitionModule, images: torch.Tensor,
+                          labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gallery features and labels of ``images``, gathered over all ranks (rank order), no gradient."""
+        with torch.no_grad():
+            if module.hparams.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            features = self.gallery_backbone(images).float()
+            trainer = module._trainer  # None outside Trainer.fit (e.g. a step called by hand)
+            if trainer is not None and trainer.world_size > 1:
+                features = module.all_gather(features).reshape(-1, features.shape[1])
+                labels = module.all_gather(labels).reshape(-1)
+        return features, labels
+
+    @torch.no_grad()
+    def _update_gallery(self, module: FaceRecognitionModule) -> None:
+        """The EMA update of the gallery network from ``module.backbone``, once per optimizer step.
+
+        Called by every micro-batch, it updates only at the first one after an optimizer step (the probe has not
+        changed since): with ``accumulate_grad_batches=N`` the momentum per optimizer step stays m, not mᴺ. Outside
+        a Trainer (a step called by hand) every call updates.
+        """
+        trainer = module._trainer
+        if trainer is not None:
+            step = int(trainer.global_step)  # a Python counter: no host sync
+            if step == self._gallery_step:
+                return
+            self._gallery_step = step
+        gallery = list(self.gallery_backbone.parameters())
+        probe = [p.detach() for p in module.backbone.parameters()]
+        torch._foreach_mul_(gallery, self.momentum)
+        torch._foreach_add_(gallery, probe, alpha=1.0 - self.momentum)
+
+    # ------------------------------------------------------------------ hooks of FaceRecognitionModule
+    @staticmethod
+    def _gallery_images_per_step(module: FaceRecognitionModule) -> int | None:
+        """The gallery images of one step over all ranks (half the datamodule's batch per rank), None unknown."""
+        batch_size = getattr(getattr(module.trainer, "datamodule", None), "batch_size", None)
+        if not isinstance(batch_size, int):
+            return None
+        return (batch_size // 2) * max(1, int(module.trainer.world_size))
+
+    def setup_fit(self, module: FaceRecognitionModule) -> None:
+        """Enlarges a pool from ``pool_fraction`` to hold one step's gallery view of all ranks (a given
+        ``pool_size`` that is too small raises), before a checkpoint loads."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        needed = self._gallery_images_per_step(module)
+        if needed is None or needed <= self.pool_size:
+            return
+        if self.requested_pool_size is not None:
+            raise ValueError(
+                f"classifier_kwargs.pool_size={self.requested_pool_size} is smaller than one step's gallery view "
+                f"({needed} images over all ranks); set pool_size >= {needed} or leave it null"
+            )
+        rank_zero_info(f"F2C pool: {self.pool_size} entries ({self.pool_fraction:g} of {self.num_classes} "
+                       f"identities) raised to {needed}, the gallery images of one step")
+        self.resize(needed)
+        self.requested_pool_size = needed
+        module.hparams.classifier_kwargs["pool_size"] = needed  # checkpoints rebuild the same pool
+
+    def on_fit_start(self, module: FaceRecognitionModule) -> None:
+        """Refuses a pool (from a checkpoint) smaller than one step's gallery view."""
+        needed = self._gallery_images_per_step(module)
+        if needed is not None and needed > self.pool_size:
+            raise ValueError(
+                f"the F2C pool has {self.pool_size} entries (from the checkpoint) but one step writes "
+                f"{needed} gallery images over all ranks; resume with the batch size and devices it was "
+                "trained with, or start a new run"
+            )
+
+    def on_train_start(self, module: FaceRecognitionModule) -> None:
+        """After a resume, warn only about the refused writes of this run."""
+        self._skipped_reported = int(self.skipped_writes)
+
+    def on_train_epoch_end(self, module: FaceRecognitionModule) -> None:
+        """Warns when gallery writes were refused this epoch (non-finite features; one read per epoch)."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        skipped = int(self.skipped_writes)
+        if skipped > self._skipped_reported:
+            rank_zero_warn(
+                f"F2C pool: {skipped - self._skipped_reported} gallery write(s) refused this epoch ({skipped} in "
+                "all) because the gallery network gave non-finite features (e.g. an fp16 overflow); the pool kept "
+                "its previous features. Many refusals mean the gallery network has diverged: lower the learning "
+                "rate or train in bf16/fp32"
+            )
+        self._skipped_reported = skipped

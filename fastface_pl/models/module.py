@@ -20,36 +20,31 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from fastface_pl.evaluation.verification import VerificationMetric
 from fastface_pl.models.backbones import build_backbone
-from fastface_pl.models.classifiers import CLASSIFIERS, FullClassifier, SampledClassifier
-from fastface_pl.models.dcp import DynamicClassPool, default_pool_size
+from fastface_pl.models.classifiers import ClassificationLayer, FullClassifier, SampledClassifier
+from fastface_pl.models.dcp import DCPClassifier
 from fastface_pl.models.margins import build_margin
-from fastface_pl.models.optim import RowSparseSGD
-from fastface_pl.models.sharded import ShardedClassifier, gather_rows, slice_rows
+from fastface_pl.models.sharded import ShardedClassifier
 from fastface_pl.validation import check_choice, check_int, check_real
 
-__all__ = ["FaceRecognitionModule"]
+__all__ = ["FaceRecognitionModule", "CLASSIFIERS"]
 
-CLASSIFIER_NAMES = (*CLASSIFIERS, "dcp", "sharded")
-# each classification layer's settings (``classifier_kwargs``, conf/classifier/*.yaml) and their defaults
-CLASSIFIER_SETTINGS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "sampled": {"sample_rate": 0.1},
-    "dcp": {"pool_fraction": 0.01, "pool_size": None, "momentum": 0.99, "push_topk": None},
-    "sharded": {"sample_rate": 1.0},
+# the classification layers by their ``classifier`` name; conf/classifier/<name>.yaml mirrors each one's SETTINGS
+CLASSIFIERS: dict[str, type[ClassificationLayer]] = {
+    "full": FullClassifier,
+    "sampled": SampledClassifier,
+    "sharded": ShardedClassifier,
+    "dcp": DCPClassifier,
 }
-SHARDED_CHECKPOINT_KEY = "sharded_classifier"  # {"world_size", "num_classes"} of the run that saved it
 _VAL_KEYS = ("accuracy", "accuracy_std", "threshold", "val_at_far", "val_at_far_std", "far", "xnorm")
 LR_SCHEDULES = ("polynomial", "step")
 
@@ -72,7 +67,7 @@ class PolynomialFactor:
 
 
 def check_lr_schedule(schedule: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``lr_schedule`` in its plain form (see :func:`fastface_pl.scheduling.presets.torch_schedule`), else ValueError."""
+    """``lr_schedule`` in its plain form (see :func:`fastface_pl.scheduling.hydra_factories.torch_schedule`), else ValueError."""
     if schedule is None:
         return None
     if not isinstance(schedule, Mapping) or schedule.get("name") not in LR_SCHEDULES:
@@ -94,22 +89,16 @@ def check_lr_schedule(schedule: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _check_classifier(classifier: Any, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """The classification layer's settings, defaults filled in; ValueError for an unknown name, key or value."""
-    check_choice("classifier", classifier, CLASSIFIER_NAMES)
+    check_choice("classifier", classifier, tuple(CLASSIFIERS))
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ValueError(f"classifier_kwargs must be a dict or None, got {kwargs!r}")
-    settings = CLASSIFIER_SETTINGS[classifier]
-    unknown = sorted(set(kwargs or {}) - set(settings))
+    layer = CLASSIFIERS[classifier]
+    unknown = sorted(set(kwargs or {}) - set(layer.SETTINGS))
     if unknown:
         raise ValueError(f"classifier_kwargs {unknown} do not apply to classifier={classifier!r}; it takes "
-                         f"{', '.join(settings) or 'none'} (conf/classifier/{classifier}.yaml)")
-    settings = {**settings, **(kwargs or {})}
-    if classifier in ("sampled", "sharded"):
-        check_real("sample_rate", settings["sample_rate"], 0.0, 1.0)
-    if classifier == "dcp":
-        check_real("pool_fraction", settings["pool_fraction"], 0.0, 1.0)
-        check_real("momentum", settings["momentum"], 0.0, 1.0, low_open=False)
-        check_int("pool_size", settings["pool_size"], 1, allow_none=True, none_means="from pool_fraction")
-        check_int("push_topk", settings["push_topk"], 1, allow_none=True, none_means="0.02 % of the pool")
+                         f"{', '.join(layer.SETTINGS) or 'none'} (conf/classifier/{classifier}.yaml)")
+    settings = {**layer.SETTINGS, **(kwargs or {})}
+    layer.check_settings(settings)
     return settings
 
 
@@ -148,7 +137,7 @@ class FaceRecognitionModule(pl.LightningModule):
             owns the LR): ``{"name": "polynomial", "power": 2.0, "warmup_fraction": 0.0}`` (arcface_torch's
             γ0·(1 − t/T)^power per optimizer step over ``trainer.estimated_stepping_batches``) or
             ``{"name": "step", "milestones": [2, 3, 4], "gamma": 0.1}`` (per epoch).
-            :func:`fastface_pl.scheduling.presets.torch_schedule` builds these dicts.
+            :func:`fastface_pl.scheduling.hydra_factories.torch_schedule` builds these dicts.
 
     Validation dataloaders (one per pair set) yield ``(images_a, images_b, issame)``; each image is embedded
     with its horizontal flip (the two embeddings added), and :class:`VerificationMetric` logs
@@ -191,31 +180,16 @@ class FaceRecognitionModule(pl.LightningModule):
             self.backbone = backbone
         else:
             raise ValueError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
-        head = build_margin(margin, **(margin_kwargs or {}))
-        if classifier == "sampled":
-            self.classifier: nn.Module = SampledClassifier(embedding_size, num_classes, head, settings["sample_rate"])
-        elif classifier == "sharded":
-            self.classifier = ShardedClassifier(embedding_size, num_classes, head, settings["sample_rate"])
-            # each rank holds its own rows: DDP neither broadcasts nor averages them
-            self._ddp_params_and_buffers_to_ignore = ["classifier.weight"]
-        elif classifier == "dcp":
-            pool_size = settings["pool_size"] or default_pool_size(num_classes, settings["pool_fraction"])
-            self.classifier = DynamicClassPool(embedding_size, num_classes, pool_size, head, settings["push_topk"])
-        else:
-            self.classifier = FullClassifier(embedding_size, num_classes, head)
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        if classifier == "dcp":  # F2C's gallery network: an EMA of the backbone, never trained by gradients
-            self.gallery_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-            # Every rank writes the same gathered features into its pool: no need to broadcast it under DDP.
-            self._ddp_params_and_buffers_to_ignore = [f"classifier.{name}" for name, _ in
-                                                      self.classifier.named_buffers()]
+        head = build_margin(margin, **(margin_kwargs or {}))
+        self.classifier = CLASSIFIERS[classifier].from_settings(embedding_size, num_classes, head, settings,
+                                                                self.backbone)
+        self._ddp_params_and_buffers_to_ignore = [f"classifier.{name}" for name in self.classifier.ddp_ignored()]
         # Kept out of the module tree so state_dict keys stay "backbone.*" with or without compile.
         self._compiled_backbone = torch.compile(self.backbone) if compile else None
         self.val_metrics = nn.ModuleList()
         self._val_names: list[str] = []
-        self._gallery_step: int | None = None  # the optimizer step of the last gallery update (dcp)
-        self._skipped_reported = 0  # pool writes refused (non-finite gallery features) already warned about
 
     @staticmethod
     def check_arguments(num_classes: int | None = None, backbone: Any = "r100", backbone_kwargs: Any = None,
@@ -267,218 +241,62 @@ class FaceRecognitionModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     @property
     def needs_identity_pairs(self) -> bool:
-        """True for ``dcp``: training batches must hold identity pairs at positions (2i, 2i + 1)."""
-        return self.hparams.classifier == "dcp"
+        """True when the layer (``dcp``) trains on batches of identity pairs at positions (2i, 2i + 1)."""
+        return self.classifier.needs_identity_pairs
 
-    def _check_embeddings(self, embeddings: torch.Tensor) -> None:
+    def training_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The embeddings of training images, ValueError unless they are ``[B, embedding_size]``."""
+        embeddings = self(images)
         if embeddings.dim() != 2 or embeddings.shape[1] != self.hparams.embedding_size:
             raise ValueError(
                 f"the backbone returned shape {list(embeddings.shape)} but embedding_size="
                 f"{self.hparams.embedding_size}; pass the backbone's output size as embedding_size"
             )
+        return embeddings
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        if self.hparams.classifier == "dcp":
-            loss = self._dcp_step(images, labels)
-        else:
-            embeddings = self(images)
-            self._check_embeddings(embeddings)
-            loss = self.classifier(embeddings, labels)
+        loss = self.classifier.training_loss(self, images, labels)
         # prog_bar=False: showing a per-step value would force a host-device sync at every refresh.
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=False)
         return loss
 
-    # ------------------------------------------------------------------ F2C (classifier="dcp")
-    def _gallery_features(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gallery features and labels of ``images``, gathered over all ranks (rank order), no gradient."""
-        with torch.no_grad():
-            if self.hparams.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            features = self.gallery_backbone(images).float()
-            trainer = self._trainer  # None outside Trainer.fit (e.g. a step called by hand)
-            if trainer is not None and trainer.world_size > 1:
-                features = self.all_gather(features).reshape(-1, features.shape[1])
-                labels = self.all_gather(labels).reshape(-1)
-        return features, labels
-
-    @torch.no_grad()
-    def _update_gallery(self) -> None:
-        """gallery ← m · gallery + (1 − m) · probe, parameter by parameter (BatchNorm statistics are the
-        gallery's own, as in the F2C reference), once per optimizer step.
-
-        Called by every micro-batch, it updates only at the first one after an optimizer step (the probe has not
-        changed since): with ``accumulate_grad_batches=N`` the momentum per optimizer step stays m, not mᴺ. Outside
-        a Trainer (a step called by hand) every call updates.
-        """
-        trainer = self._trainer
-        if trainer is not None:
-            step = int(trainer.global_step)  # a Python counter: no host sync
-            if step == self._gallery_step:
-                return
-            self._gallery_step = step
-        m = float(self.hparams.classifier_kwargs["momentum"])
-        gallery = list(self.gallery_backbone.parameters())
-        probe = [p.detach() for p in self.backbone.parameters()]
-        torch._foreach_mul_(gallery, m)
-        torch._foreach_add_(gallery, probe, alpha=1.0 - m)
-
-    def _dcp_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """F2C's symmetric step: view A (even positions) is probe against the pool written from view B (odd
-        positions), with pool and LRU rolled back afterwards; then B is probe against A's gallery features,
-        which stay in the pool. The loss is the mean of the two passes."""
-        if images.shape[0] % 2:
-            raise ValueError(f"classifier='dcp' needs an even batch of identity pairs, got {images.shape[0]} images; "
-                             "use an even batch_size with FaceDataModule (it lays out the pairs itself)")
-        self._update_gallery()
-        view_a, view_b = images[0::2], images[1::2]
-        labels_a, labels_b = labels[0::2], labels[1::2]
-        probe_a = self(view_a)
-        self._check_embeddings(probe_a)
-        gallery_b, gallery_labels_b = self._gallery_features(view_b, labels_b)
-        loss_a, present_a = self.classifier(probe_a, labels_a, gallery_b, gallery_labels_b, rollback=True)
-        probe_b = self(view_b)
-        gallery_a, gallery_labels_a = self._gallery_features(view_a, labels_a)
-        loss_b, present_b = self.classifier(probe_b, labels_b, gallery_a, gallery_labels_a, rollback=False)
-        self.log("train/dcp_present", (present_a + present_b) / 2, on_step=True, on_epoch=False)
-        self.log("train/dcp_skipped_writes", self.classifier.skipped_writes.float(), on_step=True, on_epoch=False)
-        return (loss_a + loss_b) / 2
-
-    def on_train_end(self) -> None:
-        """``sharded`` over several ranks: the whole layer and its momentum back on every rank (on the host, before
-        Lightning's teardown), the optimizer rebound to them, so that ``state_dict()`` after ``fit``, a checkpoint
-        saved then, and what ``ddp_spawn`` hands back to the launching process hold every row."""
-        layer = self.classifier
-        if not isinstance(layer, ShardedClassifier) or layer.world_size == 1:
-            return
-        rows, trainer = layer.weight, self.trainer
-        holders = [(optimizer, group) for optimizer in trainer.optimizers for group in optimizer.param_groups
-                   if any(p is rows for p in group["params"])]
-        # whether to gather a momentum: from the settings (the same on every rank), never from a rank's own state
-        momenta = [gather_rows(optimizer.state.get(rows, {}).get("momentum_buffer", torch.zeros_like(rows)), layer,
-                               every_rank=True) if group.get("momentum", 0) else None for optimizer, group in holders]
-        layer.unshard()
-        for (optimizer, group), momentum in zip(holders, momenta):
-            group["params"] = [layer.weight if p is rows else p for p in group["params"]]
-            old = optimizer.state.pop(rows, {})
-            if momentum is not None and "momentum_buffer" in old:
-                optimizer.state[layer.weight] = {**old, "momentum_buffer": momentum}
-
-    def on_train_start(self) -> None:
-        if self.hparams.classifier == "dcp":  # after a resume, warn only about refusals of this run
-            self._skipped_reported = int(self.classifier.skipped_writes)
-
-    def on_train_epoch_end(self) -> None:
-        """``dcp``: warns when gallery writes were refused this epoch (non-finite features; one read per epoch)."""
-        if self.hparams.classifier != "dcp":
-            return
-        skipped = int(self.classifier.skipped_writes)
-        if skipped > self._skipped_reported:
-            rank_zero_warn(
-                f"F2C pool: {skipped - self._skipped_reported} gallery write(s) refused this epoch ({skipped} in "
-                "all) because the gallery network gave non-finite features (e.g. an fp16 overflow); the pool kept "
-                "its previous features. Many refusals mean the gallery network has diverged: lower the learning "
-                "rate or train in bf16/fp32"
-            )
-        self._skipped_reported = skipped
-
+    # ------------------------------------------------------------------ the classification layer's hooks
     def setup(self, stage: str) -> None:
-        """``sharded``: keeps this rank's rows of the layer. ``dcp``: enlarges the pool to hold one step's gallery
-        view of all ranks. Both before a checkpoint loads and the optimizer is built."""
-        trainer = self._trainer
-        if isinstance(self.classifier, ShardedClassifier) and stage == "fit" and trainer is not None \
-                and trainer.world_size > 1:
-            self.classifier.shard(trainer.global_rank, trainer.world_size)
-        if stage != "fit" or self.hparams.classifier != "dcp":
-            return
-        needed = self._dcp_gallery_batch()
-        if needed is None or needed <= self.classifier.pool_size:
-            return
-        settings = self.hparams.classifier_kwargs
-        if settings["pool_size"] is not None:
-            raise ValueError(
-                f"classifier_kwargs.pool_size={settings['pool_size']} is smaller than one step's gallery view "
-                f"({needed} images over all ranks); set pool_size >= {needed} or leave it null"
-            )
-        rank_zero_info(f"F2C pool: {self.classifier.pool_size} entries ({settings['pool_fraction']:g} of "
-                       f"{self.hparams.num_classes} identities) raised to {needed}, the gallery images of one step")
-        self.classifier.resize(needed)
-        settings["pool_size"] = needed  # checkpoints rebuild the same pool
+        """The layer's :meth:`~ClassificationLayer.setup_fit` (under a Trainer, before a checkpoint loads and the
+        optimizer is built)."""
+        if stage == "fit" and self._trainer is not None:
+            self.classifier.setup_fit(self)
 
     def on_fit_start(self) -> None:
-        layer = self.classifier
-        if isinstance(layer, ShardedClassifier) and layer.world_size > 1 and self.trainer.gradient_clip_val is not None:
-            raise ValueError(
-                f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} clips every parameter together, and with "
-                "classifier=sharded each rank holds other rows of the layer: the ranks would scale their gradients "
-                "differently and their backbones drift apart. Leave it null; model.clip_grad_norm clips the backbone "
-                "(the same on every rank)"
-            )
-        if self.hparams.classifier == "dcp":
-            needed = self._dcp_gallery_batch()
-            if needed is not None and needed > self.classifier.pool_size:
-                raise ValueError(
-                    f"the F2C pool has {self.classifier.pool_size} entries (from the checkpoint) but one step writes "
-                    f"{needed} gallery images over all ranks; resume with the batch size and devices it was "
-                    "trained with, or start a new run"
-                )
+        self.classifier.on_fit_start(self)
 
-    # ------------------------------------------------------------------ sharded checkpoints
+    def on_train_start(self) -> None:
+        self.classifier.on_train_start(self)
+
+    def on_train_epoch_end(self) -> None:
+        self.classifier.on_train_epoch_end(self)
+
+    def on_train_end(self) -> None:
+        self.classifier.on_train_end(self)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """``sharded`` over several ranks: the checkpoint gets the whole C × D weight and momentum, gathered on rank
-        0 (a collective: Lightning calls this on every rank), so it resumes on any number of ranks."""
-        layer = self.classifier
-        if not isinstance(layer, ShardedClassifier):
-            return
-        checkpoint[SHARDED_CHECKPOINT_KEY] = {"world_size": layer.world_size, "num_classes": layer.num_classes}
-        if layer.world_size == 1:
-            return
-        checkpoint["state_dict"]["classifier.weight"] = gather_rows(layer.weight, layer)
-        for optimizer_state in checkpoint.get("optimizer_states", []):
-            index, entry, momentum = _classifier_state(optimizer_state)
-            # Whether to gather, from what every rank shares (the settings, the step count), never from one rank's
-            # own state: a rank that disagreed would leave the others waiting. A rank without a buffer sends zeros.
-            if index is None or not momentum or self.trainer.global_step == 0:
-                continue
-            buffer = (entry or {}).get("momentum_buffer")
-            whole = gather_rows(buffer if buffer is not None else torch.zeros_like(layer.weight), layer)
-            # a new dict: the optimizer's state_dict() shares its entries with the live optimizer
-            optimizer_state["state"][index] = {**(entry or {}), "momentum_buffer": whole}
+        self.classifier.on_save_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """``sharded``: this rank's rows of the checkpoint's whole weight and momentum (whatever world size saved
-        them)."""
-        layer = self.classifier
-        if not isinstance(layer, ShardedClassifier):
-            return
-        saved = checkpoint.get(SHARDED_CHECKPOINT_KEY, {}).get("world_size", 1)
-        if saved != layer.world_size:
-            rank_zero_info(f"sharded classification layer: the checkpoint was saved by {saved} rank(s); its "
-                           f"{layer.num_classes} rows are split again over {layer.world_size}")
-        if layer.world_size == 1:
-            return
-        state = checkpoint.get("state_dict", {})
-        if "classifier.weight" in state:
-            state["classifier.weight"] = slice_rows(state["classifier.weight"], layer)
-        for optimizer_state in checkpoint.get("optimizer_states", []):
-            index, entry, _ = _classifier_state(optimizer_state)
-            if entry is not None and "momentum_buffer" in entry:
-                optimizer_state["state"][index] = {**entry, "momentum_buffer": slice_rows(entry["momentum_buffer"],
-                                                                                            layer)}
+        self.classifier.on_load_checkpoint(self, checkpoint)
 
-    def _dcp_gallery_batch(self) -> int | None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None)
-        if not isinstance(batch_size, int):
-            return None
-        return (batch_size // 2) * max(1, int(self.trainer.world_size))
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.classifier.on_before_optimizer_step(self, optimizer)
 
     def configure_optimizers(self) -> Any:
         """SGD (momentum, weight decay) with two parameter groups: ``backbone`` and ``classifier``.
 
-        The frozen BatchNorm1d weight of the IResNet head (``requires_grad=False``) is in neither group.
-        With the sampled classifier the optimizer is :class:`RowSparseSGD`, which leaves unsampled rows
-        (and their momentum) untouched; otherwise plain ``torch.optim.SGD``. With ``lr_schedule`` set, also
+        The frozen BatchNorm1d weight of the IResNet head (``requires_grad=False``) is in neither group, nor are
+        a layer's frozen parameters (``dcp``: the gallery network; its group is then left out). The optimizer is
+        the layer's ``optimizer_class``: :class:`~fastface_pl.models.optim.RowSparseSGD` for the sampled and
+        sharded layers (it leaves unsampled rows and their momentum untouched), else ``torch.optim.SGD``. With
+        ``lr_schedule`` set, also
         the matching ``torch.optim.lr_scheduler`` (``LambdaLR`` per step, or ``MultiStepLR`` per epoch).
         """
         hp = self.hparams
@@ -486,10 +304,10 @@ class FaceRecognitionModule(pl.LightningModule):
             {"params": [p for p in self.backbone.parameters() if p.requires_grad], "name": "backbone"},
             {"params": [p for p in self.classifier.parameters() if p.requires_grad], "name": "classifier"},
         ]
-        if not groups[1]["params"]:  # dcp: the pool has no parameters
+        if not groups[1]["params"]:
             groups.pop()
-        optimizer_class = RowSparseSGD if hp.classifier in ("sampled", "sharded") else torch.optim.SGD
-        optimizer = optimizer_class(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        optimizer = self.classifier.optimizer_class(groups, lr=hp.lr, momentum=hp.momentum,
+                                                    weight_decay=hp.weight_decay)
         schedule = hp.get("lr_schedule")
         if schedule is None:
             return optimizer
@@ -500,24 +318,6 @@ class FaceRecognitionModule(pl.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule["milestones"], schedule["gamma"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``sharded`` under fp16 with a gradient scaler: the ranks agree on whether this step overflowed.
-
-        Lightning has just unscaled the gradients; each rank's scaler found infs or NaNs in its own gradients only,
-        and the ranks hold different rows of the layer. Were one rank to skip a step the others take, its scale and
-        its backbone would drift apart from theirs for good. One ``all_reduce`` (MAX) of the overflow flag, on the
-        device, makes every rank skip or step together (as FSDP's sharded scaler does).
-        """
-        layer = self.classifier
-        if not isinstance(layer, ShardedClassifier) or layer.world_size == 1:
-            return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return
-        state = scaler._per_optimizer_states.get(id(optimizer), {})
-        for found in state.get("found_inf_per_device", {}).values():
-            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=layer.group)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -578,12 +378,3 @@ class FaceRecognitionModule(pl.LightningModule):
         if accuracies:
             self.log("val/accuracy", torch.stack(accuracies).mean(), prog_bar=True, add_dataloader_idx=False)
 
-
-def _classifier_state(optimizer_state: Mapping[str, Any]) -> tuple[Any, Any, float]:
-    """(index, state entry, momentum setting) of the classifier's weight in an optimizer's ``state_dict`` (its group
-    is named ``classifier``); (None, None, 0) when there is none."""
-    for group in optimizer_state.get("param_groups", []):
-        if group.get("name") == "classifier" and group.get("params"):
-            index = group["params"][0]
-            return index, optimizer_state.get("state", {}).get(index), float(group.get("momentum", 0) or 0)
-    return None, None, 0.0

@@ -24,7 +24,8 @@ load, :func:`gather_rows` and :func:`slice_rows`), so a run resumes on any numbe
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -32,11 +33,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastface_pl.models.classifiers import _check_labels, _cosines, _input_gradients, _target_logits
+from fastface_pl.models.classifiers import (ClassificationLayer, _check_labels, _cosines, _input_gradients,
+                                            _target_logits)
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
+from fastface_pl.models.optim import RowSparseSGD
 from fastface_pl.validation import check_int, check_real
 
-__all__ = ["ShardedClassifier", "shard_range", "sharded_margin_cross_entropy", "gather_rows", "slice_rows"]
+if TYPE_CHECKING:
+    from fastface_pl.models.module import FaceRecognitionModule
+
+__all__ = ["ShardedClassifier", "shard_range", "sharded_margin_cross_entropy", "gather_rows", "slice_rows",
+           "SHARDED_CHECKPOINT_KEY"]
+
+SHARDED_CHECKPOINT_KEY = "sharded_classifier"  # {"world_size", "num_classes"} of the run that saved it
 
 
 # torch >= 2.10 names them *_single (the older names warn); the same collectives
@@ -156,12 +165,13 @@ def _mixed_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0] % 2**63)
 
 
-class ShardedClassifier(nn.Module):
+class ShardedClassifier(ClassificationLayer):
     """Margin-softmax layer whose C × D weight is split across DDP ranks (see the module's docstring).
 
     Built whole (``weight float[C, D]``, initialised as the ``full`` layer's); :meth:`shard` keeps this rank's
-    rows. :class:`~fastface_pl.models.module.FaceRecognitionModule` shards it in ``setup`` when the trainer has
-    several ranks.
+    rows. Under a Trainer with several ranks it shards itself in :meth:`setup_fit`, keeps checkpoints whole
+    (:meth:`on_save_checkpoint`, :meth:`on_load_checkpoint`) and is whole again on every rank after ``fit``
+    (:meth:`on_train_end`).
 
     Args:
         embedding_size: D.
@@ -170,6 +180,9 @@ class ShardedClassifier(nn.Module):
         sample_rate: fraction of each rank's rows scored per training step, in (0, 1]; the positives always are.
         check_labels: verify labels are in range every step (one host sync per step).
     """
+
+    SETTINGS: ClassVar[dict[str, Any]] = {"sample_rate": 1.0}
+    optimizer_class = RowSparseSGD
 
     def __init__(self, embedding_size: int, num_classes: int, margin: MarginHead | str = "arcface",
                  sample_rate: float = 1.0, check_labels: bool = False) -> None:
@@ -190,6 +203,14 @@ class ShardedClassifier(nn.Module):
         self.start, self.end = 0, num_classes
         self.steps = 0  # training forward passes done: with the seed and the rank, the sampling generator's seed
         self.last_sampled: Optional[torch.Tensor] = None  # this rank's sampled rows (local indices), last step
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        check_real("sample_rate", settings["sample_rate"], 0.0, 1.0)
+
+    def ddp_ignored(self) -> list[str]:
+        """The weight: each rank holds its own rows, so DDP neither broadcasts nor averages them."""
+        return ["weight"]
 
     @property
     def num_local(self) -> int:
@@ -225,7 +246,7 @@ class ShardedClassifier(nn.Module):
     def unshard(self) -> None:
         """Every rank gets the whole weight back, on the host (a collective): the layer is then the whole layer
         of one process, as after ``fit``. The caller rebinds an optimizer that held the rows
-        (:meth:`~fastface_pl.models.module.FaceRecognitionModule.on_train_end` does)."""
+        (:meth:`on_train_end` does)."""
         if self.world_size == 1:
             return
         self.weight = nn.Parameter(gather_rows(self.weight, self, every_rank=True))
@@ -285,6 +306,97 @@ class ShardedClassifier(nn.Module):
             self.steps += 1
         return sharded_margin_cross_entropy(embeddings, rows, target_cols, valid, self.margin, group)
 
+    # ------------------------------------------------------------------ hooks of FaceRecognitionModule
+    def setup_fit(self, module: FaceRecognitionModule) -> None:
+        """Keeps this rank's rows when the trainer has several ranks (before a checkpoint loads)."""
+        trainer = module.trainer
+        if trainer.world_size > 1:
+            self.shard(trainer.global_rank, trainer.world_size)
+
+    def on_fit_start(self, module: FaceRecognitionModule) -> None:
+        """Refuses the Trainer's ``gradient_clip_val`` over several ranks (it would clip each rank differently)."""
+        clip = module.trainer.gradient_clip_val
+        if self.world_size > 1 and clip is not None:
+            raise ValueError(
+                f"trainer.gradient_clip_val={clip} clips every parameter together, and with "
+                "classifier=sharded each rank holds other rows of the layer: the ranks would scale their gradients "
+                "differently and their backbones drift apart. Leave it null; model.clip_grad_norm clips the backbone "
+                "(the same on every rank)"
+            )
+
+    def on_train_end(self, module: FaceRecognitionModule) -> None:
+        """Over several ranks: the whole layer and its momentum back on every rank (on the host, before Lightning's
+        teardown), the optimizer rebound to them, so that ``state_dict()`` after ``fit``, a checkpoint saved then,
+        and what ``ddp_spawn`` hands back to the launching process hold every row."""
+        if self.world_size == 1:
+            return
+        rows = self.weight
+        holders = [(optimizer, group) for optimizer in module.trainer.optimizers for group in optimizer.param_groups
+                   if any(p is rows for p in group["params"])]
+        # whether to gather a momentum: from the settings (the same on every rank), never from a rank's own state
+        momenta = [gather_rows(optimizer.state.get(rows, {}).get("momentum_buffer", torch.zeros_like(rows)), self,
+                               every_rank=True) if group.get("momentum", 0) else None for optimizer, group in holders]
+        self.unshard()
+        for (optimizer, group), momentum in zip(holders, momenta):
+            group["params"] = [self.weight if p is rows else p for p in group["params"]]
+            old = optimizer.state.pop(rows, {})
+            if momentum is not None and "momentum_buffer" in old:
+                optimizer.state[self.weight] = {**old, "momentum_buffer": momentum}
+
+    def on_save_checkpoint(self, module: FaceRecognitionModule, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint gets the whole C × D weight and momentum, gathered on rank 0 (a collective: Lightning calls
+        this on every rank), so it resumes on any number of ranks."""
+        checkpoint[SHARDED_CHECKPOINT_KEY] = {"world_size": self.world_size, "num_classes": self.num_classes}
+        if self.world_size == 1:
+            return
+        checkpoint["state_dict"]["classifier.weight"] = gather_rows(self.weight, self)
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            index, entry, momentum = _classifier_state(optimizer_state)
+            # Whether to gather, from what every rank shares (the settings, the step count), never from one rank's
+            # own state: a rank that disagreed would leave the others waiting. A rank without a buffer sends zeros.
+            if index is None or not momentum or module.trainer.global_step == 0:
+                continue
+            buffer = (entry or {}).get("momentum_buffer")
+            whole = gather_rows(buffer if buffer is not None else torch.zeros_like(self.weight), self)
+            # a new dict: the optimizer's state_dict() shares its entries with the live optimizer
+            optimizer_state["state"][index] = {**(entry or {}), "momentum_buffer": whole}
+
+    def on_load_checkpoint(self, module: FaceRecognitionModule, checkpoint: dict[str, Any]) -> None:
+        """This rank's rows of the checkpoint's whole weight and momentum (whatever world size saved them)."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        saved = checkpoint.get(SHARDED_CHECKPOINT_KEY, {}).get("world_size", 1)
+        if saved != self.world_size:
+            rank_zero_info(f"sharded classification layer: the checkpoint was saved by {saved} rank(s); its "
+                           f"{self.num_classes} rows are split again over {self.world_size}")
+        if self.world_size == 1:
+            return
+        state = checkpoint.get("state_dict", {})
+        if "classifier.weight" in state:
+            state["classifier.weight"] = slice_rows(state["classifier.weight"], self)
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            index, entry, _ = _classifier_state(optimizer_state)
+            if entry is not None and "momentum_buffer" in entry:
+                optimizer_state["state"][index] = {**entry, "momentum_buffer": slice_rows(entry["momentum_buffer"],
+                                                                                            self)}
+
+    def on_before_optimizer_step(self, module: FaceRecognitionModule, optimizer: torch.optim.Optimizer) -> None:
+        """Under fp16 with a gradient scaler over several ranks: the ranks agree on whether this step overflowed.
+
+        Lightning has just unscaled the gradients; each rank's scaler found infs or NaNs in its own gradients only,
+        and the ranks hold different rows of the layer. Were one rank to skip a step the others take, its scale and
+        its backbone would drift apart from theirs for good. One ``all_reduce`` (MAX) of the overflow flag, on the
+        device, makes every rank skip or step together (as FSDP's sharded scaler does).
+        """
+        if self.world_size == 1:
+            return
+        scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return
+        state = scaler._per_optimizer_states.get(id(optimizer), {})
+        for found in state.get("found_inf_per_device", {}).values():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.group)
+
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, sample_rate={self.sample_rate}"
                 f", rows=[{self.start}, {self.end}) of rank {self.rank}/{self.world_size}")
@@ -329,3 +441,13 @@ def slice_rows(whole: torch.Tensor, layer: ShardedClassifier) -> torch.Tensor:
         raise ValueError(f"the checkpoint's sharded layer has {whole.shape[0]} rows but this model has "
                          f"{layer.num_classes} identities")
     return whole[layer.start : layer.end].clone()
+
+
+def _classifier_state(optimizer_state: Mapping[str, Any]) -> tuple[Any, Any, float]:
+    """(index, state entry, momentum setting) of the classifier's weight in an optimizer's ``state_dict`` (its group
+    is named ``classifier``); (None, None, 0) when there is none."""
+    for group in optimizer_state.get("param_groups", []):
+        if group.get("name") == "classifier" and group.get("params"):
+            index = group["params"][0]
+            return index, optimizer_state.get("state", {}).get(index), float(group.get("momentum", 0) or 0)
+    return None, None, 0.0
