@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastface_pl.checkpoints import SAFE_GLOBALS, AtomicCheckpointIO, restoring_from
 from fastface_pl.config_check import check_group_choices, require_dataset, validate_config
+from fastface_pl.data.bin_format import check_enough_pairs
 from fastface_pl.evaluation.report import format_results
 from fastface_pl.faults import EXIT_USAGE, UsageError, classify_fault
 from fastface_pl.plotting import plot_run_metrics
@@ -153,6 +154,8 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...]) -> dict[str
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer, module, datamodule, lr_callback = build(cfg, run_dir, resume_from=checkpoint)
+    if cfg.validate_at_end or trainer.limit_val_batches:  # before training, not after it
+        check_enough_pairs(datamodule.val_datasets, "remove them from data.val_sets (or replace them)")
     del checkpoint  # (memory-mapped) read again by Lightning, weights-only
     summary: dict[str, Any] = {"run_dir": str(run_dir), "status": "running",
                                "resumed_from": str(ckpt_path) if ckpt_path else None}

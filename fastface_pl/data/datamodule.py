@@ -95,6 +95,9 @@ def _detect_file_layout(path: Path) -> str:
                 raise DatasetError(f"{path} has no index {path.with_suffix('.idx')} beside it")
             return LAYOUT_RECORD
         raise DatasetError(f"data root {path} is a file, not a .rec. Accepted layouts:\n{ACCEPTED_LAYOUTS}")
+    if not path.is_dir():
+        raise DatasetError(f"data root {path} is neither a folder nor a .rec file (a device, a pipe or a socket). "
+                           f"Accepted layouts:\n{ACCEPTED_LAYOUTS}")
     if (path / "train.rec").is_file():
         if not (path / "train.idx").is_file():
             raise DatasetError(

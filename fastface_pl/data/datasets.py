@@ -132,8 +132,8 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
 def _short(error: BaseException) -> str:
     """An image library's error without its source path or a ``BytesIO`` repr: what the user can act on."""
     text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", text)
-    return re.sub(r"\s*\(?(Exception raised from \S+ )?at /\S+\)?", "", text).strip()
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)
+    return re.sub(r"(\w+, )?/\S+:\d+,?\s*", "", text).strip()
 
 
 def declared_size(raw: bytes, source: str, max_side: int) -> tuple[int, int]:
@@ -452,7 +452,11 @@ class RecordDataset(_FileDataset):
         num_classes: Optional[int] = None, max_image_side: Optional[int] = None,
     ) -> None:
         super().__init__(transform, skip_corrupt, max_image_side)
-        self.record_file = RecordFile(_resolve_rec(path))
+        from fastface_pl.data.pack import finish_interrupted_replace
+
+        rec_path = _resolve_rec(path)
+        finish_interrupted_replace(rec_path.parent)  # a kill between a pack's renames: the new pack, whole
+        self.record_file = RecordFile(rec_path)
         self.layout: RecordLayout = parse_layout(self.record_file)
         self._num_classes = self.layout.num_identities if self.layout.has_header_record else num_classes
         if num_classes is not None and self._num_classes != num_classes:
