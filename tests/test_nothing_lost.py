@@ -27,7 +27,7 @@ from conftest import command_env, explain, run_python, run_train, train_command,
 from PIL import Image
 
 from fastface_pl.data import FaceDataModule, RecordWriter, load_bin, write_bin
-from fastface_pl.data.datasets import ImageFolderDataset, RecordDataset, decode_image, read_image_file
+from fastface_pl.data.datasets import ImageFolderDataset, RecordDataset, decode_image
 from fastface_pl.data.errors import CorruptImageError, DatasetError, ImageTooLargeError
 from fastface_pl.data.folder_index import INDEX_CACHE_NAME, FolderIndex, _write_cache, folder_mtimes, root_entries
 from fastface_pl.data.pack import main as pack_main
@@ -35,7 +35,6 @@ from fastface_pl.data.pack import pack_folder
 from fastface_pl.data.recordio import RecordFile, pack_header, parse_layout
 from fastface_pl.evaluate import main as evaluate_main
 from fastface_pl.evaluate import verification_sets
-from fastface_pl.locks import FolderInUseError, FolderLock
 
 HOUR_NS = 3600 * 10**9
 
@@ -61,8 +60,9 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
 def _kill(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    process.stdout.close()
-    process.stderr.close()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def _pack_contents(dst: Path) -> tuple[int, int, str]:
@@ -182,7 +182,7 @@ def test_a_second_writer_of_a_live_run_folder_is_refused_and_a_dead_one_blocks_n
     try:
         _wait_for(run / "checkpoints" / "last.ckpt", live, timeout=300)
         started = time.monotonic()
-        second = run_train(run, *TINY, "ckpt_path=last", "trainer.max_epochs=100000", timeout=300)
+        second = run_train(run, *TINY, "ckpt_path=last", "trainer.max_epochs=100000", timeout=120)
         assert second.returncode == 2, explain(second)
         assert time.monotonic() - started < 120
         assert f"run folder {run} is in use by process {live.pid}" in second.stderr
@@ -198,6 +198,8 @@ def test_a_second_writer_of_a_live_run_folder_is_refused_and_a_dead_one_blocks_n
 
 
 def test_the_run_folder_lock_names_its_holder_and_is_released_by_death(tmp_path):
+    from fastface_pl.locks import FolderInUseError, FolderLock
+
     holder = _start_python("""
         import sys, time
         from pathlib import Path
@@ -265,6 +267,8 @@ def test_a_sparse_image_file_is_refused_before_it_is_read(tmp_path, capsys):
 
 
 def test_a_device_is_not_read_as_an_image(tmp_path):
+    from fastface_pl.data.datasets import read_image_file
+
     with pytest.raises(CorruptImageError, match="not a regular file"):
         read_image_file("/dev/zero")
 
