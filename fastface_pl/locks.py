@@ -95,10 +95,22 @@ def folder_lock(lock_path: Path, folder: Path, what: str, fix: str) -> Iterator[
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
-def remove_stale_temporaries(folder: Path, names: tuple[str, ...] = ()) -> list[Path]:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...] = (), unlocked: bool = False,
+                             of: Optional[tuple[str, ...]] = None) -> list[Path]:
     """Remove the temporary files another process left in ``folder`` (``.<name>.tmp-<pid>`` of
-    :mod:`fastface_pl.atomic`, and the files named in ``names``). Call it only while holding the folder's lock:
-    then no other writer is at work there, so every such file of another process id is a leftover of a kill."""
+    :mod:`fastface_pl.atomic`, and the files named in ``names``). Holding the folder's lock, no other writer is at
+    work there, so every such file of another process id is a leftover of a kill; ``unlocked``: only those of
+    process ids no longer running on this machine. ``of``: only the temporaries of these file names."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -106,7 +118,10 @@ def remove_stale_temporaries(folder: Path, names: tuple[str, ...] = ()) -> list[
         return removed
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        stale = (match is not None and int(match.group(1)) != os.getpid()) or entry.name in names
+        pid = int(match.group(1)) if match is not None else None
+        if pid is not None and of is not None and entry.name.rpartition(".tmp-")[0][1:] not in of:
+            pid = None
+        stale = (pid is not None and pid != os.getpid() and not (unlocked and _alive(pid))) or entry.name in names
         if stale and entry.is_file(follow_symlinks=False):
             try:
                 os.unlink(entry.path)

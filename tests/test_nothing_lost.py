@@ -231,14 +231,12 @@ def _pack_with_header(tmp_path: Path, header: tuple[float, float], identity: tup
 
 
 def test_a_pack_header_claiming_2_to_the_46_images_is_refused_at_once(tmp_path):
+    """The search for the boundary was sized by the header (2**46 images: 3 GB and 14 s)."""
     pack = _pack_with_header(tmp_path, (2.0**46, 2.0**46 + 1))
-    tracemalloc.start()
     started = time.monotonic()
     with pytest.raises(DatasetError, match="no image/identity boundary"):
         parse_layout(RecordFile(pack / "train.rec"))
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert time.monotonic() - started < 2 and peak < 10 << 20
+    assert time.monotonic() - started < 1
 
 
 @pytest.mark.parametrize("header, identity", [((float("nan"), 4.0), (1.0, 3.0)), ((float("inf"), 4.0), (1.0, 3.0)),
@@ -440,3 +438,21 @@ def test_a_corrupt_image_message_offers_skip_corrupt_and_no_library_internals(tm
     message = str(error.value)
     assert str(broken) in message and "data.skip_corrupt=true" in message
     assert "/__w/" not in message and ".cpp" not in message and "BytesIO" not in message
+
+
+def test_a_killed_index_write_leaves_no_temporary_file_behind(tmp_path):
+    faces = write_image_folder(tmp_path / "faces", [1, 1], size=8)
+    (faces / ".fastface_cache").mkdir()
+    killed = _start_python("""
+        import os, signal, sys
+        from fastface_pl.atomic import atomic_write
+        with atomic_write(sys.argv[1]) as handle:
+            handle.write(b"half an index")
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """, str(faces / INDEX_CACHE_NAME))
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in (faces / ".fastface_cache").iterdir()] == [f".image_index.bin.tmp-{killed.pid}"]
+    ImageFolderDataset(faces)
+    assert [p.name for p in (faces / ".fastface_cache").iterdir()] == ["image_index.bin"]

@@ -41,6 +41,7 @@ import numpy as np
 
 from fastface_pl.atomic import atomic_write
 from fastface_pl.data.errors import reading, unreadable
+from fastface_pl.locks import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +447,8 @@ def load_index(
             (root / CACHE_FOLDER_NAME).mkdir(exist_ok=True)
         except OSError:
             pass  # a read-only folder: the user cache takes the index
+    for place in writable:  # what a killed start left while writing the cache
+        remove_stale_temporaries(place.parent, unlocked=True, of=(place.name,))
     started = time.perf_counter()
     for path in [] if rebuild else places:
         cached = _read_cache(path, root, extensions)

@@ -38,7 +38,7 @@ from fastface_pl.data.datasets import (
 )
 from fastface_pl.data.errors import CorruptImageError, DatasetError, reading, unreadable, writing
 from fastface_pl.data.recordio import RecordWriter, pack_header
-from fastface_pl.locks import FolderInUseError, folder_lock, remove_stale_temporaries
+from fastface_pl.locks import folder_lock, remove_stale_temporaries
 from fastface_pl.validation import bound_workers, check_int
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ def pack_folder(
     Raises:
         DatasetError: If ``dst`` already holds a pack and ``overwrite`` is False, ``src`` holds no images, a
             folder cannot be read or ``dst`` written, or an image is corrupt and ``skip_corrupt`` is False.
+        FolderInUseError: If another process is packing into ``dst`` (the message names it).
     """
     check_int("quality", quality, 1, 100)
     workers = bound_workers("--workers", workers)
@@ -130,20 +131,10 @@ def pack_folder(
     with writing("pack folder", dst):
         if dst.exists() and not dst.is_dir():
             raise DatasetError(f"the pack destination {dst} is a file, not a folder: choose a folder (it is created)")
-        created = not dst.exists()
         dst.mkdir(parents=True, exist_ok=True)
-        try:
-            with folder_lock(dst / LOCK_NAME, dst, "pack folder", "choose another destination"):
-                return _pack_locked(src, dst, quality, workers, reencode, skip_corrupt, progress, extensions,
-                                    overwrite, max_image_side)
-        except (DatasetError, FolderInUseError):
-            if created:  # refused before anything was packed: leave no empty folder behind
-                (dst / LOCK_NAME).unlink(missing_ok=True)
-                try:
-                    dst.rmdir()
-                except OSError:
-                    pass
-            raise
+        with folder_lock(dst / LOCK_NAME, dst, "pack folder", "choose another destination"):
+            return _pack_locked(src, dst, quality, workers, reencode, skip_corrupt, progress, extensions, overwrite,
+                                max_image_side)
 
 
 def _partial(name: str) -> str:
