@@ -152,7 +152,10 @@ def finish_interrupted_replace(folder: Union[str, os.PathLike]) -> bool:
     """
     folder = Path(folder)
     marker = folder / REPLACE_MARKER
-    if not marker.is_file():
+    try:
+        if not marker.is_file():
+            return False
+    except OSError:  # an unreadable folder: its readers say so, naming it
         return False
     try:
         for name in PACK_FILES:
