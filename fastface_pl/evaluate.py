@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from fastface_pl.checkpoints import (SAFE_GLOBALS, CheckpointError, describe_load_error, load_backbone_weights,
                                      load_checkpoint)
-from fastface_pl.data.bin_format import find_bin_files, load_bin
+from fastface_pl.atomic import write_text_atomic
+from fastface_pl.data.bin_format import check_enough_pairs, find_bin_files, load_bin
 from fastface_pl.data.datamodule import LAYOUT_SYNTHETIC, FaceDataModule
 from fastface_pl.data.datasets import FaceTransform
 from fastface_pl.data.errors import DatasetError
@@ -141,10 +143,29 @@ def verification_sets(data: Optional[str], sets: Optional[Sequence[str]], data_s
             raise DatasetError(f"no .bin verification sets in {base}: give --data the folder that holds them")
     transform = FaceTransform(image_size=image_size)
     paths = find_bin_files(names, places, "Give --sets the ones you have.")
-    return [load_bin(path, transform=transform) for path in paths]
+    sets = [load_bin(path, transform=transform) for path in paths]
+    check_enough_pairs(sets, "give --sets without them")
+    return sets
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse an output file that cannot be written, before the evaluation that would fill it.
+
+    Raises:
+        ValueError: If ``path`` is a folder, or its folder is missing or not writable.
+    """
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder: give the path of a file to write (e.g. {path / 'results.json'})")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist; create it or give another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable; give another path")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    if args.json is not None:  # before the evaluation: its results must not be lost at the end
+        check_output_file(args.json, "--json")
     module, data_settings = load_model(args.checkpoint, args.backbone, args.embedding_size, args.input_size)
     run_bins = args.ijb is None or args.data is not None or args.sets is not None
     datasets: list[Any] = []
@@ -165,7 +186,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         print(f"\n{args.checkpoint}\n{table}")
         results.update(per_set)
     if args.json is not None:
-        args.json.write_text(json.dumps(finite_or_none(results), indent=2, allow_nan=False))
+        write_text_atomic(args.json, json.dumps(finite_or_none(results), indent=2, allow_nan=False), "results file")
     return results
 
 

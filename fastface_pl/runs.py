@@ -18,12 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastface_pl.atomic import write_text_atomic
 from fastface_pl.faults import EXIT_USAGE, UsageError
+from fastface_pl.locks import FolderInUseError, FolderLock, remove_stale_temporaries
 from fastface_pl.safety import EXIT_DIVERGED, finite_or_none
 
-__all__ = ["RANK_VARIABLES", "RUN_FILES", "RunFolderCheck", "check_writable_folder", "claim_run_folder", "fail",
-           "is_launching_rank", "run_id", "write_results"]
+__all__ = ["RANK_VARIABLES", "RUN_FILES", "RUN_LOCK_NAME", "RunFolderCheck", "check_writable_folder",
+           "claim_run_folder", "fail", "is_launching_rank", "lock_run_folder", "run_id", "write_results"]
 
 RUN_FILES = ("config.yaml", "results.json", "schedule.png", "logs/metrics.csv")
+RUN_LOCK_NAME = ".fastface_run.lock"
 # the environment variables that give a process its rank under DDP: torchrun (RANK, LOCAL_RANK, GROUP_RANK), Slurm
 # (SLURM_PROCID), Lightning's own launcher (LOCAL_RANK, NODE_RANK) and LSF (JSM_NAMESPACE_RANK)
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -102,6 +104,27 @@ class RunFolderCheck(HydraCallback):
             check_writable_folder(Path(str(folder)))
         except UsageError as err:
             fail(str(err), EXIT_USAGE)
+
+
+def lock_run_folder(run_dir: Path) -> FolderLock:
+    """Make this process the run folder's only writer (:mod:`fastface_pl.locks`), and remove the temporary files
+    a killed run left there. A lock left by a dead process does not count.
+
+    Raises:
+        UsageError: If a live process holds the folder (the message names the folder and the process).
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(run_dir / RUN_LOCK_NAME, run_dir, "run folder",
+                          "give another hydra.run.dir=... (a resume in place needs the run to have ended)").acquire()
+    except FolderInUseError as err:
+        raise UsageError(str(err)) from None
+    except PermissionError as err:
+        raise UsageError(f"cannot write to the run folder {err.filename or run_dir} (permission denied): give a "
+                         "writable hydra.run.dir=... or fix the folder's permissions") from None
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "logs"):
+        remove_stale_temporaries(folder)
+    return lock
 
 
 def claim_run_folder(run_dir: Path, resume_in_place: bool) -> None:

@@ -14,8 +14,9 @@ decisions) and ``results.json`` (the final verification accuracies and the sched
 Under DDP (``trainer=ddp``) the other ranks train in rank 0's folder and only rank 0 writes these files.
 
 Faults end with a message and an exit code (:mod:`fastface_pl.faults`, docs/fault_tolerance.md): 2 for a usage
-error (a bad config value, checkpoint or path), 3 when the training diverges, 128 + the signal number after
-SIGTERM (143) or Ctrl+C (130), with a checkpoint of the step reached and the command that resumes it.
+error (a bad config value, checkpoint or path, a run folder another run is writing), 3 when the training diverges,
+128 + the signal number after SIGTERM (143) or Ctrl+C (130), with a checkpoint of the step reached and the command
+that resumes it. A crash (a bug) exits 1 with its traceback.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastface_pl.checkpoints import SAFE_GLOBALS, AtomicCheckpointIO, restoring_from
 from fastface_pl.config_check import check_group_choices, require_dataset, validate_config
+from fastface_pl.data.bin_format import check_enough_pairs
 from fastface_pl.evaluation.report import format_results
 from fastface_pl.faults import EXIT_USAGE, UsageError, classify_fault
 from fastface_pl.plotting import plot_run_metrics
 from fastface_pl.resume import compare_with_checkpoint, resolve_checkpoint
-from fastface_pl.runs import claim_run_folder, fail, is_launching_rank, write_results
+from fastface_pl.runs import claim_run_folder, fail, is_launching_rank, lock_run_folder, write_results
 from fastface_pl.safety import DistributedFaults, DivergenceGuard, PreemptionCheckpoint, end_started_ranks
 
 log = logging.getLogger("fastface_pl.train")
+_job_started = False
 
 
 def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] = None) -> tuple[Any, Any, Any, Any]:
@@ -77,12 +80,14 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
     checkpoints = run_dir / "checkpoints"
     callbacks: list[Any] = [
         # one checkpoint per epoch, all kept, and last.ckpt: the state at the latest epoch end (or end of training)
+        # (no versioned names: a resume in a moved run folder replaces last.ckpt, not writes last-v1.ckpt beside it)
         ModelCheckpoint(dirpath=checkpoints, filename="epoch{epoch:02d}-step{step:07d}",
-                        auto_insert_metric_name=False, save_top_k=-1, save_last=True),
-        # mid-epoch checkpoints every `checkpoint_every_n_steps` optimizer steps (the two latest kept), so an
-        # interrupted run resumes close to where it stopped: ckpt_path=<run>/checkpoints/step<N>.ckpt
-        ModelCheckpoint(dirpath=checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.checkpoint_every_n_steps, monitor="step", mode="max", save_top_k=2),
+                        auto_insert_metric_name=False, save_top_k=-1, save_last=True, enable_version_counter=False),
+        # mid-epoch checkpoints every `checkpoint_every_n_steps` optimizer steps (the two latest kept, across
+        # resumes too), so an interrupted run resumes close to where it stopped: ckpt_path=<run>/checkpoints/step<N>.ckpt
+        StepCheckpoints(dirpath=checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.checkpoint_every_n_steps, monitor="step", mode="max", save_top_k=2,
+                        enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         DivergenceGuard(max_nonfinite_steps=1 if stop_at_first_nonfinite else cfg.divergence.max_nonfinite_steps,
                         check_every_n_steps=cfg.divergence.check_every_n_steps),
@@ -95,6 +100,19 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir),
                           plugins=[AtomicCheckpointIO()])
     return trainer, module, datamodule, lr_callback
+
+
+class StepCheckpoints(ModelCheckpoint):
+    """The mid-epoch checkpoints ``step<N>.ckpt``: after each save only the ``save_top_k`` of the highest steps in
+    the folder are kept, those of earlier runs resumed in place included (Lightning forgets them when the run
+    folder moved, or the run was stopped before it saved its state)."""
+
+    def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero and self.dirpath is not None and self.save_top_k > 0:
+            steps = sorted(Path(self.dirpath).glob("step[0-9]*.ckpt"), key=lambda p: (len(p.stem), p.stem))
+            for old in steps[:-self.save_top_k]:
+                old.unlink(missing_ok=True)
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
@@ -116,9 +134,18 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
     """
     require_dataset(cfg)
     validate_config(cfg)  # before any data is read
+    # Under DDP only rank 0 locks and claims the run folder and writes its files; the other ranks (started by
+    # Lightning at trainer.fit with rank 0's hydra.run.dir, or by torchrun/Slurm) train in the same folder.
+    lock = lock_run_folder(run_dir) if is_launching_rank() else None  # a second writer is refused at once
+    try:
+        return _run(cfg, run_dir, overrides)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...]) -> dict[str, Any]:
     ckpt_path, checkpoint = resolve_checkpoint(cfg.ckpt_path, run_dir)  # before the data and model are built
-    # Under DDP only rank 0 claims the run folder and writes its files; the other ranks (started by Lightning at
-    # trainer.fit with rank 0's hydra.run.dir, or by torchrun/Slurm) train in the same folder.
     launching = is_launching_rank()
     if launching:
         claim_run_folder(run_dir, resume_in_place=cfg.ckpt_path == "last")
@@ -127,6 +154,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: tuple[str, ...] = ()) -> dict
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer, module, datamodule, lr_callback = build(cfg, run_dir, resume_from=checkpoint)
+    if cfg.validate_at_end or trainer.limit_val_batches:  # before training, not after it
+        check_enough_pairs(datamodule.val_datasets, "remove them from data.val_sets (or replace them)")
     del checkpoint  # (memory-mapped) read again by Lightning, weights-only
     summary: dict[str, Any] = {"run_dir": str(run_dir), "status": "running",
                                "resumed_from": str(ckpt_path) if ckpt_path else None}
@@ -200,6 +229,8 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
     elif HydraConfig.get().mode == RunMode.MULTIRUN:
         _pass_sweep_folder_to_ranks()
     overrides = tuple(HydraConfig.get().overrides.task)
+    global _job_started
+    _job_started = True  # from here on, Hydra's exit 1 is a crash of the job, not a config that did not compose
     try:
         return run(cfg, run_dir, overrides)
     except BaseException as err:
@@ -231,9 +262,9 @@ def main() -> None:
     try:
         _hydra_main()
     except SystemExit as stop:
-        if stop.code == 1 and not HydraConfig.initialized():  # the config did not compose (Hydra said why above)
+        if stop.code == 1 and not _job_started:  # the config did not compose (Hydra said why above)
             sys.exit(EXIT_USAGE)
-        raise
+        raise  # a crash of the job: exit 1, after Hydra printed its traceback
 
 
 if __name__ == "__main__":

@@ -6,11 +6,35 @@ allowed and what was given. A ``bool`` is never accepted where a number is asked
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
+import os
 from typing import Any, Iterable
 
-__all__ = ["check_int", "check_real", "check_bool", "check_choice"]
+__all__ = ["bound_workers", "check_int", "check_real", "check_bool", "check_choice", "usable_cpus"]
+
+log = logging.getLogger(__name__)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a job scheduler's share, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def bound_workers(name: str, workers: Any) -> int:
+    """``workers`` (checked, >= 0) bounded by :func:`usable_cpus`, saying so when it lowers it: each worker is a
+    process holding its own memory, and more of them than CPUs add memory, not speed."""
+    workers = check_int(name, workers, 0)
+    cpus = usable_cpus()
+    if workers > cpus:
+        log.warning("%s=%d but this process may use only %d CPU(s): starting %d worker processes (more would add "
+                    "memory, not speed)", name, workers, cpus, cpus)
+        return cpus
+    return workers
 
 
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *,

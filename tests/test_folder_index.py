@@ -32,6 +32,13 @@ def age(root: Path) -> None:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - HOUR_NS))
 
 
+def settle(cache: Path) -> None:
+    """Date the cache an hour ahead: written long after the folder's last change (``age`` moves the folders'
+    modification times only; their status-change times, which the check also reads, stay now)."""
+    stat = cache.stat()
+    os.utime(cache, ns=(stat.st_atime_ns, stat.st_mtime_ns + HOUR_NS))
+
+
 def identity_folders_listed(calls: list[str], root: Path) -> list[str]:
     return sorted(Path(c).name for c in calls if Path(c).parent == root)
 
@@ -180,6 +187,7 @@ def test_a_settled_top_level_is_not_listed_again(tmp_path, listed):
     folder = write_image_folder(tmp_path / "faces", {"a": 1, "b": 2}, size=8)
     age(folder)
     ImageFolderDataset(folder, index_cache=tmp_path / "cache" / "index.bin")
+    settle(tmp_path / "cache" / "index.bin")
     listed.clear()
     ImageFolderDataset(folder, index_cache=tmp_path / "cache" / "index.bin")
     assert os.fspath(folder) not in listed
@@ -203,6 +211,7 @@ def test_writing_the_cache_in_the_folder_leaves_the_top_levels_time_alone(tmp_pa
     root_time = folder.stat().st_mtime_ns
     assert len(ImageFolderDataset(folder)) == 2
     assert folder.stat().st_mtime_ns == root_time  # the rewrite went into the cache's own folder
+    settle(folder / INDEX_CACHE_NAME)
     listed.clear()
     again = ImageFolderDataset(folder)
     assert os.fspath(folder) not in listed and identity_folders_listed(listed, folder) == [] and len(again) == 2

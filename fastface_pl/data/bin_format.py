@@ -214,8 +214,27 @@ def load_bin(
             "verification set needs both kinds", UserWarning, stacklevel=2,
         )
     encoded = [_as_bytes(item, path, i) for i, item in enumerate(bins)]
-    return VerificationPairs(encoded, issame, name=path.stem, image_size=image_size, transform=transform,
-                             max_image_side=max_image_side or max_image_side_for(image_size))
+    pairs = VerificationPairs(encoded, issame, name=path.stem, image_size=image_size, transform=transform,
+                              max_image_side=max_image_side or max_image_side_for(image_size))
+    pairs.source = path
+    return pairs
+
+
+MIN_PAIRS = 10
+"""The fewest pairs the 10-fold verification protocol can split."""
+
+
+def check_enough_pairs(sets: Sequence[Any], fix: str) -> None:
+    """Refuse, before any inference, the verification sets too small for the 10-fold protocol, naming each.
+
+    Raises:
+        DatasetError: If a set holds fewer than :data:`MIN_PAIRS` pairs.
+    """
+    small = [f"{getattr(s, 'source', None) or getattr(s, 'name', None) or type(s).__name__} ({len(s)} pairs)"
+             for s in sets if len(s) < MIN_PAIRS]
+    if small:
+        raise DatasetError(f"verification set(s) with fewer than the {MIN_PAIRS} pairs the {MIN_PAIRS}-fold protocol "
+                           f"needs: {', '.join(small)}; {fix}")
 
 
 def _encode(image: Any, quality: int, position: int) -> bytes:

@@ -41,7 +41,7 @@ from fastface_pl.data.samplers import (
 )
 from fastface_pl.checkpoints import SavedStateError
 from fastface_pl.data.bin_format import find_bin_files, load_bin
-from fastface_pl.validation import check_int
+from fastface_pl.validation import bound_workers, check_int
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,9 @@ def _detect_file_layout(path: Path) -> str:
                 raise DatasetError(f"{path} has no index {path.with_suffix('.idx')} beside it")
             return LAYOUT_RECORD
         raise DatasetError(f"data root {path} is a file, not a .rec. Accepted layouts:\n{ACCEPTED_LAYOUTS}")
+    if not path.is_dir():
+        raise DatasetError(f"data root {path} is neither a folder nor a .rec file (a device, a pipe or a socket). "
+                           f"Accepted layouts:\n{ACCEPTED_LAYOUTS}")
     if (path / "train.rec").is_file():
         if not (path / "train.idx").is_file():
             raise DatasetError(
@@ -308,7 +311,7 @@ class FaceDataModule(pl.LightningDataModule):
         self.root = str(root)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.val_batch_size = check_int("val_batch_size", val_batch_size, 1) if val_batch_size is not None else None
-        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.num_workers = bound_workers("data.num_workers", num_workers)
         self.seed = check_int("seed", seed, 0)
         if num_classes is not None:
             check_int("num_classes", num_classes, 1)

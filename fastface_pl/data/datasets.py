@@ -19,6 +19,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+import stat
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -64,6 +66,76 @@ def max_image_side_for(image_size: Optional[int]) -> int:
     return max(DEFAULT_MAX_IMAGE_SIDE, 8 * int(image_size or 0))
 
 
+def max_file_bytes(max_side: int) -> int:
+    """The largest image file read for images of at most ``max_side`` pixels per side: 8 bytes a pixel (16-bit
+    RGBA, uncompressed) and 1 MiB for metadata. A file above it is refused before it is read."""
+    return 8 * int(max_side) ** 2 + (1 << 20)
+
+
+def read_image_file(path: PathLike, max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> bytes:
+    """The bytes of an image file, refused before they are read when the file is larger than an image of at most
+    ``max_side`` pixels per side can be (:func:`max_file_bytes`), or is not a regular file (a device, a FIFO).
+
+    Raises:
+        ImageTooLargeError: If the file is too large.
+        CorruptImageError: If it is not a regular file.
+        OSError: If it cannot be opened (missing, permission denied).
+    """
+    limit = max_file_bytes(max_side)
+    with open(path, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptImageError(f"{path}: not a regular file (a device, a pipe or a socket), not an image; "
+                                    "remove it from the data", source=str(path))
+        data = handle.read(limit + 1) if info.st_size <= limit else b""
+    if info.st_size > limit or len(data) > limit:
+        size = max(info.st_size, len(data))
+        raise ImageTooLargeError(
+            f"{path}: refused before reading: the file has {size} bytes, more than an image of at most {max_side} "
+            f"pixels per side can hold ({limit} bytes). Remove or shrink it; if it is a real image, raise the limit "
+            "(data.max_image_side, data.pack --max-image-side)", source=str(path),
+        )
+    return data
+
+
+_PIL_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def pil_to_rgb(image: Any, source: str) -> np.ndarray:
+    """A PIL image of any mode as ``uint8`` RGB ``[H, W, 3]``: 16-bit and 32-bit integer grey (``I;16``, ``I``:
+    the range of a 16-bit PNG, 0..65535) scaled to 0..255, every 8-bit mode converted by PIL.
+
+    Raises:
+        CorruptImageError: For floating-point pixels (mode ``F``), which have no agreed 8-bit range, or integer
+            pixels outside 0..65535.
+    """
+    if image.mode in _PIL_SIXTEEN_BIT:
+        grey = np.asarray(image).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise CorruptImageError(f"{source}: integer pixels ({image.mode}) outside 0..65535; convert the image "
+                                    "to 8-bit RGB", source=source)
+        grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        raise CorruptImageError(f"{source}: floating-point pixels (mode F) have no agreed 8-bit range; convert the "
+                                "image to 8-bit RGB (e.g. PNG or JPEG) first", source=source)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A decoded ``uint16`` image (a 16-bit PNG) scaled to ``uint8`` (0..65535 to 0..255, rounded)."""
+    if image.dtype == torch.uint8:
+        return image
+    return ((image.to(torch.int64) * 255 + 32767) // 65535).to(torch.uint8)
+
+
+def _short(error: BaseException) -> str:
+    """An image library's error without its source path or a ``BytesIO`` repr: what the user can act on."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)
+    return re.sub(r"(\w+, )?/\S+:\d+,?\s*", "", text).strip()
+
+
 def declared_size(raw: bytes, source: str, max_side: int) -> tuple[int, int]:
     """``(width, height)`` from the image's header alone (PIL reads no pixels), refused above ``max_side``.
 
@@ -90,7 +162,8 @@ def declared_size(raw: bytes, source: str, max_side: int) -> tuple[int, int]:
         width, height = _size_past_pil_limit(raw)
         raise _too_large(source, f"its header declares {width} x {height} pixels", max_side) from None
     except Exception as error:  # PIL raises UnidentifiedImageError, SyntaxError, ... depending on the damage
-        raise CorruptImageError(f"{source}: cannot decode image ({len(raw)} bytes): {error}", source=source) from None
+        raise CorruptImageError(f"{source}: cannot decode image ({len(raw)} bytes): {_short(error)}",
+                                source=source) from None
     if max(width, height) > max_side:
         raise _too_large(source, f"its header declares {width} x {height} pixels", max_side)
     return width, height
@@ -154,6 +227,9 @@ def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: 
                  max_side: int = DEFAULT_MAX_IMAGE_SIDE) -> torch.Tensor:
     """Decode a JPEG/PNG (or any format PIL reads) to a ``uint8`` RGB tensor ``[3, H, W]``.
 
+    Every bit depth comes out in the same 0..255 range: a 16-bit PNG is scaled, not clipped (:func:`pil_to_rgb`).
+    The EXIF orientation is not applied: the pixels are used as stored, as aligned face crops are.
+
     The size declared in the header is checked first (:func:`declared_size`), so a decompression bomb is refused
     before any pixel memory is allocated. Uses ``torchvision.io.decode_image`` (libjpeg-turbo), falling back to
     PIL for formats it does not read. Truncated or broken images raise instead of coming back grey.
@@ -177,20 +253,23 @@ def decode_image(data: Union[bytes, bytearray, memoryview, np.ndarray], source: 
     try:
         image = tv_decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as tv_error:
-        first_error = str(tv_error).splitlines()[-1]
+        first_error = _short(tv_error)
     else:
         if (image.shape[2], image.shape[1]) == declared:
-            return image
+            return _to_uint8(image)
         first_error = f"decoded {image.shape[2]} x {image.shape[1]}, the header declares {declared[0]} x {declared[1]}"
     try:
         from PIL import Image
 
         with Image.open(io.BytesIO(raw)) as pil_image:
-            array = np.asarray(pil_image.convert("RGB"), dtype=np.uint8)
+            array = pil_to_rgb(pil_image, source)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    except CorruptImageError:
+        raise
     except Exception as pil_error:  # PIL raises OSError, SyntaxError, ValueError ... depending on the damage
         raise CorruptImageError(
-            f"{source}: cannot decode image ({len(raw)} bytes): {first_error}; PIL: {pil_error}", source=source
+            f"{source}: cannot decode image ({len(raw)} bytes): {first_error}; PIL: {_short(pil_error)}",
+            source=source,
         ) from None
 
 
@@ -299,6 +378,7 @@ class _FileDataset(Dataset):
                 break
             except (CorruptImageError, CorruptRecordError) as error:
                 if not self.skip_corrupt:
+                    error.args = (f"{error}; to skip and count such samples instead, set data.skip_corrupt=true",)
                     raise
                 last_error = error
                 self._skipped.add()
@@ -372,7 +452,11 @@ class RecordDataset(_FileDataset):
         num_classes: Optional[int] = None, max_image_side: Optional[int] = None,
     ) -> None:
         super().__init__(transform, skip_corrupt, max_image_side)
-        self.record_file = RecordFile(_resolve_rec(path))
+        from fastface_pl.data.pack import finish_interrupted_replace
+
+        rec_path = _resolve_rec(path)
+        finish_interrupted_replace(rec_path.parent)  # a kill between a pack's renames: the new pack, whole
+        self.record_file = RecordFile(rec_path)
         self.layout: RecordLayout = parse_layout(self.record_file)
         self._num_classes = self.layout.num_identities if self.layout.has_header_record else num_classes
         if num_classes is not None and self._num_classes != num_classes:
@@ -456,6 +540,8 @@ class RecordDataset(_FileDataset):
 # --------------------------------------------------------------------------------------------------------------
 # Image folders
 # --------------------------------------------------------------------------------------------------------------
+_SEP = os.sep.encode()
+_NOT_NAMES = (b"", b".", b"..")
 class ImageFolderDataset(_FileDataset):
     """Images stored as ``<root>/<identity>/<image>.jpg|.png`` (WebFace42M and most custom sets).
 
@@ -521,8 +607,23 @@ class ImageFolderDataset(_FileDataset):
         return len(self._index.names)
 
     def path(self, index: int) -> Path:
-        """The file of sample ``index``."""
-        return self.root / os.fsdecode(bytes(self._paths[index]))
+        """The file of sample ``index``: ``<root>/<its identity>/<name>``, checked, as the index comes from a file
+        that may have been received with the data.
+
+        Raises:
+            DatasetError: If the index lists a path that is not a file name inside its identity's folder.
+        """
+        relative = bytes(self._paths[index])
+        identity = bytes(self._index.names[int(self._labels[index])])
+        name = relative[len(identity) + 1:]
+        if (not relative.startswith(identity + _SEP) or identity in _NOT_NAMES or name in _NOT_NAMES
+                or any(c in part for part in (identity, name) for c in (_SEP, b"/", b"\0"))):
+            raise DatasetError(
+                f"the image-folder index {self.index_path or '(not cached)'} lists {relative!r} for the identity "
+                f"{identity!r}: not a file inside {self.root}. The index was not written for this folder (it may "
+                "have come with the data): delete it and start again, the folder is indexed anew"
+            )
+        return self.root / os.fsdecode(relative)
 
     def label(self, index: int) -> int:
         return int(self._labels[index])
@@ -533,7 +634,7 @@ class ImageFolderDataset(_FileDataset):
     def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.path(index)
         try:
-            data = path.read_bytes()
+            data = read_image_file(path, self.max_image_side)
         except FileNotFoundError:
             raise CorruptImageError(
                 f"{path}: no such file, yet the folder's index {self.index_path or '(not cached)'} lists it: the "
@@ -750,7 +851,10 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_SIDE",
     "declared_size",
     "decode_image",
+    "max_file_bytes",
     "max_image_side_for",
+    "pil_to_rgb",
+    "read_image_file",
     "normalize",
     "scan_image_folder",
 ]

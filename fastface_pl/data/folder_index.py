@@ -11,8 +11,9 @@ number of files, and the pages are shared by every process on the machine.
 
 At each start the cache is checked against the folder without listing it again:
 
-* the top level of ``root``: its number of entries, and a modification time not newer than the cache
-  (identity folders added, removed or renamed);
+* the top level of ``root``: trusted when its modification and status-change times are older than the cache
+  (no identity folder added, removed or renamed since; ``tar x`` and ``rsync -a`` set the modification time back,
+  never the status-change time), else listed again;
 * every identity folder's modification time, one ``stat`` each. A folder's modification time changes whenever
   a file in it is added, removed or renamed, which is all the index records (new *contents* under the same
   name need no new index).
@@ -40,6 +41,7 @@ import numpy as np
 
 from fastface_pl.atomic import atomic_write
 from fastface_pl.data.errors import reading, unreadable
+from fastface_pl.locks import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -292,21 +294,28 @@ def update_index(root: Path, extensions: Sequence[str], cached: FolderIndex, cac
     time differs from the recorded one (or was recorded as unknown). An unchanged folder costs one array
     comparison after the ``stat`` s: no name is decoded, nothing is listed.
     """
-    root_mtime = os.stat(root).st_mtime_ns
-    # A change of the top level after the cache was written sets the root's time to at least the cache's (less
-    # one clock tick): the entry count, one listing of the top level, guards only a change in the same tick.
-    settled = root_mtime < cache_mtime_ns - RECENT_NS
-    entries = cached.root_entries if settled else root_entries(root)
-    top_changed = entries != cached.root_entries or root_mtime > cache_mtime_ns
-    if not top_changed:
+    # A change of the top level after the cache was written sets the root's status-change time (ctime) to at
+    # least the cache's time: unlike the modification time, no `tar x` or `rsync -a` can set it back. Only a top
+    # level settled before the cache was written is trusted without listing it.
+    info = os.stat(root)
+    settled = max(info.st_mtime_ns, info.st_ctime_ns) < cache_mtime_ns - RECENT_NS
+    top_changed = not settled
+    if settled:
+        entries = cached.root_entries
         now = folder_mtimes(root, cached.names.tolist())
         recorded = np.asarray(cached.folder_mtimes)
         if np.array_equal(now, recorded) and not (recorded == UNKNOWN_MTIME).any():
             return cached, None
         names = cached.identities
-    else:
+        top_changed = bool((now == UNKNOWN_MTIME).any())  # a folder is gone: list the top level after all
+    if top_changed:
+        entries = root_entries(root)
         names = identity_folders(root)
         now = folder_mtimes(root, names)
+        recorded = np.asarray(cached.folder_mtimes)
+        if (entries == cached.root_entries and names == cached.identities and np.array_equal(now, recorded)
+                and not (recorded == UNKNOWN_MTIME).any()):
+            return cached, None
     index, listed, before = _walk(root, extensions, names, entries, cached, now)
     old_names = set(cached.identities)
     added = sorted(set(names) - old_names)
@@ -438,6 +447,8 @@ def load_index(
             (root / CACHE_FOLDER_NAME).mkdir(exist_ok=True)
         except OSError:
             pass  # a read-only folder: the user cache takes the index
+    for place in writable:  # what a killed start left while writing the cache
+        remove_stale_temporaries(place.parent, unlocked=True, of=(place.name,))
     started = time.perf_counter()
     for path in [] if rebuild else places:
         cached = _read_cache(path, root, extensions)

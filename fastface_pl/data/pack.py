@@ -12,8 +12,12 @@ the images sorted by identity (label = position of the identity folder in sorted
 labels ``(first image key, last + 1)``, plus a ``property`` file ``C,H,W``. JPEG files are stored byte for byte
 (no generation loss) after a decode check; other formats, or all images with ``--reencode``, are encoded as JPEG
 at ``--quality``. Every image is decoded once: a broken one stops the packing with its path, or is skipped and
-counted with ``--skip-corrupt``. An existing pack in ``DST_DIR`` is never replaced unless ``--overwrite`` is given
-(and then only once the new one is complete).
+counted with ``--skip-corrupt``. An existing pack in ``DST_DIR`` is never replaced unless ``--overwrite`` is given,
+and then as a whole: the new files are written under ``.partial`` names, a marker (:data:`REPLACE_MARKER`) written
+last says they are complete, then they are renamed. A kill between the renames leaves the marker, and the next
+``pack`` or the next reader of the folder (:func:`finish_interrupted_replace`) completes the renames, so the folder
+never holds a mix of the old and the new pack. One ``pack`` at a time writes into a folder: a second one is
+refused at once, naming the process that holds the folder (a lock the kernel releases when that process ends).
 """
 
 from __future__ import annotations
@@ -28,13 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from fastface_pl.atomic import NO_SPACE, DiskFullError, disk_full_error, replace_atomic, write_text_atomic
-from fastface_pl.data.datasets import DEFAULT_MAX_IMAGE_SIDE, IMAGE_EXTENSIONS, decode_image, scan_image_folder
+from fastface_pl.atomic import NO_SPACE, DiskFullError, disk_full_error, fsync_folder, write_text_atomic
+from fastface_pl.data.datasets import (
+    DEFAULT_MAX_IMAGE_SIDE, IMAGE_EXTENSIONS, decode_image, read_image_file, scan_image_folder,
+)
 from fastface_pl.data.errors import CorruptImageError, DatasetError, reading, unreadable, writing
 from fastface_pl.data.recordio import RecordWriter, pack_header
-from fastface_pl.validation import check_int
+from fastface_pl.locks import folder_lock, remove_stale_temporaries
+from fastface_pl.validation import bound_workers, check_int
 
 log = logging.getLogger(__name__)
+
+PACK_FILES = ("train.rec", "train.idx", "property")
+"""The files of a pack, replaced together."""
+REPLACE_MARKER = ".fastface_pack_replace"
+"""Written once every ``<name>.partial`` of a new pack is complete; removed once all are renamed."""
+LOCK_NAME = ".fastface_pack.lock"
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,7 @@ def _prepare(job: tuple[str, int, bool, int]
     """Read one file, check that it decodes, re-encode when needed: (jpeg bytes, (H, W), what went wrong)."""
     path, quality, reencode, max_side = job
     try:
-        data = Path(path).read_bytes()
+        data = read_image_file(path, max_side)
         image = decode_image(data, path, max_side)
     except PermissionError as error:
         return None, None, str(unreadable("image", path, error))
@@ -104,9 +117,10 @@ def pack_folder(
     Raises:
         DatasetError: If ``dst`` already holds a pack and ``overwrite`` is False, ``src`` holds no images, a
             folder cannot be read or ``dst`` written, or an image is corrupt and ``skip_corrupt`` is False.
+        FolderInUseError: If another process is packing into ``dst`` (the message names it).
     """
     check_int("quality", quality, 1, 100)
-    check_int("workers", workers, 0)
+    workers = bound_workers("--workers", workers)
     check_int("max_image_side", max_image_side, 1)
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
@@ -114,9 +128,64 @@ def pack_folder(
             f"the pack folder {dst} lies inside the source folder {src}: it would become an identity of the next "
             "pack of that folder; choose a destination outside it"
         )
-    rec_path, idx_path = dst / "train.rec", dst / "train.idx"
     with writing("pack folder", dst):
-        existing = [p.name for p in (rec_path, idx_path) if p.exists()]
+        if dst.exists() and not dst.is_dir():
+            raise DatasetError(f"the pack destination {dst} is a file, not a folder: choose a folder (it is created)")
+        dst.mkdir(parents=True, exist_ok=True)
+        with folder_lock(dst / LOCK_NAME, dst, "pack folder", "choose another destination"):
+            return _pack_locked(src, dst, quality, workers, reencode, skip_corrupt, progress, extensions, overwrite,
+                                max_image_side)
+
+
+def _partial(name: str) -> str:
+    return f"{name}.partial"
+
+
+def finish_interrupted_replace(folder: Union[str, os.PathLike]) -> bool:
+    """Complete a pack replacement that a kill interrupted between its renames; True when there was one.
+
+    The marker is written only once every new file is complete, so renaming the ``.partial`` files still there
+    gives the whole new pack. The renames are idempotent: two processes may do them at once.
+
+    Raises:
+        DatasetError: If the folder cannot be written to complete them.
+    """
+    folder = Path(folder)
+    marker = folder / REPLACE_MARKER
+    try:
+        if not marker.is_file():
+            return False
+    except OSError:  # an unreadable folder: its readers say so, naming it
+        return False
+    try:
+        for name in PACK_FILES:
+            partial = folder / _partial(name)
+            try:
+                os.replace(partial, folder / name)
+            except FileNotFoundError:
+                pass  # renamed already (here, or by a process doing the same)
+        fsync_folder(folder)
+        marker.unlink(missing_ok=True)
+        fsync_folder(folder)
+    except OSError as error:
+        raise DatasetError(
+            f"{folder}: a pack replacement was interrupted (a new, complete pack waits under .partial names) and "
+            f"cannot be completed here ({error}): make the folder writable and start again, or run the pack "
+            "command with --overwrite once more"
+        ) from None
+    log.warning("%s: completed the replacement of the pack that an interrupted `pack --overwrite` had begun", folder)
+    return True
+
+
+def _pack_locked(
+    src: Path, dst: Path, quality: int, workers: int, reencode: bool, skip_corrupt: bool, progress: bool,
+    extensions: Iterable[str], overwrite: bool, max_image_side: int,
+) -> PackSummary:
+    finish_interrupted_replace(dst)
+    for stale in remove_stale_temporaries(dst, tuple(_partial(name) for name in PACK_FILES)):
+        log.info("removed %s, left by an interrupted pack", stale)
+    rec_path, idx_path = dst / "train.rec", dst / "train.idx"
+    existing = [p.name for p in (rec_path, idx_path) if p.exists()]
     if existing and not overwrite:
         raise DatasetError(
             f"{dst} already holds a pack ({', '.join(existing)}); pass --overwrite (overwrite=True) to replace it "
@@ -129,18 +198,17 @@ def pack_folder(
     total = sum(len(f) for f in files)
     if total == 0:
         raise DatasetError(f"{src} holds no images in <identity>/<image> folders ({', '.join(extensions)})")
-    with writing("pack folder", dst):
-        return _write_pack(src, dst, identities, files, total, quality, workers, reencode, skip_corrupt, progress,
-                           max_image_side)
+    return _write_pack(src, dst, identities, files, total, quality, workers, reencode, skip_corrupt, progress,
+                       max_image_side)
 
 
 def _write_pack(
     src: Path, dst: Path, identities: list[str], files: list[list[str]], total: int, quality: int, workers: int,
     reencode: bool, skip_corrupt: bool, progress: bool, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
 ) -> PackSummary:
-    dst.mkdir(parents=True, exist_ok=True)
     rec_path, idx_path = dst / "train.rec", dst / "train.idx"
-    tmp_rec, tmp_idx = dst / "train.rec.partial", dst / "train.idx.partial"
+    partials = [dst / _partial(name) for name in PACK_FILES]
+    tmp_rec, tmp_idx, tmp_property = partials
     jobs = [
         (str(src / name / f), quality, reencode, max_image_side)
         for name, names in zip(identities, files, strict=True) for f in names
@@ -182,24 +250,22 @@ def _write_pack(
                 writer.write(key, pack_header((float(start), float(stop)), id=key))
                 key += 1
             writer.overwrite(0, pack_header((float(first_identity_key), float(key))))
+        if num_images == 0:
+            raise DatasetError(f"every image in {src} was corrupt; nothing packed")
+        tmp_property.write_text(f"{len(identities)},{image_size[0]},{image_size[1]}\n")
+        for partial in partials:
+            with open(partial, "rb+") as handle:
+                os.fsync(handle.fileno())
+        # the commit point: from here on the new pack is whole, and a kill is completed by the next start
+        write_text_atomic(dst / REPLACE_MARKER, "the .partial files are a complete pack: rename them\n",
+                          "pack replacement marker")
     except BaseException as error:
-        for partial in (tmp_rec, tmp_idx):  # no half-written pack left behind
+        for partial in partials:  # no half-written pack left behind
             partial.unlink(missing_ok=True)
         if isinstance(error, OSError) and error.errno in NO_SPACE and not isinstance(error, DiskFullError):
             raise disk_full_error(rec_path, error, "pack") from None
         raise
-    if num_images == 0:
-        tmp_rec.unlink()
-        tmp_idx.unlink()
-        raise DatasetError(f"every image in {src} was corrupt; nothing packed")
-    try:
-        replace_atomic(tmp_rec, rec_path, "pack")
-        replace_atomic(tmp_idx, idx_path, "pack index")
-    finally:
-        for partial in (tmp_rec, tmp_idx):
-            partial.unlink(missing_ok=True)
-    if image_size is not None:
-        write_text_atomic(dst / "property", f"{len(identities)},{image_size[0]},{image_size[1]}\n", "pack property")
+    finish_interrupted_replace(dst)
     return PackSummary(rec_path, idx_path, num_images, len(identities), skipped, image_size)
 
 
@@ -228,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary = pack_folder(args.src, args.dst, quality=args.quality, workers=args.workers, reencode=args.reencode,
                               skip_corrupt=args.skip_corrupt, progress=not args.no_progress,
                               overwrite=args.overwrite, max_image_side=args.max_image_side)
-    except (DatasetError, ValueError) as error:
+    except (DatasetError, ValueError) as error:  # FolderInUseError too
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(

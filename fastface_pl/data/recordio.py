@@ -39,7 +39,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -651,6 +651,11 @@ def parse_layout(record_file: RecordFile) -> RecordLayout:
         return RecordLayout(False, keys, range(0), None)
     header = record_file.read_header(0)
     labels = header.labels
+    if not all(np.isfinite(labels)):
+        raise DatasetError(
+            f"{record_file.rec_path}: the header record (key 0) holds the counts {labels}, which are not finite "
+            "numbers; the pack is corrupt (re-pack the data, or rebuild its header record)"
+        )
     last_key = keys[-1]
     estimate = int(round(labels[0]))
     exact = abs(labels[0]) < FLOAT32_EXACT_INTEGERS
@@ -666,9 +671,11 @@ def parse_layout(record_file: RecordFile) -> RecordLayout:
     boundary: Optional[int] = estimate if is_boundary(estimate) else None
     if boundary is None:
         window = 8 if exact else max(8, int(abs(labels[0])) >> 22)
-        for delta in sorted(range(-window, window + 1), key=abs):
-            if is_boundary(estimate + delta):
-                boundary = estimate + delta
+        # only keys the .idx holds can be the boundary: the header's count cannot make the search any longer
+        low, high = max(1, estimate - window), min(last_key + 1, estimate + window)
+        for candidate in _nearest_first(estimate, low, high):
+            if is_boundary(candidate):
+                boundary = candidate
                 break
     if boundary is None:
         raise DatasetError(
@@ -702,12 +709,25 @@ def parse_layout(record_file: RecordFile) -> RecordLayout:
     return RecordLayout(True, image_keys, identity_keys, labels)
 
 
+def _nearest_first(centre: int, low: int, high: int) -> Iterator[int]:
+    """The integers of ``[low, high]`` by distance from ``centre`` (the nearer first; below before above)."""
+    if low > high:
+        return
+    distance = max(0, low - centre, centre - high)
+    while centre - distance >= low or centre + distance <= high:
+        for candidate in ((centre,) if distance == 0 else (centre - distance, centre + distance)):
+            if low <= candidate <= high:
+                yield candidate
+        distance += 1
+
+
 def read_identity_range(record_file: RecordFile, key: int) -> tuple[int, int]:
     """``(first image key, last + 1)`` of an identity record."""
     header = record_file.read_header(key)
+    where = f"{record_file.rec_path} key {key} (byte offset {record_file.offset(key)})"
     if header.flag != 2:
-        raise DatasetError(
-            f"{record_file.rec_path} key {key} (byte offset {record_file.offset(key)}) is not an identity record "
-            f"(header flag {header.flag}, expected 2 labels)"
-        )
+        raise DatasetError(f"{where} is not an identity record (header flag {header.flag}, expected 2 labels)")
+    if not all(np.isfinite(header.labels)):
+        raise DatasetError(f"{where}: the identity record's image range {header.labels} is not finite; the pack is "
+                           "corrupt (re-pack the data)")
     return int(round(header.labels[0])), int(round(header.labels[1]))

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastface_pl.atomic import atomic_write, write_text_atomic
-from fastface_pl.data.datasets import declared_size
+from fastface_pl.data.datasets import declared_size, pil_to_rgb, read_image_file
 from fastface_pl.data.errors import DatasetError
 from fastface_pl.evaluation.alignment import arcface_template, similarity_transform, warp_affine
 
@@ -227,11 +227,12 @@ class IJBImages(Dataset):
 
         path = self.image_dir / self.names[index]
         try:
-            data = path.read_bytes()
+            data = read_image_file(path, self.max_image_side)  # the file's size first: nothing huge is read
             declared_size(data, str(path), self.max_image_side)  # the header alone: a bomb is refused here
             with Image.open(io.BytesIO(data)) as image:
-                # cv2.imread (the reference) applies the EXIF orientation and always gives 3 channels
-                pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+                # cv2.imread (the reference) applies the EXIF orientation and always gives 3 channels (8-bit:
+                # a 16-bit image is scaled, as in training)
+                pixels = pil_to_rgb(ImageOps.exif_transpose(image), str(path))
         except DatasetError:
             raise
         except (OSError, ValueError) as error:  # missing, unreadable or corrupt: a message, not a traceback
