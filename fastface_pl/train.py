@@ -58,11 +58,7 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
 
     ``resume_from``: the checkpoint a resume starts from, to compare its settings with the config's first.
     """
-    # One non-finite policy: `scheduler.on_nonfinite=raise` is the divergence guard stopping at the first
-    # non-finite step (it reads the same block of step losses as the LR callback), not a second mechanism.
-    stop_at_first_nonfinite = cfg.scheduler.get("on_nonfinite") == "raise"
-    schedule = instantiate(cfg.scheduler, _convert_="all",
-                           **({"on_nonfinite": "skip"} if stop_at_first_nonfinite else {}))
+    schedule = instantiate(cfg.scheduler, _convert_="all")
     lr_callback = schedule if isinstance(schedule, Callback) else None
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
@@ -89,7 +85,7 @@ def build(cfg: DictConfig, run_dir: Path, resume_from: Optional[dict[str, Any]] 
                         every_n_train_steps=cfg.checkpoint_every_n_steps, monitor="step", mode="max", save_top_k=2,
                         enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
-        DivergenceGuard(max_nonfinite_steps=1 if stop_at_first_nonfinite else cfg.divergence.max_nonfinite_steps,
+        DivergenceGuard(max_nonfinite_steps=cfg.divergence.max_nonfinite_steps,
                         check_every_n_steps=cfg.divergence.check_every_n_steps),
         PreemptionCheckpoint(dirpath=checkpoints),
     ]

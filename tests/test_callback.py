@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastface_pl.scheduling.callback import FastFaceLRCallback
 from fastface_pl.scheduling.detectors import FastFaceDetector, MovingHaarDetector, NonFiniteLossError, build_detector
 from fastface_pl.scheduling.replay import replay
+from fastface_pl.safety import DivergenceGuard, TrainingDiverged
 
 LR0 = 0.1
 FASTFACE = {"alpha": 0.5, "beta": 0.5, "threshold": 1e-3, "patience": 4}
@@ -339,12 +340,18 @@ def test_nonfinite_losses_are_skipped_counted_and_reported_once():
     assert [(s, f) for s, f, _ in callback.decisions] == [(finite[i - 1][0], f) for i, f in replayed]
 
 
-def test_nonfinite_loss_raises_naming_the_step_when_asked():
+def test_the_callback_has_no_nonfinite_policy_the_guard_stops_the_run():
+    # One policy in Lightning: the callback skips non-finite losses; the DivergenceGuard stops a run on them.
+    with pytest.raises(TypeError, match="on_nonfinite"):
+        FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, on_nonfinite="raise")
     losses = staircase_losses(30)
     losses[11] = float("nan")
-    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, on_nonfinite="raise", verbose=False)
-    with pytest.raises(NonFiniteLossError, match=r"optimizer step 12 is nan.*on_nonfinite='skip'"):
-        make_trainer(max_steps=30, callbacks=[callback]).fit(ScriptedModule(losses))
+    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
+    trainer = make_trainer(max_steps=30, callbacks=[callback, DivergenceGuard(max_nonfinite_steps=1,
+                                                                              check_every_n_steps=1)])
+    with pytest.raises(TrainingDiverged) as stopped:
+        trainer.fit(ScriptedModule(losses))
+    assert stopped.value.step == 12 and callback.nonfinite_count == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -544,7 +551,6 @@ def test_steps_without_a_loss_are_skipped_with_one_warning():
         (dict(detector_kwargs={"patience": 3}, patience=4), "patience is given twice"),
         (dict(min_lr=-1e-3), r"min_lr must be a finite number in \[0, inf\)"),
         (dict(sync_every_n_steps=0), "sync_every_n_steps must be an int >= 1"),
-        (dict(on_nonfinite="ignore"), "on_nonfinite must be one of 'skip', 'raise'"),
         (dict(verbose="yes"), "verbose must be True or False"),
         (dict(detector_kwargs={"alpha": 2.0}), "alpha must be"),
         (dict(detector="moving_haar", detector_kwargs={"window": 1}), "window must be an int >= 2"),
@@ -746,7 +752,7 @@ def test_logged_lr_is_the_lr_each_step_ran_with(tmp_path):
     assert [logged[step] for step in range(1, 81)] == model.lrs
 
 
-def test_a_nonfinite_loss_raises_the_same_error_at_every_entry_point():
+def test_a_nonfinite_loss_raises_the_same_error_from_the_detector_and_the_plain_loop_scheduler():
     from fastface_pl.scheduling.lr_scheduler import FastFaceLR
 
     with pytest.raises(NonFiniteLossError):
@@ -754,8 +760,3 @@ def test_a_nonfinite_loss_raises_the_same_error_at_every_entry_point():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR0)
     with pytest.raises(NonFiniteLossError):
         FastFaceLR(optimizer, FastFaceDetector(patience=1), on_nonfinite="raise").step(math.inf)
-    losses = staircase_losses(10)
-    losses[3] = math.nan
-    callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, on_nonfinite="raise", verbose=False)
-    with pytest.raises(NonFiniteLossError):
-        make_trainer(max_steps=10, callbacks=[callback]).fit(ScriptedModule(losses))

@@ -239,7 +239,7 @@ def test_9_a_patience_fraction_below_one_step_gives_p_1_and_says_so():
 
 
 # ---------------------------------------------------------------------------------------------------------- 10
-def test_10_a_resume_applies_this_callbacks_on_nonfinite_and_min_lr_and_says_so(tmp_path, caplog):
+def test_10_a_resume_applies_this_callbacks_min_lr_and_says_so(tmp_path, caplog):
     losses = staircase_losses(60)
     first = callback()
     trainer = make_trainer(tmp_path, max_steps=30, callbacks=[first], enable_checkpointing=True)
@@ -247,12 +247,12 @@ def test_10_a_resume_applies_this_callbacks_on_nonfinite_and_min_lr_and_says_so(
     trainer.save_checkpoint(tmp_path / "half.ckpt")
     assert first.lr_scale < 1.0
 
-    second = callback(on_nonfinite="raise", min_lr=0.04)
+    second = callback(min_lr=0.04)
     with caplog.at_level("INFO"):
         make_trainer(tmp_path, max_steps=60, callbacks=[second]).fit(ScriptedModule(losses),
                                                                      ckpt_path=tmp_path / "half.ckpt")
-    assert "on_nonfinite 'skip' -> 'raise'" in caplog.text and "min_lr None -> [0.04]" in caplog.text
-    assert second.scheduler.on_nonfinite == "raise" and second.scheduler.min_lrs == [0.04]
+    assert "min_lr None -> [0.04]" in caplog.text
+    assert second.scheduler.on_nonfinite == "skip" and second.scheduler.min_lrs == [0.04]
     assert min(lr for _, _, lr in second.decisions) >= 0.04
 
 
@@ -337,18 +337,15 @@ def test_a_tampered_guard_state_is_refused_naming_the_key(state, key):
 
 
 # ---------------------------------------------------------------------------------------------------------- one policy
-def test_on_nonfinite_raise_is_the_guard_at_streak_one_reading_the_same_block():
-    # What train.py's scheduler.on_nonfinite=raise maps to: DivergenceGuard(max_nonfinite_steps=1) stops the run
-    # at the same block read, naming the same step, as the callback's own "raise".
+def test_the_guard_at_streak_one_stops_at_the_block_read_naming_the_step():
+    # The one non-finite policy of a Lightning run: DivergenceGuard(max_nonfinite_steps=1) stops the run at the
+    # block read that holds the first non-finite step (the callback itself only skips it).
     losses = staircase_losses(40)
     losses[13] = math.nan
-    with pytest.raises(NonFiniteLossError, match="optimizer step 14") as own:
-        make_trainer(max_steps=40, callbacks=[callback(sync_every_n_steps=4, on_nonfinite="raise")]).fit(
-            ScriptedModule(losses))
     guarded = ScriptedModule(losses)
     trainer = make_trainer(max_steps=40, callbacks=[callback(sync_every_n_steps=4),
                                                     DivergenceGuard(max_nonfinite_steps=1, check_every_n_steps=4)])
     with pytest.raises(Exception, match="optimizer step 14: 1 consecutive non-finite") as guard:
         trainer.fit(guarded)
-    assert type(guard.value).__name__ == "TrainingDiverged" and own.value is not None
+    assert type(guard.value).__name__ == "TrainingDiverged"
     assert trainer.global_step == 16  # the block of steps 13-16

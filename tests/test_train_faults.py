@@ -44,7 +44,7 @@ def _losses(run_dir: Path) -> dict[int, str]:
 
 
 @pytest.mark.parametrize("scheduler", [["scheduler=constant"],
-                                       ["scheduler=fastface_demo", "scheduler.on_nonfinite=raise"]])
+                                       ["scheduler=fastface_demo", "divergence.max_nonfinite_steps=1"]])
 def test_divergence_stops_with_exit_3_and_keeps_good_checkpoints(tmp_path, scheduler):
     run = tmp_path / "run"
     result = run_train(run, *TINY, "model.lr=1e6", *scheduler, "checkpoint_every_n_steps=2")

@@ -29,7 +29,6 @@ from fastface_pl.scheduling.ending import DEFAULT_LATEST_START, DEFAULT_STOP_COO
 from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
 from fastface_pl.scheduling.lr_scheduler import (
     DEFAULT_PATIENCE_FRACTION,
-    NONFINITE_POLICIES,
     CooldownShape,
     FastFaceLR,
     Mode,
@@ -38,7 +37,7 @@ from fastface_pl.scheduling.lr_scheduler import (
     uses_auto_settings,
 )
 from fastface_pl.scheduling.saved_state import check_state, loading, required
-from fastface_pl.validation import check_bool, check_choice, check_int, check_real
+from fastface_pl.validation import check_bool, check_int, check_real
 
 __all__ = ["FastFaceLRCallback", "DEFAULT_PATIENCE_FRACTION"]
 
@@ -99,9 +98,6 @@ class FastFaceLRCallback(StepLossConsumer):
             ranks, averaged across ranks) once every k optimizer steps, by the one reader this callback
             shares with a ``DivergenceGuard`` (the smaller k of the two). Decisions are the same as with
             k = 1 and take effect at most k−1 steps later (or at a checkpoint, which reads the block first).
-        on_nonfinite: ``"skip"`` non-finite losses (they are counted and reported once at the end of
-            training; the detector never sees them) or ``"raise"``
-            :class:`~fastface_pl.scheduling.detectors.NonFiniteLossError` naming the step.
         log_signals: Log ``fastface/*`` (loss, smoothed_loss, signal, threshold, stationary_count,
             num_decisions, lr_scale, and lr: the LR that step ran with) through ``trainer.loggers``
             every ``log_every_n_steps`` optimizer steps, at Lightning's own step (that of ``self.log``).
@@ -158,7 +154,6 @@ class FastFaceLRCallback(StepLossConsumer):
         patience_fraction: float | None = None,
         min_lr: float | None = None,
         sync_every_n_steps: int = 1,
-        on_nonfinite: str = "skip",
         log_signals: bool = True,
         compose_with_step_schedulers: bool = False,
         verbose: bool = True,
@@ -190,7 +185,6 @@ class FastFaceLRCallback(StepLossConsumer):
                              "paper's run length) or horizon_steps, or give the patience in steps (patience=...)")
         self.min_lr = check_real("min_lr", min_lr, 0.0, low_open=False, allow_none=True)
         self.sync_every_n_steps = check_int("sync_every_n_steps", sync_every_n_steps, 1)
-        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         self.log_signals = check_bool("log_signals", log_signals)
         self.compose_with_step_schedulers = check_bool("compose_with_step_schedulers", compose_with_step_schedulers)
         self.verbose = check_bool("verbose", verbose)
@@ -350,19 +344,18 @@ class FastFaceLRCallback(StepLossConsumer):
             detector if detector is not None else self._detector_name,
             self._detector_kwargs if detector is None else None,
             patience_fraction=self._patience_fraction if detector is None else None,
-            total_steps=total, min_lr=self.min_lr, on_nonfinite=self.on_nonfinite, compose=self._composed,
+            total_steps=total, min_lr=self.min_lr, on_nonfinite="skip", compose=self._composed,
             warn_nonfinite=False, mode=mode, cooldown_shape=self._ending["shape"],
             latest_cooldown_start=self._ending["latest_start"], cooldown_fraction=self._ending["cooldown_fraction"],
             horizon_steps=horizon,
         )
-        own = {"on_nonfinite": self._scheduler.on_nonfinite, "min_lr": self._scheduler.min_lrs}
+        min_lrs = self._scheduler.min_lrs
         if state:
             self._scheduler.load_state_dict(state)
-        # This callback's settings win over a checkpoint's (and are announced when they differ).
-        changes = {key: (value, own[key]) for key, value in
-                   (("on_nonfinite", self._scheduler.on_nonfinite), ("min_lr", self._scheduler.min_lrs))
-                   if value != own[key]}
-        self._scheduler.on_nonfinite, self._scheduler.min_lrs = own["on_nonfinite"], own["min_lr"]
+        # This callback's floor wins over a checkpoint's (and is announced when it differs). Non-finite losses are
+        # always skipped here: stopping a run on them is the DivergenceGuard's job.
+        changes = {"min_lr": (self._scheduler.min_lrs, min_lrs)} if self._scheduler.min_lrs != min_lrs else {}
+        self._scheduler.on_nonfinite, self._scheduler.min_lrs = "skip", min_lrs
         if state:
             changes.update(self._reconcile_ending(horizon, total))
         if rescale:  # a second fit, or a loaded state: the optimizers start from their base LR
@@ -555,8 +548,9 @@ class FastFaceLRCallback(StepLossConsumer):
         if self.nonfinite_count:
             rank_zero_warn(
                 f"FastFaceLRCallback skipped {self.nonfinite_count} optimizer step(s) with a non-finite training "
-                f"loss (first at step {self._scheduler.first_nonfinite_step}); the detector never saw them. Pass "
-                "on_nonfinite='raise' to stop at the first one.")
+                f"loss (first at step {self._scheduler.first_nonfinite_step}); the detector never saw them. A "
+                "DivergenceGuard(max_nonfinite_steps=1) stops a run at the first one (divergence.max_nonfinite_steps=1 "
+                "in fastface_pl.train).")
 
     def _flush(self, final: bool = False, for_checkpoint: bool = False) -> None:
         """Reads every completed step; ``final`` also feeds steps held for the run length (manual optimization)."""

@@ -16,7 +16,7 @@ TORCH_SCHEDULES = ("polynomial", "step", "constant")
 
 
 def lr_callback(detector: str = "fastface", *, patience: int | None = None, patience_fraction: float | None = None,
-                min_lr: float | None = None, sync_every_n_steps: int = 16, on_nonfinite: str = "skip",
+                min_lr: float | None = None, sync_every_n_steps: int = 16,
                 mode: str = "halve", cooldown_shape: str = "1-sqrt",
                 latest_cooldown_start: float | None = DEFAULT_LATEST_START,
                 cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION, horizon_epochs: float | None = None,
@@ -27,7 +27,7 @@ def lr_callback(detector: str = "fastface", *, patience: int | None = None, pati
         detector: ``"fastface"`` or ``"moving_haar"`` (docs/scheduler.md).
         patience: P in optimizer steps; give it or ``patience_fraction`` (τ), not both.
         patience_fraction: τ: P = int(τ·T). Neither given: 0.05 for ``fastface``, 2·window for ``moving_haar``.
-        min_lr, sync_every_n_steps, on_nonfinite: as :class:`FastFaceLRCallback`.
+        min_lr, sync_every_n_steps: as :class:`FastFaceLRCallback`.
         mode, cooldown_shape, latest_cooldown_start, cooldown_fraction, horizon_epochs, horizon_steps: what a
             decision does, as :class:`FastFaceLRCallback` (docs/cooldown.md).
         **detector_kwargs: the detector's own arguments (``alpha``, ``beta``, ``threshold``, ``decay``,
@@ -39,7 +39,7 @@ def lr_callback(detector: str = "fastface", *, patience: int | None = None, pati
 
     return FastFaceLRCallback(detector=detector, detector_kwargs=detector_kwargs, patience=patience,
                               patience_fraction=patience_fraction, min_lr=min_lr,
-                              sync_every_n_steps=sync_every_n_steps, on_nonfinite=on_nonfinite, mode=mode,
+                              sync_every_n_steps=sync_every_n_steps, mode=mode,
                               cooldown_shape=cooldown_shape, latest_cooldown_start=latest_cooldown_start,
                               cooldown_fraction=cooldown_fraction, horizon_epochs=horizon_epochs,
                               horizon_steps=horizon_steps)
