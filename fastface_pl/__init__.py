@@ -5,6 +5,7 @@ plain-PyTorch scheduler), IResNet/MobileFaceNet backbones with ArcFace/CosFace m
 data readers that need no MXNet.
 
 Public names are imported lazily, so ``from fastface_pl import FastFaceDetector`` does not import torch.
+Docstrings name documents as ``docs/<name>.md``: they ship inside the package, as ``fastface_pl/docs/<name>.md``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ _MODULES = {
     "fastface_pl.scheduling.detectors": ("FastFaceDetector", "MovingHaarDetector", "build_detector",
                                          "NonFiniteLossError"),
     "fastface_pl.scheduling.callback": ("FastFaceLRCallback",),
-    "fastface_pl.scheduling.lr_scheduler": ("FastFaceLR",),
+    "fastface_pl.scheduling.lr_scheduler": ("FastFaceLR", "LRChangedError"),
     "fastface_pl.models.module": ("FaceRecognitionModule",),
     "fastface_pl.models.backbones": ("build_backbone",),
     "fastface_pl.data.datamodule": ("FaceDataModule",),

@@ -301,24 +301,6 @@ def test_state_key_is_the_detector_type_and_name_not_the_settings():
     assert len({x.state_key for x in (a, c, d, e, f)}) == 5
 
 
-def test_two_instances_of_one_detector_type_coexist_when_named(tmp_path):
-    # Two FastFace detector instances that differ only in alpha: Lightning refuses duplicate keys, a name tells
-    # them apart, and each restores its own state.
-    losses = staircase_losses(30)
-    make = lambda alpha, name=None: FastFaceLRCallback(  # noqa: E731
-        FastFaceDetector(alpha=alpha, beta=0.5, threshold=1e-3, patience=4), verbose=False, name=name)
-    with pytest.raises(RuntimeError, match="state_key"):
-        make_trainer(max_steps=30, callbacks=[make(0.5), make(0.6)])
-    first, second = make(0.5, "a"), make(0.6, "b")
-    trainer = make_trainer(tmp_path, max_steps=30, callbacks=[first, second], enable_checkpointing=True)
-    trainer.fit(ScriptedModule(losses))
-    states = torch.load(trainer.checkpoint_callback.best_model_path or
-                        next((tmp_path).rglob("*.ckpt")), weights_only=False)["callbacks"]
-    assert states[first.state_key]["scheduler"]["detector"]["alpha"] == 0.5
-    assert states[second.state_key]["scheduler"]["detector"]["alpha"] == 0.6
-
-
-# ----------------------------------------------------------------------------------------------------------
 def test_nonfinite_losses_are_skipped_counted_and_reported_once():
     losses = staircase_losses(80)
     bad_steps = (5, 33, 34)

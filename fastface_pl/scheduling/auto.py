@@ -192,6 +192,10 @@ class AutoFastFaceDetector:
         decay: δ.
         max_decays: K (None: unlimited).
 
+    Raises:
+        TypeError: a setting that is not a number.
+        ValueError: a setting out of its range (``total_steps`` < 1, τ outside (0, 1] ...), named.
+
     Example::
 
         >>> detector = AutoFastFaceDetector(total_steps=1000)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import StochasticWeightAveraging, Timer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -30,6 +30,7 @@ from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepL
 from fastface_pl.scheduling.lr_scheduler import (
     DEFAULT_PATIENCE_FRACTION,
     CooldownShape,
+    DetectorName,
     FastFaceLR,
     Mode,
     check_detector_arguments,
@@ -123,6 +124,13 @@ class FastFaceLRCallback(StepLossConsumer):
             the same whatever ``max_epochs`` or ``max_steps`` say.
         horizon_steps: The same in optimizer steps (give one of the two).
 
+    Raises:
+        TypeError: a detector that is neither a name nor a detector instance, a ``name`` that is not a string.
+        ValueError: a setting out of range, or settings that do not go together (named).
+        MisconfigurationException: at fit start, a Trainer it cannot work in: no optimizer, another
+            FastFaceLRCallback, ``StochasticWeightAveraging``, a scheduler that would undo its decisions, a τ
+            without a run length.
+
     Example::
 
         from lightning.pytorch import Trainer
@@ -148,7 +156,7 @@ class FastFaceLRCallback(StepLossConsumer):
 
     def __init__(
         self,
-        detector: str | Detector = "fastface",
+        detector: DetectorName | Detector = "fastface",
         detector_kwargs: Mapping[str, Any] | None = None,
         patience: int | None = None,
         patience_fraction: float | None = None,
@@ -297,6 +305,7 @@ class FastFaceLRCallback(StepLossConsumer):
         if not trainer.optimizers:
             raise MisconfigurationException("FastFaceLRCallback needs an optimizer, but configure_optimizers "
                                             "returned none")
+        self._check_other_callbacks(trainer)
         self._composed = self._check_schedulers(trainer)
         self._reader = StepLossReader.attach(trainer, self, self.sync_every_n_steps)
         # An EarlyStopping / ModelCheckpoint that monitors a fastface/* value gets the block read at epoch end and
@@ -310,6 +319,24 @@ class FastFaceLRCallback(StepLossConsumer):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._restored = True  # called before load_state_dict; Lightning restores the optimizers' LR too
+
+    def _check_other_callbacks(self, trainer: Trainer) -> None:
+        """Refuses callbacks that would set the LR beside this one (found before any of them acts)."""
+        others = [c for c in trainer.callbacks if isinstance(c, FastFaceLRCallback) and c is not self]
+        if others:
+            names = ", ".join(repr(c.state_key) for c in [self, *others])
+            raise MisconfigurationException(
+                f"{len(others) + 1} FastFaceLRCallbacks are attached ({names}): each scales the LR of every parameter "
+                "group of every optimizer, so their decisions would compound (name= only tells their checkpoint "
+                "states and logged keys apart). Keep one FastFaceLRCallback per Trainer.")
+        swa = [c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
+        if swa:
+            raise MisconfigurationException(
+                "FastFaceLRCallback owns the learning rate, but StochasticWeightAveraging sets it too: from its "
+                "swa_epoch_start its SWALR resets the LR to swa_lrs every epoch, undoing the callback's decisions "
+                "while the callback keeps taking them. Use one of the two: for a weight average beside the callback, "
+                "use lightning.pytorch.callbacks.EMAWeightAveraging (it leaves the LR alone); for a schedule that ends "
+                "the run with an anneal, FastFaceLRCallback(mode='cooldown') (docs/cooldown.md).")
 
     def _check_schedulers(self, trainer: Trainer) -> list[torch.optim.Optimizer]:
         composed = []
@@ -347,8 +374,8 @@ class FastFaceLRCallback(StepLossConsumer):
             total_steps=total, min_lr=self.min_lr, on_nonfinite="skip", compose=self._composed,
             warn_nonfinite=False, mode=mode, cooldown_shape=self._ending["shape"],
             latest_cooldown_start=self._ending["latest_start"], cooldown_fraction=self._ending["cooldown_fraction"],
-            horizon_steps=horizon,
-        )
+            horizon_steps=horizon, sync_ranks=False, check_lr_changes=False,  # the reader reduced the losses; the
+        )                                                                    # configured schedulers were checked
         min_lrs = self._scheduler.min_lrs
         if state:
             self._scheduler.load_state_dict(state)
@@ -423,6 +450,13 @@ class FastFaceLRCallback(StepLossConsumer):
         if self._loaded is not None:
             return self._loaded.get("scheduler"), int(self._loaded.get("steps", 0)), not self._restored
         if self._scheduler is None:
+            if trainer.global_step > 0:  # a checkpoint without this callback's state: fresh, numbered on
+                steps = self._steps_before(trainer)
+                rank_zero_info(
+                    f"FastFaceLRCallback: the run resumes at global step {trainer.global_step} but holds no state of "
+                    f"this callback ({self.state_key!r}): it starts fresh (no decisions, LR scale 1 over the LR the "
+                    f"optimizers hold) and numbers its optimizer steps from {steps + 1}.")
+                return None, steps, False
             return None, 0, False
         if trainer.global_step > 0:
             return self._scheduler.state_dict(), self._steps, True
@@ -435,6 +469,13 @@ class FastFaceLRCallback(StepLossConsumer):
         self._scheduler.close()
         self._scheduler, self._steps = None, 0
         return None, 0, False
+
+    @staticmethod
+    def _steps_before(trainer: Trainer) -> int:
+        """The optimizer steps a run reached before this callback joined it: Lightning's global step (with manual
+        optimization it counts every ``optimizer.step()`` call, so several optimizers stepping per batch count
+        several times; the steps after it are numbered exactly)."""
+        return int(trainer.global_step)
 
     def _run_length(self, trainer: Trainer, rates: tuple[float, float] | None = None) -> int:
         """T: the optimizer steps of the whole run, whatever limits it (max_steps, max_epochs, both).

@@ -293,6 +293,10 @@ class FastFaceDetector(_StationarityDetector):
         max_decays: K, the most decisions ever made (None: unlimited).
         wait_for_descent: count stationary steps only once the signal has reached λ (see above).
 
+    Raises:
+        TypeError: a setting that is not a number (or a flag that is not a bool).
+        ValueError: a setting out of its range, named with the range.
+
     Example::
 
         >>> detector = FastFaceDetector(patience=1)
@@ -458,6 +462,10 @@ class MovingHaarDetector(_StationarityDetector):
             (None: never restart).
         max_decays: the most LR *reductions* (1/δ decisions) ever made (None: unlimited); once
             reached, no further decision (restart included) is made.
+
+    Raises:
+        TypeError: a setting that is not a number.
+        ValueError: a setting out of its range, named with the range.
 
     Example::
 

@@ -8,16 +8,18 @@ dictionary that :class:`~fastface_pl.models.module.FaceRecognitionModule` turns 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 from fastface_pl.scheduling.ending import DEFAULT_LATEST_START, DEFAULT_STOP_COOLDOWN_FRACTION
+from fastface_pl.scheduling.lr_scheduler import CooldownShape, DetectorName, Mode
 
-TORCH_SCHEDULES = ("polynomial", "step", "constant")
+TorchScheduleName = Literal["polynomial", "step", "constant"]
+TORCH_SCHEDULES = get_args(TorchScheduleName)
 
 
-def lr_callback(detector: str = "fastface", *, patience: int | None = None, patience_fraction: float | None = None,
+def lr_callback(detector: DetectorName = "fastface", *, patience: int | None = None, patience_fraction: float | None = None,
                 min_lr: float | None = None, sync_every_n_steps: int = 16,
-                mode: str = "halve", cooldown_shape: str = "1-sqrt",
+                mode: Mode = "halve", cooldown_shape: CooldownShape = "1-sqrt",
                 latest_cooldown_start: float | None = DEFAULT_LATEST_START,
                 cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION, horizon_epochs: float | None = None,
                 horizon_steps: int | None = None, **detector_kwargs: Any):
@@ -46,7 +48,7 @@ def lr_callback(detector: str = "fastface", *, patience: int | None = None, pati
 
 
 def torch_schedule(
-    name: str,
+    name: TorchScheduleName,
     power: float | None = None,
     warmup_fraction: float = 0.0,
     milestones: Sequence[int] | None = None,

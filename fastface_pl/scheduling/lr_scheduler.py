@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -44,14 +44,16 @@ from fastface_pl.scheduling.ending import (
     RunEnding,
 )
 from fastface_pl.scheduling.saved_state import check_state, loading, required
-from fastface_pl.validation import check_choice, check_int, check_real
+from fastface_pl.validation import check_bool, check_choice, check_int, check_real
 
-__all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "NONFINITE_POLICIES"]
+__all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "LRChangedError", "NONFINITE_POLICIES"]
 
 DEFAULT_PATIENCE_FRACTION = PAPER_PATIENCE_FRACTION  # τ when a "fastface" detector is given no patience
-NONFINITE_POLICIES = ("skip", "raise")
 _STATE_VERSION = 1
 Mode = Literal["halve", "cooldown", "stop"]
+DetectorName = Literal["fastface", "moving_haar"]
+NonFinitePolicy = Literal["skip", "raise"]
+NONFINITE_POLICIES = get_args(NonFinitePolicy)
 CooldownShape = Literal["1-sqrt", "linear"]
 #: Giving any of these to "fastface" selects explicit settings; without them the auto rule resolves them.
 EXPLICIT_FASTFACE_SETTINGS = ("alpha", "beta", "threshold", "patience")
@@ -131,6 +133,16 @@ class FastFaceLR:
         cooldown_fraction: c of ``"stop"``: the cooldown lasts ⌈c·t_d⌉ steps.
         horizon_steps: ``"stop"`` only: the run length the detector's settings are resolved for (P = int(τ·H), or
             the auto rule's T), so that they do not depend on the budget.
+        sync_ranks: average the loss across ranks before it is fed, so that every rank takes the same decisions
+            (one all-reduce per step, on the device of the first parameter). ``None`` (default): when
+            ``torch.distributed`` is initialized with several ranks (Fabric, a DDP loop); ``False``: the caller
+            feeds values that are already the same on every rank (the Lightning callback does).
+        check_lr_changes: raise :class:`LRChangedError` when a group's LR is no longer the one this scheduler left
+            (another scheduler stepped beside it without ``compose``, or code set it); ``False``: do not check.
+
+    Raises:
+        TypeError: an optimizer that is not a ``torch.optim.Optimizer``, a detector of another type.
+        ValueError: a setting out of range (named), or settings that do not go together.
 
     Example::
 
@@ -145,18 +157,21 @@ class FastFaceLR:
 
     .. note::
         Call ``step(loss)`` once per optimizer step (not per epoch), after ``optimizer.step()``;
-        the new LR applies from the next optimizer step.
+        the new LR applies from the next optimizer step. Code that steps schedulers for you (Lightning's
+        ``configure_optimizers``, ``ChainedScheduler``, ``SequentialLR``) cannot pass the loss: FastFaceLR refuses
+        it and names the alternative (``FastFaceLRCallback``; ``compose=True`` beside a warm-up you step).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-                 detector: Detector | str = "fastface", detector_kwargs: Mapping[str, Any] | None = None, *,
+                 detector: Detector | DetectorName = "fastface", detector_kwargs: Mapping[str, Any] | None = None, *,
                  patience: int | None = None, patience_fraction: float | None = None,
                  total_steps: int | None = None, min_lr: float | Sequence[float] | None = None,
-                 on_nonfinite: str = "skip", compose: bool | Sequence[torch.optim.Optimizer] = False,
+                 on_nonfinite: NonFinitePolicy = "skip", compose: bool | Sequence[torch.optim.Optimizer] = False,
                  warn_nonfinite: bool = True, mode: Mode = "halve", cooldown_shape: CooldownShape = "1-sqrt",
                  latest_cooldown_start: float | None = DEFAULT_LATEST_START,
                  cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION,
-                 horizon_steps: int | None = None) -> None:
+                 horizon_steps: int | None = None, sync_ranks: bool | None = None,
+                 check_lr_changes: bool = True) -> None:
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         for item in optimizers:
             if not isinstance(item, torch.optim.Optimizer):
@@ -197,6 +212,14 @@ class FastFaceLR:
         self._hook_depth: dict[int, int] = {}
         self._composed = [(item, self._hook(item)) for item in composed]
         self._first_composed = any(item is optimizers[0] for item in composed)
+        self.sync_ranks = None if sync_ranks is None else check_bool("sync_ranks", sync_ranks)
+        self.check_lr_changes = check_bool("check_lr_changes", check_lr_changes)
+        self._lrs_left: list[float] | None = None  # the LRs of the owned groups after the last step (None: unseen)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Refused: code that reads ``scheduler.optimizer`` steps schedulers for you, without the loss."""
+        raise TypeError(_STEPPED_FOR_YOU)
 
     # ------------------------------------------------------------------ settings from the run length
     def run_length_settings(self, total_steps: int | None) -> dict[str, Any]:
@@ -261,10 +284,28 @@ class FastFaceLR:
 
         Returns:
             The factor applied to the LR of the next step (1.0 when nothing changed).
+
+        Raises:
+            TypeError: no loss (code that steps schedulers for you; see the class note), or not a number.
+            LRChangedError: the LR was changed behind this scheduler's back (``check_lr_changes``).
+            NonFiniteLossError: a NaN/inf loss with ``on_nonfinite="raise"``.
         """
-        if type(loss) is not float:  # the callback passes floats: it skips these checks
+        if loss is None:
+            raise TypeError(_STEPPED_FOR_YOU)
+        if self._across_ranks():
+            loss = self._mean_across_ranks(loss)
+        elif type(loss) is not float:  # the callback passes floats: it skips these checks
             loss = self._as_float(loss)
+        if self.check_lr_changes:
+            self._check_lrs_left()
         self.last_step = self.last_step + 1 if step is None else int(step)
+        try:
+            return self._feed(loss)
+        finally:
+            if self.check_lr_changes:
+                self._lrs_left = self._owned_lrs()
+
+    def _feed(self, loss: float) -> float:
         if not math.isfinite(loss):
             self._skip_nonfinite(loss)
         elif not self.ending.started:  # once the cooldown runs, the detector's work is done
@@ -315,6 +356,42 @@ class FastFaceLR:
             return None
         return (f"the cooldown that began after optimizer step {ending.start} ({ending.reason}) ends at step "
                 f"{ending.end} ({ending.end - ending.start} steps, {ending.shape} to zero)")
+
+    # ------------------------------------------------------------------ several ranks, other LR writers
+    def _across_ranks(self) -> bool:
+        if self.sync_ranks is None:
+            self.sync_ranks = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                               and torch.distributed.get_world_size() > 1)
+        return self.sync_ranks
+
+    def _mean_across_ranks(self, loss: Any) -> float:
+        """The loss averaged over the ranks (a NaN on one rank reaches all): one all-reduce and one host read."""
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                self._as_float(loss)  # the error for a tensor of several elements
+            value = loss.detach().reshape(1).to(torch.float64, copy=True)
+        else:
+            device = next((p.device for g in self.optimizers[0].param_groups for p in g["params"]), "cpu")
+            value = torch.tensor([self._as_float(loss)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(value)
+        return value.item() / torch.distributed.get_world_size()
+
+    def _owned_lrs(self) -> list[float]:
+        composed = {id(optimizer) for optimizer, _ in self._composed}
+        return [float(group["lr"]) for optimizer, group in self._groups() if id(optimizer) not in composed]
+
+    def _check_lrs_left(self) -> None:
+        if self._lrs_left is None:
+            return
+        for index, (now, left) in enumerate(zip(self._owned_lrs(), self._lrs_left)):
+            if now != left:
+                raise LRChangedError(
+                    f"FastFaceLR: the LR of parameter group {index} is {now:g}, but after optimizer step "
+                    f"{self.last_step} FastFaceLR left it at {left:g}: something else set it (another LR scheduler "
+                    "stepped beside this one, such as a LambdaLR or LinearLR warm-up, or your code), and each "
+                    "decision would be undone. Pass FastFaceLR(..., compose=True) to let the other scheduler set "
+                    "the LR and FastFaceLR scale it by its decisions; stop stepping the other one; or, if you set "
+                    "the LR on purpose, pass check_lr_changes=False.")
 
     @staticmethod
     def _as_float(loss: Any) -> float:
@@ -486,6 +563,7 @@ class FastFaceLR:
         """
         for name, value in read_state(state, self.detector).items():
             setattr(self, name, value)
+        self._lrs_left = None  # the optimizers' state is loaded beside this one: their LR is taken as it is
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(detector={self.detector!r}, {self.ending!r}, min_lrs={self.min_lrs}, "
@@ -536,6 +614,18 @@ def read_state(state: Mapping[str, Any], detector: Detector) -> dict[str, Any]:
         }
         detector.load_state_dict(detector_state)
     return values
+
+
+class LRChangedError(RuntimeError):
+    """The LR of a group FastFaceLR owns was changed by something else (see ``check_lr_changes``)."""
+
+
+_STEPPED_FOR_YOU = (
+    "FastFaceLR is stepped with the loss of each optimizer step (scheduler.step(loss)), so it cannot be handed to "
+    "code that steps schedulers for you without the loss. In Lightning, do not return it from configure_optimizers: "
+    "add fastface_pl.FastFaceLRCallback to the Trainer's callbacks (it reads the loss in blocks, with no host sync "
+    "per step, and composes with a warm-up scheduler). In a plain loop, do not wrap it in ChainedScheduler or "
+    "SequentialLR: step the other scheduler yourself and build FastFaceLR(..., compose=True).")
 
 
 def _set_lr(group: dict[str, Any], value: float) -> None:
