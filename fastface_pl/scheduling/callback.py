@@ -175,7 +175,7 @@ class FastFaceLRCallback(StepLossConsumer):
     ) -> None:
         super().__init__()
         # The ending's settings, checked now (a cooldown's budget is checked when training starts).
-        self._ending = RunEnding(mode, cooldown_shape, latest_cooldown_start, cooldown_fraction, total_steps=1).settings
+        self._ending = RunEnding.check_settings(mode, cooldown_shape, latest_cooldown_start, cooldown_fraction)
         self.horizon_epochs = check_real("horizon_epochs", horizon_epochs, 0.0, allow_none=True)
         self.horizon_steps = check_int("horizon_steps", horizon_steps, 1, allow_none=True, none_means="none")
         if (horizon_epochs is not None or horizon_steps is not None) and mode != "stop":

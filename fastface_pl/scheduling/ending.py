@@ -68,11 +68,9 @@ class RunEnding:
 
     def __init__(self, mode: str = "halve", shape: str = "1-sqrt", latest_start: float | None = DEFAULT_LATEST_START,
                  cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION, total_steps: int | None = None) -> None:
-        self.mode = check_choice("mode", mode, MODES)
-        self.shape = check_choice("cooldown_shape", shape, COOLDOWN_SHAPES)
-        self.latest_start = check_real("latest_cooldown_start", latest_start, 0.0, 1.0, low_open=False,
-                                       allow_none=True)
-        self.cooldown_fraction = check_real("cooldown_fraction", cooldown_fraction, 0.0)
+        settings = self.check_settings(mode, shape, latest_start, cooldown_fraction)
+        self.mode, self.shape = settings["mode"], settings["shape"]
+        self.latest_start, self.cooldown_fraction = settings["latest_start"], settings["cooldown_fraction"]
         self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True, none_means="unknown")
         if self.mode == "cooldown" and self.total_steps is None:
             raise ValueError("mode='cooldown' anneals the LR to zero at the end of the budget, which is unknown: pass "
@@ -81,6 +79,17 @@ class RunEnding:
         self.start: int | None = None
         self.end: int | None = None
         self.reason: str | None = None
+
+    @staticmethod
+    def check_settings(mode: str = "halve", shape: str = "1-sqrt", latest_start: float | None = DEFAULT_LATEST_START,
+                       cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION) -> dict[str, Any]:
+        """The settings that do not depend on the budget, checked (ValueError naming the argument), as
+        :attr:`settings` gives them."""
+        return {"mode": check_choice("mode", mode, MODES),
+                "shape": check_choice("cooldown_shape", shape, COOLDOWN_SHAPES),
+                "latest_start": check_real("latest_cooldown_start", latest_start, 0.0, 1.0, low_open=False,
+                                           allow_none=True),
+                "cooldown_fraction": check_real("cooldown_fraction", cooldown_fraction, 0.0)}
 
     @property
     def started(self) -> bool:
