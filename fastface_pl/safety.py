@@ -108,7 +108,6 @@ class DivergenceGuard(StepLossConsumer):
         self._reader: Optional[StepLossReader] = None
         self._streak = 0
         self._streak_start: Optional[int] = None
-        self._steps = 0  # optimizer steps observed, for a resumed run's numbering
 
     @property
     def state_key(self) -> str:
@@ -118,7 +117,7 @@ class DivergenceGuard(StepLossConsumer):
         self._reader = StepLossReader.attach(trainer, self, self.check_every_n_steps)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reader.start(trainer, pl_module, self._steps)
+        self._reader.start(trainer, pl_module)  # numbered by the LR callback's count, or the global step
         if trainer.ckpt_path:  # a resume: a checkpoint holding NaN/inf is refused, not trained into a "divergence"
             _check_restored_state(trainer, pl_module)
 
@@ -161,8 +160,7 @@ class DivergenceGuard(StepLossConsumer):
         # Lightning collects callback state before on_save_checkpoint: the steps not yet read are read here.
         if self._reader is not None:
             self._reader.flush(for_checkpoint=True)
-        steps = self._reader.steps if self._reader is not None else self._steps
-        return {"streak": self._streak, "streak_start": self._streak_start, "steps": steps}
+        return {"streak": self._streak, "streak_start": self._streak_start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; ValueError naming the key for a bad value."""
@@ -175,7 +173,6 @@ class DivergenceGuard(StepLossConsumer):
             raise ValueError(f"DivergenceGuard state['streak_start'] is {start!r} with state['streak'] = {streak}: "
                              "a streak has a start step and no streak has none")
         self._streak, self._streak_start = streak, start
-        self._steps = check_int("DivergenceGuard state['steps']", state_dict.get("steps", 0), 0)
 
 
 class PreemptionCheckpoint(Callback):

@@ -252,7 +252,7 @@ def test_resume_mid_epoch_and_mid_block_repeats_the_uninterrupted_run(tmp_path, 
     # Mid-epoch (25 or 13 steps per epoch), mid-block: 30 % 4 = 2 steps not yet read are read before the save.
     ckpt = tmp_path / "ckpt" / "step=30.ckpt"
     state = torch.load(ckpt, weights_only=False)["callbacks"][full.state_key]
-    assert state["steps"] == 30 and state["scheduler"]["detector"]["steps_seen"] == 30
+    assert state["scheduler"]["last_step"] == 30 and state["scheduler"]["detector"]["steps_seen"] == 30
     means = step_means(losses, batches_per_epoch, n_accumulate)
 
     resumed, resumed_model, trainer = run(total_steps, ckpt_path=ckpt)
@@ -285,9 +285,9 @@ def test_state_dict_round_trip_and_tolerates_missing_keys():
     assert other.decisions[: len(callback.decisions)] == callback.decisions
 
     partial = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
-    partial.load_state_dict({"steps": 7})  # an older/partial state: missing keys take their defaults
+    partial.load_state_dict({})  # a partial state: missing keys take their defaults
     make_trainer(max_steps=1, callbacks=[partial]).fit(ScriptedModule(losses))
-    assert partial.steps_observed == 8 and partial.detector.steps_seen == 1 and partial.lr_scale == 1.0
+    assert partial.steps_observed == 1 and partial.detector.steps_seen == 1 and partial.lr_scale == 1.0
 
 
 def test_state_key_is_the_detector_type_and_name_not_the_settings():
@@ -676,7 +676,7 @@ def test_state_loaded_into_a_run_that_is_already_done_is_kept(tmp_path):
     assert second.decisions == first.decisions and second.detector.steps_seen == 40
     trainer.save_checkpoint(tmp_path / "again.ckpt")
     state = torch.load(tmp_path / "again.ckpt", weights_only=False)["callbacks"][second.state_key]
-    assert state["steps"] == 40 and state["scheduler"]["detector"]["steps_seen"] == 40
+    assert state["scheduler"]["last_step"] == 40 and state["scheduler"]["detector"]["steps_seen"] == 40
     assert [tuple(d) for d in state["scheduler"]["decisions"]] == first.decisions
 
 

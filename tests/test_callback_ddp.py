@@ -96,7 +96,7 @@ def test_ddp_ranks_feed_the_rank_mean_and_apply_identical_lrs(tmp_path):
     # Mid-block checkpoint (20 % 3 = 2 steps not yet read): every rank reads the block (the rank mean) before
     # Lightning collects the state; rank 0 writes it.
     state = torch.load(tmp_path / "ckpt" / "step=20.ckpt", weights_only=False)["callbacks"][callback.state_key]
-    assert state["steps"] == 20 and state["scheduler"]["detector"]["steps_seen"] == 20
+    assert state["scheduler"]["last_step"] == 20 and state["scheduler"]["detector"]["steps_seen"] == 20
     replayed = build_detector("fastface", **DETECTOR)
     for value in base_losses(20):
         replayed.update(value)

@@ -210,8 +210,7 @@ class FastFaceLRCallback(StepLossConsumer):
         self._scheduler: FastFaceLR | None = None  # the owner of the LR, built when training starts
         self._loaded: dict[str, Any] | None = None  # a loaded state, until training starts from it
         self._restored = False  # Lightning restores the optimizers (their LR) with the state: fit(ckpt_path=...)
-        self._reader: StepLossReader | None = None  # the fit's one reader of the step losses
-        self._steps = 0  # optimizer steps observed (the 1-based number of the last one)
+        self._reader: StepLossReader | None = None  # the fit's one reader of the step losses: the live step count
         self._held: list[StepLoss] = []  # manual optimization: steps read before T is known
         self._run_length_known = True
         self._lrs: dict[int, float] = {}  # the LR each step not yet read ran with
@@ -275,8 +274,13 @@ class FastFaceLRCallback(StepLossConsumer):
 
     @property
     def steps_observed(self) -> int:
-        """Optimizer steps observed so far (fed or not yet read)."""
-        return self._reader.steps if self._reader is not None else self._steps
+        """Optimizer steps observed so far (fed or not yet read): the reader's count during a fit, the scheduler's
+        (``last_step``, handed over at each checkpoint and at the fit's end) otherwise."""
+        if self._reader is not None:
+            return self._reader.steps
+        if self._scheduler is not None:
+            return self._scheduler.last_step
+        return int(self._scheduler_state().get("last_step", 0))
 
     @property
     def state_key(self) -> str:
@@ -440,42 +444,36 @@ class FastFaceLRCallback(StepLossConsumer):
                 changes.update(scheduler.reconfigure(**scheduler.run_length_settings(total)))
         return changes
 
-    def _state_to_continue(self, trainer: Trainer) -> tuple[dict[str, Any] | None, int, bool]:
-        """(scheduler state, optimizer steps so far, whether the optimizers need the LR scale applied).
+    def _state_to_continue(self, trainer: Trainer) -> tuple[dict[str, Any] | None, int | None, bool]:
+        """(scheduler state, optimizer steps so far or None for the global step, whether the optimizers need the LR
+        scale applied).
 
         A loaded state is continued (its LR is in the optimizers only when Lightning restored them); so is the
         state of an earlier fit on this Trainer (a second ``fit``: Lightning built the optimizers again). A fit
         that starts at global step 0 without a loaded state is a new run: an earlier fit's state is dropped.
         """
         if self._loaded is not None:
-            return self._loaded.get("scheduler"), int(self._loaded.get("steps", 0)), not self._restored
+            state = self._loaded.get("scheduler")
+            return state, None if state is None else int(state["last_step"]), not self._restored
         if self._scheduler is None:
             if trainer.global_step > 0:  # a checkpoint without this callback's state: fresh, numbered on
-                steps = self._steps_before(trainer)
                 rank_zero_info(
                     f"FastFaceLRCallback: the run resumes at global step {trainer.global_step} but holds no state of "
                     f"this callback ({self.state_key!r}): it starts fresh (no decisions, LR scale 1 over the LR the "
-                    f"optimizers hold) and numbers its optimizer steps from {steps + 1}.")
-                return None, steps, False
-            return None, 0, False
+                    f"optimizers hold) and numbers its optimizer steps from {trainer.global_step + 1}.")
+            return None, None, False
         if trainer.global_step > 0:
-            return self._scheduler.state_dict(), self._steps, True
+            return self._scheduler.state_dict(), self._scheduler.last_step, True
         rank_zero_info(
-            f"FastFaceLRCallback: a new run starts at global step 0; the state of the earlier fit ({self._steps} "
+            "FastFaceLRCallback: a new run starts at global step 0; the state of the earlier fit "
+            f"({self._scheduler.last_step} "
             f"optimizer steps, {len(self._scheduler.decisions)} decisions, LR scale {self._scheduler.lr_scale:g}) "
             "is dropped. To continue it, fit the same Trainer again or load its state_dict() first.")
         if self._initial_detector is not None:  # a detector known at construction: back to how it was given
             self._detector.load_state_dict(self._initial_detector)
         self._scheduler.close()
-        self._scheduler, self._steps = None, 0
-        return None, 0, False
-
-    @staticmethod
-    def _steps_before(trainer: Trainer) -> int:
-        """The optimizer steps a run reached before this callback joined it: Lightning's global step (with manual
-        optimization it counts every ``optimizer.step()`` call, so several optimizers stepping per batch count
-        several times; the steps after it are numbered exactly)."""
-        return int(trainer.global_step)
+        self._scheduler = None
+        return None, None, False
 
     def _run_length(self, trainer: Trainer, rates: tuple[float, float] | None = None) -> int:
         """T: the optimizer steps of the whole run, whatever limits it (max_steps, max_epochs, both).
@@ -600,6 +598,8 @@ class FastFaceLRCallback(StepLossConsumer):
         self._reader.flush(for_checkpoint=for_checkpoint)
         if final and self._held:
             self.receive_losses(self._reader._trainer(), [], final=True)
+        if final and self._scheduler is not None:  # every step is fed: the count goes to its keeper
+            self._scheduler.last_step = self._reader.steps  # (steps without a loss included)
 
     # ------------------------------------------------------------------ the steps read
     def receive_losses(self, trainer: Trainer, steps: list[StepLoss], final: bool = False) -> None:
@@ -674,8 +674,8 @@ class FastFaceLRCallback(StepLossConsumer):
         if self._scheduler is None:  # not trained yet in this process: what was loaded, or a fresh state
             if self._loaded is not None:
                 return dict(self._loaded)
-            return {"version": _STATE_VERSION, "scheduler": None, "steps": self._steps}
-        return {"version": _STATE_VERSION, "scheduler": self._scheduler.state_dict(), "steps": self.steps_observed}
+            return {"version": _STATE_VERSION, "scheduler": None}
+        return {"version": _STATE_VERSION, "scheduler": self._scheduler.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Takes a state at once (``decisions``, ``detector`` ... show it); training continues from it.
@@ -685,7 +685,6 @@ class FastFaceLRCallback(StepLossConsumer):
         """
         state = dict(check_state(state_dict, "FastFaceLRCallback", _STATE_VERSION))
         with loading("FastFaceLRCallback"):
-            check_int("state['steps']", state.get("steps", 0), 0)
             scheduler_state = state.get("scheduler")
             if scheduler_state is not None and not isinstance(scheduler_state, Mapping):
                 raise ValueError(f"state['scheduler'] must be a dict or None, got {scheduler_state!r}")
@@ -697,7 +696,6 @@ class FastFaceLRCallback(StepLossConsumer):
             self._close_scheduler()
             self._scheduler = None
         self._loaded = state
-        self._steps = int(state.get("steps", 0))
 
     def _detector_for(self, detector_state: Mapping[str, Any]) -> Detector:
         """A detector of this callback's kind, to load ``detector_state`` into."""

@@ -52,7 +52,7 @@ class StepLossReader:
         self.consumers: list[Any] = []
         self._sizes: list[int] = []  # the block size each consumer asked for
         self.every_n_steps = 1
-        self.steps = 0  # optimizer steps so far (the 1-based number of the last one), across resumes
+        self.steps = 0  # optimizer steps so far (the 1-based number of the last one), across resumes: the live count
         self._micro: list[torch.Tensor] = []  # unread losses: those of the pending steps, then the window's
         self._window = 0  # losses of the step in progress
         self._pending: list[tuple[int, int, float, int]] = []  # (step, losses, multiplier, log step)
@@ -80,26 +80,23 @@ class StepLossReader:
         reader._trainer = weakref.ref(trainer)
         return reader
 
-    def release(self, trainer: Trainer) -> int:
-        """A consumer's end of fit: detaches it (:meth:`detach`) and returns the optimizer steps read, which the
-        consumer keeps to number a later fit's steps."""
-        steps = self.steps
-        self.detach(trainer)
-        return steps
-
     def detach(self, trainer: Trainer) -> None:
         """Ends the fit (fit end or exception): the next fit gets a fresh reader."""
         if _READERS.get(trainer) is self:
             del _READERS[trainer]
 
-    def start(self, trainer: Trainer, pl_module: LightningModule, steps: int) -> None:
-        """At train start (after any restore); ``steps``: the optimizer steps a consumer's state has seen."""
+    def start(self, trainer: Trainer, pl_module: LightningModule, steps: int | None = None) -> None:
+        """At train start (after any restore). The count of optimizer steps continues from ``steps``, the count of
+        the one consumer that keeps one (the LR callback's scheduler), or else from Lightning's global step (the
+        same number under automatic optimization; under manual optimization it counts every ``optimizer.step()``)."""
         if not self._started:
             self._started = True
             self._last_global_step = trainer.global_step
             self._divisor = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
             self._batch = -1
-        self.steps = max(self.steps, steps)
+            self.steps = int(trainer.global_step)
+        if steps is not None:
+            self.steps = steps
         self.start_counts = (_batch_index(trainer), trainer.global_step, self.steps)
 
     # ------------------------------------------------------------------ per batch: no device work, no sync
@@ -185,14 +182,14 @@ class StepLossReader:
 
 class StepLossConsumer(Callback):
     """A callback fed by the fit's :class:`StepLossReader`: it holds the reader during a fit and gives it back at
-    the fit's end or on an exception, keeping the optimizer steps read (to number a later fit's steps)."""
+    the fit's end or on an exception."""
 
     _reader: StepLossReader | None = None
-    _steps = 0
 
     def _end_fit(self, trainer: Trainer) -> None:
         if self._reader is not None:
-            self._steps, self._reader = self._reader.release(trainer), None
+            self._reader.detach(trainer)
+            self._reader = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_fit(trainer)
