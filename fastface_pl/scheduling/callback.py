@@ -13,6 +13,7 @@ axis, monitorable ``fastface/*`` values, and a check that no other LR scheduler 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,6 +73,18 @@ def _composes_as_is(scheduler: Any) -> bool:
     if type(scheduler) is _lr.ChainedScheduler:  # steps each inner one in turn: multiplicative if they all are
         return all(_composes_as_is(inner) for inner in _inner_schedulers(scheduler))
     return False  # SequentialLR resets its inner schedulers at milestones; any other may recompute
+
+
+@dataclass
+class _FitState:
+    """What the callback holds for one fit only (set at fit start and train start)."""
+
+    composed: list[torch.optim.Optimizer] = field(default_factory=list)  # optimizers another scheduler sets
+    monitored: bool = False  # a monitor reads fastface/* values: read the block at epoch end and before validation
+    run_length_known: bool = True  # manual optimization: False until two optimizer steps show the pattern
+    held: list[StepLoss] = field(default_factory=list)  # steps read before T is known
+    lrs: dict[int, float] = field(default_factory=dict)  # the LR each step not yet read ran with
+    next_lr: float = math.nan  # the LR the next optimizer step uses
 
 
 class FastFaceLRCallback(StepLossConsumer):
@@ -211,12 +224,7 @@ class FastFaceLRCallback(StepLossConsumer):
         self._loaded: dict[str, Any] | None = None  # a loaded state, until training starts from it
         self._restored = False  # Lightning restores the optimizers (their LR) with the state: fit(ckpt_path=...)
         self._reader: StepLossReader | None = None  # the fit's one reader of the step losses: the live step count
-        self._held: list[StepLoss] = []  # manual optimization: steps read before T is known
-        self._run_length_known = True
-        self._lrs: dict[int, float] = {}  # the LR each step not yet read ran with
-        self._next_lr = math.nan  # the LR the next optimizer step uses
-        self._composed: list[torch.optim.Optimizer] = []
-        self._monitored = False
+        self._fit = _FitState()  # what one fit holds (the reader, on the base class, too)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -310,12 +318,12 @@ class FastFaceLRCallback(StepLossConsumer):
             raise MisconfigurationException("FastFaceLRCallback needs an optimizer, but configure_optimizers "
                                             "returned none")
         self._check_other_callbacks(trainer)
-        self._composed = self._check_schedulers(trainer)
+        composed = self._check_schedulers(trainer)
         self._reader = StepLossReader.attach(trainer, self, self.sync_every_n_steps)
         # An EarlyStopping / ModelCheckpoint that monitors a fastface/* value gets the block read at epoch end and
         # before validation too (otherwise blocks stay k steps long).
-        self._monitored = any(str(getattr(callback, "monitor", None)).startswith("fastface/")
-                              for callback in trainer.callbacks)
+        self._fit = _FitState(composed=composed, monitored=any(
+            str(getattr(callback, "monitor", None)).startswith("fastface/") for callback in trainer.callbacks))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -375,7 +383,7 @@ class FastFaceLRCallback(StepLossConsumer):
             detector if detector is not None else self._detector_name,
             self._detector_kwargs if detector is None else None,
             patience_fraction=self._patience_fraction if detector is None else None,
-            total_steps=total, min_lr=self.min_lr, on_nonfinite="skip", compose=self._composed,
+            total_steps=total, min_lr=self.min_lr, on_nonfinite="skip", compose=self._fit.composed,
             warn_nonfinite=False, mode=mode, cooldown_shape=self._ending["shape"],
             latest_cooldown_start=self._ending["latest_start"], cooldown_fraction=self._ending["cooldown_fraction"],
             horizon_steps=horizon, sync_ranks=False, check_lr_changes=False,  # the reader reduced the losses; the
@@ -393,16 +401,16 @@ class FastFaceLRCallback(StepLossConsumer):
             self._scheduler.rescale()
         self._loaded, self._restored = None, False
         self._reader.start(trainer, pl_module, steps)
-        self._held, self._lrs = [], {}
+        self._fit.held, self._fit.lrs = [], {}
         # Settings changed since the checkpoint, and P for this run length: with automatic optimization T is
         # known now; with manual optimization once two optimizer steps show how often the optimizers step.
         fraction = self._patience_fraction if self._detector_name is not None else None
-        self._run_length_known = pl_module.automatic_optimization or (fraction is None and mode == "halve")
+        self._fit.run_length_known = pl_module.automatic_optimization or (fraction is None and mode == "halve")
         needs_total = (fraction is not None and mode != "stop") or mode == "cooldown"
         self._reconcile_settings(trainer, changes,
-                                 total=self._budget(trainer) if needs_total and self._run_length_known else total)
+                                 total=self._budget(trainer) if needs_total and self._fit.run_length_known else total)
         self._scheduler.advance(self.steps_observed + 1)
-        self._next_lr = self._scheduler.lr_in_effect()
+        self._fit.next_lr = self._scheduler.lr_in_effect()
 
     def _horizon(self, trainer: Trainer) -> int | None:
         """H of the stop mode: ``horizon_steps``, or ``horizon_epochs`` times this run's optimizer steps per epoch."""
@@ -554,16 +562,16 @@ class FastFaceLRCallback(StepLossConsumer):
         self._scheduler.advance(self.steps_observed + 1)  # the cooldown's LR for this step (host arithmetic)
         if len(self._scheduler.decisions) > count and self.verbose:  # the latest point
             self._report(*self._scheduler.decisions[-1][:2])
-        if self._composed:
+        if self._fit.composed:
             self._scheduler.scale_composed()  # the LR in effect, for anything that reads it during the batch
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._reader.on_train_batch_end(trainer, outputs)  # list appends; a read once per k optimizer steps
-        if self._composed:
+        if self._fit.composed:
             self._scheduler.unscale_composed()
-        self._next_lr = self._scheduler.lr_in_effect()
+        self._fit.next_lr = self._scheduler.lr_in_effect()
         stop = self._scheduler.ending.stop_step
         if stop is not None and self.steps_observed >= stop and not trainer.should_stop:
             trainer.should_stop = True  # every rank: the same reduced losses give the same decision
@@ -572,14 +580,14 @@ class FastFaceLRCallback(StepLossConsumer):
 
     def on_optimizer_step(self, trainer: Trainer, step: int) -> None:
         """Called by the reader as optimizer step ``step`` completes: the LR it ran with, for the logs."""
-        self._lrs[step] = self._next_lr
+        self._fit.lrs[step] = self._fit.next_lr
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._monitored:
+        if self._fit.monitored:
             self._flush()  # before EarlyStopping / ModelCheckpoint read the fastface/* values (they run last)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._monitored and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+        if self._fit.monitored and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._flush()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -596,7 +604,7 @@ class FastFaceLRCallback(StepLossConsumer):
         if self._reader is None:
             return
         self._reader.flush(for_checkpoint=for_checkpoint)
-        if final and self._held:
+        if final and self._fit.held:
             self.receive_losses(self._reader._trainer(), [], final=True)
         if final and self._scheduler is not None:  # every step is fed: the count goes to its keeper
             self._scheduler.last_step = self._reader.steps  # (steps without a loss included)
@@ -604,18 +612,18 @@ class FastFaceLRCallback(StepLossConsumer):
     # ------------------------------------------------------------------ the steps read
     def receive_losses(self, trainer: Trainer, steps: list[StepLoss], final: bool = False) -> None:
         """Feeds a block of step losses (from the reader) to :class:`FastFaceLR`; logs and reports."""
-        if not self._run_length_known:  # manual optimization: T once two optimizer steps show the pattern
-            self._held += steps
+        if not self._fit.run_length_known:  # manual optimization: T once two optimizer steps show the pattern
+            self._fit.held += steps
             rates = self._reader.run_rates(trainer)
             if rates is None and not final:
                 return
-            self._run_length_known = True
+            self._fit.run_length_known = True
             mode = self._ending["mode"]
             if (self._scheduler.patience_fraction is not None and mode != "stop") or mode == "cooldown":
                 self._set_total_steps(self._run_length(trainer, rates))
             elif mode == "stop" and self._budget(trainer) is not None:
                 self._set_total_steps(self._run_length(trainer, rates))
-            steps, self._held = self._held, []
+            steps, self._fit.held = self._fit.held, []
         log_every = trainer.log_every_n_steps if self.log_signals else 0
         to_log: list[tuple[int, dict[str, float]]] = []
         metrics: dict[str, float] = {}
@@ -625,7 +633,7 @@ class FastFaceLRCallback(StepLossConsumer):
             self._scheduler.step(item.value, step=item.step)
             if len(decisions) > count and self.verbose:
                 self._report(*decisions[-1][:2])
-            metrics = self._signals(item.value, self._lrs.pop(item.step, math.nan))
+            metrics = self._signals(item.value, self._fit.lrs.pop(item.step, math.nan))
             if log_every > 0 and item.step % log_every == 0:
                 to_log.append((item.log_step, metrics))
         # The last step's values, for EarlyStopping / ModelCheckpoint(monitor="fastface/..."): host floats, no sync.
