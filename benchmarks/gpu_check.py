@@ -27,8 +27,11 @@ Four parts:
    dense C × D gradient is all-reduced every step) against ``sharded`` (each GPU holds C/N rows,
    ``docs/sharded.md``) at ``--multigpu-classes`` (default 1M; WebFace42M has 2,059,906): images/s over all
    GPUs and the peak memory of each GPU (``torch.cuda.max_memory_allocated``). The same plain step as part 1
-   (autocast, GradScaler, backbone clipping at 5, the module's SGD). ``--cpu-smoke`` runs it on 2 gloo CPU
-   ranks at tiny sizes.
+   (autocast, GradScaler, backbone clipping at 5, the module's SGD). Each row also records the global batch's
+   loss at the first step (``first_loss``: the same weights and batches, so the two layers agree to rounding)
+   and at the last (``loss``: under mixed precision the two runs drift apart within a few steps, by rounding
+   alone, ``docs/sharded.md``). ``--cpu-smoke`` runs it on 2 gloo CPU ranks at tiny sizes, in bf16-mixed and
+   in fp32 (``32-true``, where the last losses agree too).
 """
 
 from __future__ import annotations
@@ -86,11 +89,13 @@ class Sizes:
     multigpu_classes: tuple[int, ...] = (1_000_000,)
     multigpu_steps: int = 20
     multigpu_warmup: int = 5
+    multigpu_precisions: tuple[str, ...] = ("16-mixed",)
 
 
 CPU_SMOKE = Sizes(backbones=("tiny",), input_size=32, embedding_size=64, batch=8, classes=50, memory_classes=500,
                   precisions=("bf16-mixed",), compile_options=(False,), steps=3, warmup=2, sync_steps=8, sync_every=4,
-                  multigpu_backbone="tiny", multigpu_classes=(500,), multigpu_steps=2, multigpu_warmup=1)
+                  multigpu_backbone="tiny", multigpu_classes=(500,), multigpu_steps=2, multigpu_warmup=1,
+                  multigpu_precisions=("bf16-mixed", "32-true"))
 CPU_SMOKE_RANKS = 2  # gloo CPU ranks of the multigpu part in --cpu-smoke
 # (no torch.compile in the smoke: inductor builds C++ on the CPU for minutes)
 
@@ -144,19 +149,20 @@ def make_trainer(sizes: Sizes, device: torch.device, precision: str, steps: int,
 
 
 class HandStep:
-    """The module's optimizer step by hand: autocast, a GradScaler for fp16 on CUDA, the backbone clipped at 5,
-    the module's optimizer. ``step(loss_of, images, labels)`` returns the loss."""
+    """The module's optimizer step by hand: autocast (none for ``32-true``), a GradScaler for fp16 on CUDA, the
+    backbone clipped at 5, the module's optimizer. ``step(loss_of, images, labels)`` returns the loss."""
 
     def __init__(self, module: FaceRecognitionModule, device: torch.device, precision: str) -> None:
         groups = module.configure_optimizers()
         self.optimizer = groups if isinstance(groups, torch.optim.Optimizer) else groups["optimizer"]
         self.device_type = device.type
         self.dtype = torch.float16 if precision.startswith("16") else torch.bfloat16
+        self.autocast = precision.endswith("-mixed")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16 and device.type == "cuda")
         self.clipped = [p for p in module.backbone.parameters() if p.requires_grad]
 
     def step(self, loss_of, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
             loss = loss_of(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -396,9 +402,9 @@ class _TrainStep(nn.Module):
 
 
 def _multigpu_job(rank: int, world: int, device: torch.device, settings: dict[str, Any], layer: str,
-                  classes: int) -> dict[str, Any]:
-    """Warm-up and timed steps of one layer on this rank; its seconds and peak memory."""
-    row: dict[str, Any] = {"layer": layer, "classes": classes}
+                  classes: int, precision: str) -> dict[str, Any]:
+    """Warm-up and timed steps of one layer on this rank; its seconds, peak memory, first and last loss."""
+    row: dict[str, Any] = {"layer": layer, "classes": classes, "precision": precision}
     module = step_loss = hand = None
     try:
         _free(device)
@@ -420,26 +426,28 @@ def _multigpu_job(rank: int, world: int, device: torch.device, settings: dict[st
                 return module.classifier(backbone(images), labels)
         else:
             step_loss = DistributedDataParallel(_TrainStep(module), device_ids=ids)
-        hand = HandStep(module, device, settings["precision"])
+        hand = HandStep(module, device, precision)
         generator = torch.Generator().manual_seed(rank)
         size, batch = settings["input_size"], settings["batch"]
         batches = [(torch.randn(batch, 3, size, size, generator=generator).to(device),
                     torch.randint(0, classes, (batch,), generator=generator).to(device)) for _ in range(2)]
-        start = None
+        start = first = None
         for step in range(settings["warmup"] + settings["steps"]):
             if step == settings["warmup"]:
                 synchronize(device)
                 dist.barrier()
                 start = time.perf_counter()
             loss = hand.step(step_loss, *batches[step % len(batches)])
+            if first is None:
+                first = loss.detach().float().clone()
         synchronize(device)
         dist.barrier()
         row["seconds"] = time.perf_counter() - start
-        loss = loss.detach().float()
+        losses = torch.stack([first, loss.detach().float()])
         if layer == "full":  # this rank's batch: the mean over the ranks is the global batch's, as sharded's
-            dist.all_reduce(loss)
-            loss /= world
-        row["loss"] = loss.item()
+            dist.all_reduce(losses)
+            losses /= world
+        row["first_loss"], row["loss"] = losses.tolist()
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     except torch.cuda.OutOfMemoryError as error:
         row["error"] = f"out of memory: {str(error).splitlines()[0][:200]}"
@@ -460,7 +468,7 @@ def _multigpu_rank(rank: int, world: int, backend: str, init_file: str, out_dir:
         torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        rows = [_multigpu_job(rank, world, device, settings, layer, classes) for layer, classes in jobs]
+        rows = [_multigpu_job(rank, world, device, settings, *job) for job in jobs]
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(rows))
@@ -469,17 +477,18 @@ def _multigpu_rank(rank: int, world: int, backend: str, init_file: str, out_dir:
 def multigpu(sizes: Sizes, device: torch.device, classes: tuple[int, ...]) -> list[dict[str, Any]]:
     """``full`` vs ``sharded`` on every GPU (gloo CPU ranks in the smoke): one row per layer and C."""
     if device.type == "cuda":
-        world, backend, precision = torch.cuda.device_count(), "nccl", "16-mixed"
+        world, backend = torch.cuda.device_count(), "nccl"
         if world < 2:
             row = {"skipped": f"needs 2 or more CUDA devices, found {world}"}
             print(f"  skipped: {row['skipped']}", flush=True)
             return [row]
     else:
-        world, backend, precision = CPU_SMOKE_RANKS, "gloo", sizes.precisions[0]
+        world, backend = CPU_SMOKE_RANKS, "gloo"
     settings = {"backbone": sizes.multigpu_backbone, "input_size": sizes.input_size, "batch": sizes.batch,
-                "embedding_size": sizes.embedding_size, "precision": precision, "steps": sizes.multigpu_steps,
+                "embedding_size": sizes.embedding_size, "steps": sizes.multigpu_steps,
                 "warmup": sizes.multigpu_warmup}
-    jobs = [(layer, count) for count in classes for layer in ("full", "sharded")]
+    jobs = [(layer, count, precision) for precision in sizes.multigpu_precisions for count in classes
+            for layer in ("full", "sharded")]
     here = str(Path(__file__).resolve().parent)  # the ranks import this file by its module name
     added = here not in sys.path
     if added:
@@ -494,7 +503,7 @@ def multigpu(sizes: Sizes, device: torch.device, classes: tuple[int, ...]) -> li
         if added:
             sys.path.remove(here)
     rows = []
-    for index, (layer, count) in enumerate(jobs):
+    for index, (layer, count, precision) in enumerate(jobs):
         per_rank = [rank_rows[index] for rank_rows in ranks]
         row: dict[str, Any] = {"backbone": settings["backbone"], "layer": layer, "classes": count, "ranks": world,
                                "batch_per_rank": settings["batch"], "precision": precision, "backend": backend,
@@ -505,15 +514,17 @@ def multigpu(sizes: Sizes, device: torch.device, classes: tuple[int, ...]) -> li
         else:
             seconds = max(r["seconds"] for r in per_rank)
             row["images_s"] = world * settings["batch"] * settings["steps"] / seconds
-            row["loss"] = per_rank[0]["loss"]  # the last step's, over the global batch
+            # the global batch's loss at the first and the last step
+            row["first_loss"], row["loss"] = per_rank[0]["first_loss"], per_rank[0]["loss"]
             peaks = [r["peak_mib"] for r in per_rank]
             row["peak_mib_per_rank"] = None if None in peaks else peaks
             row["peak_mib"] = None if None in peaks else max(peaks)
         rows.append(row)
         peak = "n/a on the CPU" if row.get("peak_mib") is None else f"{row['peak_mib']:,.0f} MiB"
-        print(f"  {row['backbone']:>5} C={count:,} {layer:>7} {precision} x{world} {backend}: " +
+        print(f"  {row['backbone']:>5} C={count:,} {layer:>7} {precision:>10} x{world} {backend}: " +
               (f"failed: {row['error']}" if "error" in row else
-               f"{row['images_s']:8.1f} img/s over all ranks, peak per rank {peak}"), flush=True)
+               f"{row['images_s']:8.1f} img/s over all ranks, peak per rank {peak}, loss "
+               f"{row['first_loss']:.4f} first, {row['loss']:.4f} last"), flush=True)
     return rows
 
 

@@ -87,6 +87,26 @@ def equality_rank(rank: int, world: int, init_file: str, out_dir: str, num_class
                    Path(out_dir, f"rank{rank}.pt"))
 
 
+def autocast_step(model, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """One bf16-autocast forward and backward of ``layer(model(x), y)``: the loss and the gradients of the
+    embeddings (bf16, as the backbone's last Linear gives them) and of the layer's rows."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeddings = model(x)
+        embeddings.retain_grad()
+        loss = layer(embeddings, y)
+    loss.backward()
+    return {"loss": loss.detach(), "embeddings": embeddings.grad.clone(), "rows": layer.weight.grad.clone()}
+
+
+def autocast_rank(rank: int, world: int, init_file: str, out_dir: str, num_classes: int) -> None:
+    """The first step of :func:`equality_rank` under bf16 autocast, with the layer's range."""
+    with gloo_rank(rank, world, init_file):
+        _, model, layer, _, mine = sharded_on_rank(rank, world, num_classes)
+        x, y = global_batches(num_classes, world)
+        result = autocast_step(model, layer, x[0, mine], y[0, mine])
+        torch.save({**result, "range": (layer.start, layer.end)}, Path(out_dir, f"rank{rank}.pt"))
+
+
 def sampling_rank(rank: int, world: int, init_file: str, out_dir: str, num_classes: int, rate: float) -> None:
     """Records each step's sampled rows and positives; then a layer restored from the state after step 2 draws
     step 3's sample again."""

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from fastface_pl.models.classifiers import FullClassifier, SampledClassifier
 from fastface_pl.models.margins import build_margin
 from fastface_pl.models.sharded import ShardedClassifier, shard_range
-from sharded_ranks import EMBEDDING, build, equality_rank, global_batches, optimizer, sampling_rank, spawn, train
+from sharded_ranks import (EMBEDDING, PER_RANK, autocast_rank, autocast_step, build, equality_rank, global_batches,
+                           optimizer, sampling_rank, spawn, train)
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 
@@ -85,6 +86,34 @@ def test_ranks_compute_the_full_layers_loss_gradients_and_weights(tmp_path, worl
     assert [r["range"] for r in ranks] == [shard_range(num_classes, world, k) for k in range(world)]
     torch.testing.assert_close(torch.cat([r["rows"] for r in ranks]), want["weight"], rtol=1e-5, atol=1e-6)
     assert not torch.equal(want["losses"][0], want["losses"][-1])  # it trained
+
+
+@needs_gloo
+def test_under_bf16_autocast_the_first_step_differs_from_the_full_layers_by_rounding_only(tmp_path):
+    """bf16-mixed on 2 ranks, one step from the same weights on the same global batch: the loss and the layer's
+    gradient equal the full layer's on one process to fp32 rounding, the embeddings' gradient (bf16) to one bf16
+    rounding. It is summed over the classes in another order (per rank, then reduce-scatter), so before its cast to
+    bf16 it differs in the last fp32 bits; a value on a bf16 rounding boundary then rounds the other way, and the
+    steps after drift apart as under any change of rounding (docs/sharded.md; the gpu_check smoke compares the last
+    losses in fp32 for this reason). The backbone's gradient is not compared with one process's: under DDP each
+    rank's bf16 matrix products sum its own samples only, whatever the layer."""
+    num_classes, world = 11, 2
+    ranks = spawn(autocast_rank, world, tmp_path, num_classes)
+    backbone, sharded = build(num_classes)
+    full = FullClassifier(EMBEDDING, num_classes, "arcface")
+    full.weight.data.copy_(sharded.weight.data)
+    x, y = global_batches(num_classes, world)
+    # the backbone on each rank's samples apart, as the ranks run it: the same bf16 embeddings, whatever the kernels
+    want = autocast_step(lambda images: torch.cat([backbone(part) for part in images.split(PER_RANK)]), full,
+                         x[0], y[0])
+    assert want["embeddings"].dtype == torch.bfloat16  # the backbone ran in bf16
+    for rank, got in enumerate(ranks):
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=1e-6)
+        start, end = got["range"]
+        torch.testing.assert_close(got["rows"], want["rows"][start:end], rtol=1e-5, atol=1e-7)
+        # the rank's embeddings' gradient is N times its share of the global loss's (DDP then averages)
+        mine = want["embeddings"][rank * PER_RANK : (rank + 1) * PER_RANK]
+        torch.testing.assert_close(got["embeddings"] / world, mine, rtol=2**-7, atol=1e-6)
 
 
 @needs_gloo
