@@ -179,11 +179,10 @@ def fail(message: Optional[str], code: int, label: str = "error: ") -> NoReturn:
 
 def exit_for(outcome: Outcome, rank: Optional[int] = None) -> NoReturn:
     """End the train command as ``outcome`` says. ``rank``: the DDP rank of a process other than the launching one,
-    which reports its own usage error only (every rank stops together on a divergence or a signal: rank 0 says
-    it)."""
+    which says nothing of a divergence or a signal (every rank stops together on those: rank 0 says it)."""
     label = "" if outcome.status == InterruptionError.status else "error: "
     if rank is not None:
-        if outcome.status != UsageError.status:
+        if outcome.status in (DivergenceError.status, InterruptionError.status):
             fail(None, outcome.exit_code)
         label = f"[rank {rank}] {label}"
     fail(outcome.message, outcome.exit_code, label=label)

@@ -13,7 +13,7 @@ from fastface_pl.checkpoints import CheckpointError, SavedStateError
 from fastface_pl.data.errors import CorruptImageError, DatasetError, RecordKeyError
 from fastface_pl.errors import (ConfigurationError, ConfigurationTypeError, DiskFullError, FastFaceError,
                                 UsageError)
-from fastface_pl.faults import classify_fault, reason_of
+from fastface_pl.faults import Outcome, classify_fault, exit_for, reason_of
 from fastface_pl.locks import FolderInUseError
 from fastface_pl.safety import TrainingDiverged, TrainingInterrupted
 from fastface_pl.scheduling.detectors import NonFiniteLossError
@@ -123,3 +123,16 @@ def test_a_fault_is_classified_once(run_dir):
 
 def test_reason_of_keeps_a_plain_message():
     assert reason_of(ValueError("batch_size must be an int >= 1, got 0\n")) == "batch_size must be an int >= 1, got 0"
+
+
+@pytest.mark.parametrize("outcome, rank, code, said", [
+    (Outcome("usage", 2, "no dataset given"), None, 2, "fastface_pl.train: error: no dataset given"),
+    (Outcome("usage", 2, "no dataset given"), 1, 2, "fastface_pl.train: [rank 1] error: no dataset given"),
+    (Outcome("interrupted", 143, "stopped by SIGTERM"), None, 143, "fastface_pl.train: stopped by SIGTERM"),
+    (Outcome("diverged", 3, "training diverged"), 1, 3, ""),  # every rank stops together: rank 0 says it
+    (Outcome("interrupted", 130, "stopped by SIGINT"), 1, 130, ""),
+])
+def test_the_command_exits_with_the_outcomes_code_and_one_message(capsys, outcome, rank, code, said):
+    with pytest.raises(SystemExit) as stop:
+        exit_for(outcome, rank=rank)
+    assert stop.value.code == code and capsys.readouterr().err.strip() == said
