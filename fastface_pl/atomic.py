@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
 
+from fastface_pl.errors import DiskFullError
+
 __all__ = ["DiskFullError", "atomic_write", "disk_full_error", "fsync_folder", "replace_atomic",
            "write_bytes_atomic", "write_text_atomic"]
 
@@ -28,17 +30,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: OS errors that mean "no room left": a full file system, or the user's quota.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-class DiskFullError(OSError, ValueError):
-    """A file could not be written for lack of space; the message names the path and the space left.
-
-    An ``OSError`` (its ``errno`` is the original one) and a ``ValueError``, so the commands report it as one
-    message with exit code 2 (a problem to fix before running again), without a traceback.
-    """
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def _free(path: Path) -> str:

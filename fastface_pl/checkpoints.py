@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
+from fastface_pl.errors import UsageError
+
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "SAFE_GLOBALS", "restoring_from", "SavedStateError", "load_checkpoint", "load_lightning_checkpoint",
            "load_backbone_weights", "newest_checkpoint", "checkpoint_candidates",
            "differing_hyperparameters", "describe_load_error"]
@@ -39,11 +41,11 @@ _PICKLE_PROTOCOL_MARK = 0x80  # first byte of a pickle (protocol 2+): a legacy t
 _LIGHTNING_KEYS = ("state_dict", "global_step")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError, ValueError):
     """A checkpoint or weight file that cannot be used: missing, unreadable, refused, corrupt or of another kind."""
 
 
-class SavedStateError(ValueError):
+class SavedStateError(UsageError, ValueError):
     """A component's state read from a checkpoint is not what it saves (a value of the wrong type or range).
 
     Raised by a component's ``load_state_dict`` or when it first uses the state; :func:`restoring_from` turns it

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fastface_pl.data.datamodule import ACCEPTED_LAYOUTS
-from fastface_pl.faults import UsageError
+from fastface_pl.errors import UsageError
+from fastface_pl.models.module import CLASSIFIERS
 from fastface_pl.validation import check_bool, check_int
 
 __all__ = ["check_arguments", "check_group_choices", "describe_type", "require_dataset", "validate_config",
@@ -189,6 +190,24 @@ def _run_length_problems(trainer: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _strategy_problems(trainer: Mapping[str, Any]) -> list[str]:
+    """A strategy that starts the ranks from the launching process (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``
+    and their ``_find_unused_parameters_*`` forms: Lightning's strategies with a ``start_method`` other than
+    ``popen``) trains in processes that hand back no step count: the run would train, then end as a usage error
+    with no results. ``ddp`` starts the ranks as new commands and trains the same way."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, str) or strategy not in StrategyRegistry:
+        return []
+    start_method = StrategyRegistry[strategy].get("init_params", {}).get("start_method")
+    if start_method in (None, "popen"):
+        return []
+    return [f"trainer.strategy={strategy}: its ranks run in {start_method}ed processes, which hand back no step "
+            "count, decisions or results to this one; use trainer.strategy=ddp (or trainer=ddp), one process per "
+            "device, started as a new command"]
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed config before any data or model is built: every value resolves, the keys and value
     types fit the classes they configure, the values are in range, and the run trains at least one step.
@@ -221,18 +240,18 @@ def validate_config(cfg: DictConfig) -> None:
         except (ValueError, TypeError) as err:
             problems.append(f"{group}: {err}")
         if group == "trainer":
-            problems += _run_length_problems(section)
+            problems += _run_length_problems(section) + _strategy_problems(section)
     for key, check in _TRAIN_KEYS.items():
         try:
             check(key, OmegaConf.select(cfg, key, default=None))
         except ValueError as err:
             problems.append(str(err))
-    if OmegaConf.select(cfg, "model.classifier", default=None) == "sharded" \
-            and OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None) is not None:
-        problems.append(f"trainer.gradient_clip_val={OmegaConf.select(cfg, 'trainer.gradient_clip_val')} with "
-                        "classifier=sharded: it clips every parameter together, each rank's own rows of the layer "
-                        "included, so ranks would clip differently; leave it null (model.clip_grad_norm clips the "
-                        "backbone)")
+    layer = CLASSIFIERS.get(OmegaConf.select(cfg, "model.classifier", default=None))
+    if layer is not None:  # the settings the classification layer refuses, before the ranks start
+        try:
+            layer.check_trainer(OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None), world_size=None)
+        except ValueError as err:
+            problems.append(str(err))
     ckpt_path = OmegaConf.select(cfg, "ckpt_path", default=None)
     if ckpt_path is not None and not isinstance(ckpt_path, str):
         problems.append(f"ckpt_path={ckpt_path!r}: expected a path, a run folder, 'last' or null")

@@ -32,6 +32,7 @@ from fastface_pl.data.bin_format import check_enough_pairs, find_bin_files, load
 from fastface_pl.data.datamodule import LAYOUT_SYNTHETIC, FaceDataModule
 from fastface_pl.data.datasets import FaceTransform
 from fastface_pl.data.errors import DatasetError
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.evaluation.ijb import evaluate_ijb
 from fastface_pl.evaluation.report import format_results
 from fastface_pl.faults import reason_of
@@ -152,15 +153,15 @@ def check_output_file(path: Path, option: str) -> None:
     """Refuse an output file that cannot be written, before the evaluation that would fill it.
 
     Raises:
-        ValueError: If ``path`` is a folder, or its folder is missing or not writable.
+        ConfigurationError: If ``path`` is a folder, or its folder is missing or not writable.
     """
     if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder: give the path of a file to write (e.g. {path / 'results.json'})")
+        raise ConfigurationError(f"{option} {path} is a folder: give the path of a file to write (e.g. {path / 'results.json'})")
     folder = path.parent
     if not folder.is_dir():
-        raise ValueError(f"{option} {path}: the folder {folder} does not exist; create it or give another path")
+        raise ConfigurationError(f"{option} {path}: the folder {folder} does not exist; create it or give another path")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: the folder {folder} is not writable; give another path")
+        raise ConfigurationError(f"{option} {path}: the folder {folder} is not writable; give another path")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:

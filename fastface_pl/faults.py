@@ -1,44 +1,40 @@
-"""How a training run ends when it does not complete: one classification of every fault (docs/fault_tolerance.md).
+"""How a training run ends when it does not complete: one classification of every fault, and the train command's
+only exit (docs/fault_tolerance.md).
 
 :func:`classify_fault` maps an exception to an :class:`Outcome`: the status that ``results.json`` records, the
-exit code, the message for the user and the checkpoint to resume from. ``train.py`` uses it on every path, so a
-fault is worded, coded and recorded in one place:
+exit code, the message for the user and the checkpoint to resume from. The exception's type decides
+(:mod:`fastface_pl.errors`):
 
-- ``usage``, exit 2: a :class:`UsageError`, bad data (``DatasetError``) or checkpoint (``CheckpointError``), an
-  argument check raised by fastface_pl's own code, a permission denied;
-- ``diverged``, exit 3: the divergence guard (``scheduler.on_nonfinite=raise`` is the guard at the first
-  non-finite step);
+- ``usage``, exit 2: a :class:`~fastface_pl.errors.UsageError` (a config value, a path, bad data or checkpoint,
+  a folder another run holds); besides, a permission denied, a checkpoint whose weights do not fit the model
+  (torch's ``Error(s) in loading state_dict``) and a ``ValueError`` of a class that Lightning or torch define;
+- ``diverged``, exit 3: a :class:`~fastface_pl.errors.DivergenceError` (the divergence guard, a non-finite loss
+  raised by an LR callback);
 - ``disk_full``, exit 2: a save failed for lack of space (the files written before it are whole);
 - ``interrupted``, exit 128 + the signal: SIGTERM (143) or Ctrl+C (130), with the checkpoint of the step reached.
 
-Any other exception is a crash: not classified, its traceback is shown (exit 1).
+Any other exception is a crash, a plain ``ValueError`` raised by fastface_pl's own code included: not classified,
+its traceback is shown (exit 1). :func:`fail` and :func:`exit_for` are the only places the train command exits.
 """
 
 from __future__ import annotations
 
 import shlex
 import signal
-import traceback
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fastface_pl.atomic import DiskFullError
-from fastface_pl.checkpoints import CheckpointError, checkpoint_candidates, describe_load_error
-from fastface_pl.data.errors import DatasetError
-from fastface_pl.safety import EXIT_DIVERGED, TrainingDiverged, TrainingInterrupted
-from fastface_pl.scheduling.detectors import NonFiniteLossError
+from fastface_pl.checkpoints import checkpoint_candidates, describe_load_error
+from fastface_pl.errors import DiskFullError, DivergenceError, InterruptionError, UsageError
+from fastface_pl.safety import TrainingDiverged
 
-__all__ = ["EXIT_USAGE", "Outcome", "UsageError", "classify_fault", "reason_of", "resume_command"]
+__all__ = ["Outcome", "classify_fault", "exit_for", "fail", "reason_of", "resume_command"]
 
-EXIT_USAGE = 2
-_PACKAGE = Path(__file__).resolve().parent
-
-
-class UsageError(Exception):
-    """A problem in the command line or the data that the user must fix; reported without a traceback."""
+_UNCLASSIFIED = object()
 
 
 @dataclass(frozen=True)
@@ -71,28 +67,42 @@ def classify_fault(error: BaseException, run_dir: Path, overrides: Sequence[str]
                    step: Optional[int] = None) -> Optional[Outcome]:
     """The :class:`Outcome` of ``error`` raised by a run in ``run_dir``; ``None`` for a crash (not classified).
 
+    An error is classified once: the outcome is kept on it, and a second call returns that one (``train.py``
+    classifies a fault of ``trainer.fit``, where the step is known, before it exits).
+
     Args:
         error: what the run raised.
         run_dir: the run folder, where the newest checkpoint is looked for.
         overrides: the command line's overrides, for the resume command in the message.
         step: the optimizer step reached (names the step of a non-finite loss raised by the LR callback).
     """
-    if isinstance(error, NonFiniteLossError):  # an LR callback built outside train.py with on_nonfinite="raise"
-        error = TrainingDiverged(int(step or 0), str(error))
-    if isinstance(error, TrainingDiverged):
+    outcome = getattr(error, "_fastface_outcome", _UNCLASSIFIED)
+    if outcome is _UNCLASSIFIED:
+        outcome = _classify(error, run_dir, overrides, step)
+        try:
+            error._fastface_outcome = outcome  # type: ignore[union-attr]
+        except AttributeError:  # pragma: no cover - an exception type with __slots__: classified again if asked
+            pass
+    return outcome  # type: ignore[return-value]
+
+
+def _classify(error: BaseException, run_dir: Path, overrides: Sequence[str], step: Optional[int]) -> Optional[Outcome]:
+    if isinstance(error, DivergenceError):
+        if not isinstance(error, TrainingDiverged):  # a non-finite loss raised by an LR callback: the step reached
+            error = TrainingDiverged(int(step or 0), str(error))
         return _diverged(error, run_dir, overrides)
     if isinstance(error, DiskFullError):  # a save failed for lack of space: the files written before are whole
         newest = _newest(run_dir)
         message = f"{error}\nThe newest whole checkpoint is {newest}." if newest else str(error)
-        record = {"status": "disk_full", "reason": str(error), "checkpoint": str(newest) if newest else None}
-        return Outcome("disk_full", EXIT_USAGE, message, newest, record)
+        record = {"status": error.status, "reason": str(error), "checkpoint": str(newest) if newest else None}
+        return Outcome(error.status, error.exit_code, message, newest, record)
     interrupted = _signal_of(error)
     if interrupted is not None:
         return _interrupted(error, interrupted, run_dir, overrides)
     message = _usage_message(error)
     if message is None:
         return None
-    return Outcome("usage", EXIT_USAGE, message)
+    return Outcome(UsageError.status, UsageError.exit_code, message)
 
 
 def _newest(run_dir: Path) -> Optional[Path]:
@@ -110,12 +120,12 @@ def _diverged(error: TrainingDiverged, run_dir: Path, overrides: Sequence[str]) 
                f"results.json in {run_dir} records it.")
     record = {"status": "diverged", "diverged_at_step": error.step, "reason": error.reason,
               "last_good_checkpoint": str(newest) if newest else None}
-    return Outcome("diverged", EXIT_DIVERGED, message, newest, record)
+    return Outcome(error.status, error.exit_code, message, newest, record)
 
 
 def _signal_of(error: BaseException) -> Optional[int]:
     """The signal that stopped the run, or None when ``error`` is not an interruption."""
-    if isinstance(error, TrainingInterrupted):
+    if isinstance(error, InterruptionError):
         return error.signum
     if isinstance(error, SIGTERMException):
         return signal.SIGTERM
@@ -139,32 +149,40 @@ def _interrupted(error: BaseException, signum: int, run_dir: Path, overrides: Se
     else:
         message = f"stopped by {name}; {where}\n  {checkpoint}\nResume with:\n  {resume_command(overrides, checkpoint)}"
     record = {"status": "interrupted", "signal": name, "checkpoint": str(checkpoint) if checkpoint else None}
-    return Outcome("interrupted", 128 + int(signum), message, Path(checkpoint) if checkpoint else None, record)
-
-
-def _raised_here(error: BaseException) -> bool:
-    """Whether ``error`` is of a fastface_pl type, or was raised by fastface_pl's own code (its argument checks)."""
-    if type(error).__module__.startswith("fastface_pl"):
-        return True
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+    return Outcome(InterruptionError.status, 128 + int(signum), message, Path(checkpoint) if checkpoint else None, record)
 
 
 def _usage_message(error: BaseException) -> Optional[str]:
     """The message of an error about the user's configuration, data or checkpoint, else None (a crash)."""
     if isinstance(error, UsageError):
-        return str(error)
+        return reason_of(error)  # the message says what to fix (a DataLoader worker's traceback left out)
     if isinstance(error, PermissionError):
         return (f"permission denied: {error.filename or error}: fix its permissions, or point the config elsewhere "
                 "(data.root=..., hydra.run.dir=...)")
     if not isinstance(error, (ValueError, RuntimeError)):
         return None
     message = str(error).rstrip()
-    if isinstance(error, (DatasetError, CheckpointError)) or (isinstance(error, ValueError) and _raised_here(error)):
-        return reason_of(error)  # DatasetError and argument checks: the message says what to fix
     if "Error(s) in loading state_dict" in message or "size mismatch" in message:  # a checkpoint of another model
         return (f"the checkpoint does not fit the model this config builds ({describe_load_error(error)}): resume "
                 "with the model settings it was trained with (see config.yaml in its run folder)")
     if type(error).__module__.startswith(("lightning", "torch")) and isinstance(error, ValueError):
         return message  # Lightning and torch check the arguments the config passed them
     return None
+
+
+def fail(message: Optional[str], code: int, label: str = "error: ") -> NoReturn:
+    """Print ``fastface_pl.train: <label><message>`` (when there is a message) and exit with ``code``."""
+    if message:
+        print(f"fastface_pl.train: {label}{message.rstrip()}", file=sys.stderr)
+    sys.exit(code)
+
+
+def exit_for(outcome: Outcome, rank: Optional[int] = None) -> NoReturn:
+    """End the train command as ``outcome`` says. ``rank``: the DDP rank of a process other than the launching one,
+    which says nothing of a divergence or a signal (every rank stops together on those: rank 0 says it)."""
+    label = "" if outcome.status == InterruptionError.status else "error: "
+    if rank is not None:
+        if outcome.status in (DivergenceError.status, InterruptionError.status):
+            fail(None, outcome.exit_code)
+        label = f"[rank {rank}] {label}"
+    fail(outcome.message, outcome.exit_code, label=label)

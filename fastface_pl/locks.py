@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from fastface_pl.errors import UsageError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -29,7 +31,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["FolderInUseError", "FolderLock", "folder_lock", "remove_stale_temporaries"]
 
 
-class FolderInUseError(ValueError):
+class FolderInUseError(UsageError, ValueError):
     """Another live process holds the folder's lock; the message names the folder, the process and the fix."""
 
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from fastface_pl.checkpoints import (CheckpointError, differing_hyperparameters, load_lightning_checkpoint,
                                      newest_checkpoint)
-from fastface_pl.faults import UsageError
+from fastface_pl.errors import UsageError
 
 __all__ = ["MODEL_SHAPE_KEYS", "POOL_FROM_CHECKPOINT", "RESTORED_FROM_CHECKPOINT", "compare_with_checkpoint",
            "resolve_checkpoint"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,13 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from fastface_pl.atomic import write_text_atomic
-from fastface_pl.faults import EXIT_USAGE, UsageError
+from fastface_pl.errors import EXIT_DIVERGED, UsageError
+from fastface_pl.faults import fail
 from fastface_pl.locks import FolderInUseError, FolderLock, remove_stale_temporaries
-from fastface_pl.safety import EXIT_DIVERGED, finite_or_none
+from fastface_pl.safety import finite_or_none
 
 __all__ = ["RANK_VARIABLES", "RUN_FILES", "RUN_LOCK_NAME", "RunFolderCheck", "check_writable_folder",
-           "claim_run_folder", "fail", "is_launching_rank", "lock_run_folder", "run_id", "write_results"]
+           "claim_run_folder", "is_launching_rank", "lock_run_folder", "run_id", "write_results"]
 
 RUN_FILES = ("config.yaml", "results.json", "schedule.png", "logs/metrics.csv")
 RUN_LOCK_NAME = ".fastface_run.lock"
@@ -53,12 +53,6 @@ def run_id() -> str:
 
 if not OmegaConf.has_resolver("fastface_run_id"):
     OmegaConf.register_new_resolver("fastface_run_id", run_id)
-
-
-def fail(message: str, code: int, label: str = "error: ") -> None:
-    """Print ``fastface_pl.train: error: <message>`` and exit with ``code``."""
-    print(f"fastface_pl.train: {label}{message.rstrip()}", file=sys.stderr)
-    sys.exit(code)
 
 
 def check_writable_folder(path: Path, what: str = "run folder") -> None:
@@ -94,16 +88,15 @@ class RunFolderCheck(HydraCallback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.diverged:
-            print(f"fastface_pl.train: {len(self.diverged)} run(s) of the sweep diverged: {', '.join(self.diverged)}",
-                  file=sys.stderr)
-            sys.exit(EXIT_DIVERGED)
+            fail(f"{len(self.diverged)} run(s) of the sweep diverged: {', '.join(self.diverged)}", EXIT_DIVERGED,
+                 label="")
 
     @staticmethod
     def _check(folder: Any) -> None:
         try:
             check_writable_folder(Path(str(folder)))
         except UsageError as err:
-            fail(str(err), EXIT_USAGE)
+            fail(str(err), err.exit_code)
 
 
 def lock_run_folder(run_dir: Path) -> FolderLock:

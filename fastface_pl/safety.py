@@ -5,7 +5,7 @@ ranks stopping together on a fault (:class:`DistributedFaults`, :func:`end_start
 save non-finite weights, so the newest checkpoint on disk is always a good one. :class:`PreemptionCheckpoint`
 turns SIGTERM (Slurm, Kubernetes, ``docker stop``; received through Lightning's own handler) and a first
 Ctrl+C into a resumable checkpoint of the current step. Both end the fit with an exception that
-``fastface_pl.train`` turns into a message and an exit code (:data:`EXIT_DIVERGED`, 128 + the signal).
+``fastface_pl.train`` turns into a message and an exit code (3, 128 + the signal: :mod:`fastface_pl.errors`).
 See ``docs/fault_tolerance.md``.
 """
 
@@ -27,18 +27,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from fastface_pl.errors import DivergenceError, InterruptionError
 from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
 from fastface_pl.validation import check_int
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted", "EXIT_DIVERGED",
-           "finite_or_none"]
-
-EXIT_DIVERGED = 3  # the exit code of a run stopped by the divergence guard (2: a usage error, 1: a crash)
+__all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted", "finite_or_none"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(DivergenceError, RuntimeError):
     """The training diverged: ``step`` is the first optimizer step of the failure, ``reason`` what was seen."""
 
     def __init__(self, step: int, reason: str) -> None:
@@ -47,12 +45,11 @@ class TrainingDiverged(RuntimeError):
         self.reason = reason
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(InterruptionError):
     """A signal stopped the run; ``checkpoint`` holds the state of ``step`` (``None`` if none could be saved)."""
 
     def __init__(self, signum: int, step: int, checkpoint: Optional[Path]) -> None:
-        super().__init__(f"{signal.Signals(signum).name} received at optimizer step {step}")
-        self.signum = signum
+        super().__init__(signum, f"{signal.Signals(signum).name} received at optimizer step {step}")
         self.step = step
         self.checkpoint = checkpoint
 

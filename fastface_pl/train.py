@@ -43,10 +43,11 @@ from fastface_pl.checkpoints import SAFE_GLOBALS, AtomicCheckpointIO, restoring_
 from fastface_pl.config_check import check_group_choices, require_dataset, validate_config
 from fastface_pl.data.bin_format import check_enough_pairs
 from fastface_pl.evaluation.report import format_results
-from fastface_pl.faults import EXIT_USAGE, UsageError, classify_fault
+from fastface_pl.errors import EXIT_USAGE, UsageError
+from fastface_pl.faults import classify_fault, exit_for, fail
 from fastface_pl.plotting import plot_run_metrics
 from fastface_pl.resume import compare_with_checkpoint, resolve_checkpoint
-from fastface_pl.runs import claim_run_folder, fail, is_launching_rank, lock_run_folder, write_results
+from fastface_pl.runs import claim_run_folder, is_launching_rank, lock_run_folder, write_results
 from fastface_pl.safety import DistributedFaults, DivergenceGuard, PreemptionCheckpoint, end_started_ranks
 
 log = logging.getLogger("fastface_pl.train")
@@ -230,19 +231,13 @@ def _hydra_main(cfg: DictConfig) -> Optional[dict[str, Any]]:
     try:
         return run(cfg, run_dir, overrides)
     except BaseException as err:
-        outcome = classify_fault(err, run_dir, overrides)
+        outcome = classify_fault(err, run_dir, overrides)  # a fault of trainer.fit: as classified there
         if outcome is None:
             raise  # a crash: its traceback
         if outcome.status == "diverged" and HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"fastface_pl.train: error: {outcome.message}", file=sys.stderr)
             return {"status": "diverged", "run_dir": str(run_dir)}  # the sweep goes on; exit 3 at its end
-        label = "" if outcome.status == "interrupted" else "error: "
-        if not is_launching_rank():
-            if outcome.status in ("diverged", "interrupted"):  # every rank stops together: rank 0 says it
-                sys.exit(outcome.exit_code)
-            label = f"[rank {rank_zero_only.rank}] {label}"
-        fail(outcome.message, outcome.exit_code, label=label)
-    return None
+        exit_for(outcome, rank=None if is_launching_rank() else rank_zero_only.rank)
 
 
 def main() -> None:
@@ -254,12 +249,12 @@ def main() -> None:
     try:
         check_group_choices([*args.overrides, *(a for a in unknown if not a.startswith("-"))])
     except UsageError as err:
-        fail(str(err), EXIT_USAGE)
+        fail(str(err), err.exit_code)
     try:
         _hydra_main()
     except SystemExit as stop:
         if stop.code == 1 and not _job_started:  # the config did not compose (Hydra said why above)
-            sys.exit(EXIT_USAGE)
+            fail(None, EXIT_USAGE)
         raise  # a crash of the job: exit 1, after Hydra printed its traceback
 
 

@@ -1,7 +1,8 @@
 """Argument checks shared by the whole package (pure Python: no torch, no numpy, so the detectors can use them).
 
-Each check returns the value in its plain Python type or raises ``ValueError`` naming the argument, what is
-allowed and what was given. A ``bool`` is never accepted where a number is asked for.
+Each check returns the value in its plain Python type or raises :class:`~fastface_pl.errors.ConfigurationError`
+(a ``ValueError``; exit 2 in the train command) naming the argument, what is allowed and what was given. A
+``bool`` is never accepted where a number is asked for.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 import numbers
 import os
 from typing import Any, Iterable
+
+from fastface_pl.errors import ConfigurationError
 
 __all__ = ["bound_workers", "check_int", "check_real", "check_bool", "check_choice", "usable_cpus"]
 
@@ -39,7 +42,7 @@ def bound_workers(name: str, workers: Any) -> int:
 
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *,
               allow_none: bool = False, none_means: str = "") -> int | None:
-    """``value`` as an int in ``minimum..maximum`` (or None where ``allow_none``), else ValueError.
+    """``value`` as an int in ``minimum..maximum`` (or None where ``allow_none``), else ConfigurationError.
 
     Example::
 
@@ -53,13 +56,13 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *
         allowed = f"an int >= {minimum}" if maximum is None else f"an int in {minimum}..{maximum}"
         if allow_none:
             allowed += f" or None ({none_means})" if none_means else " or None"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ConfigurationError(f"{name} must be {allowed}, got {value!r}")
     return int(value)
 
 
 def check_real(name: str, value: Any, low: float | None = None, high: float | None = None, *,
                low_open: bool = True, high_open: bool = False, allow_none: bool = False) -> float | None:
-    """``value`` as a finite float inside the interval (``low``, ``high``] (ends as told), else ValueError.
+    """``value`` as a finite float inside the interval (``low``, ``high``] (ends as told), else ConfigurationError.
 
     Example::
 
@@ -77,21 +80,21 @@ def check_real(name: str, value: Any, low: float | None = None, high: float | No
     if ok and high is not None:
         ok = number < high if high_open else number <= high
     if not ok:
-        raise ValueError(f"{name} must be a finite number in {interval}{' or None' if allow_none else ''}, "
+        raise ConfigurationError(f"{name} must be a finite number in {interval}{' or None' if allow_none else ''}, "
                          f"got {value!r}")
     return number
 
 
 def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is True or False, else ValueError (a truthy string or int is a typo, not a flag)."""
+    """``value`` if it is True or False, else ConfigurationError (a truthy string or int is a typo, not a flag)."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
     return value
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
-    """``value`` if it is one of ``choices``, else ValueError listing them."""
+    """``value`` if it is one of ``choices``, else ConfigurationError listing them."""
     choices = tuple(choices)
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        raise ConfigurationError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value

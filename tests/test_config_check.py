@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, Optional, Union
 
 import pytest
@@ -10,7 +11,8 @@ from hydra import compose, initialize_config_module
 
 from fastface_pl.config_check import check_arguments, describe_type, value_matches
 from fastface_pl.config_check import validate_config
-from fastface_pl.faults import UsageError
+from fastface_pl.errors import ConfigurationError, UsageError
+from fastface_pl.models.sharded import ShardedClassifier
 from fastface_pl.runs import check_writable_folder, claim_run_folder
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
@@ -110,3 +112,27 @@ def test_the_sharded_layer_with_the_trainers_clipping_is_refused_before_anything
     validate_config(_compose("classifier=sharded", "trainer=ddp"))
     with pytest.raises(UsageError, match=r"trainer.gradient_clip_val=1.0 with classifier=sharded"):
         validate_config(_compose("classifier=sharded", "trainer=ddp", "trainer.gradient_clip_val=1.0"))
+
+
+def test_the_sharded_layer_refuses_the_trainers_clipping_itself_over_several_ranks():
+    """The layer owns the rule: the config check asks it, and so does its own on_fit_start with the real world size."""
+    ShardedClassifier.check_trainer(1.0, world_size=1)
+    ShardedClassifier.check_trainer(None, world_size=4)
+    with pytest.raises(ConfigurationError, match=r"trainer.gradient_clip_val=1.0 with classifier=sharded"):
+        ShardedClassifier.check_trainer(1.0, world_size=2)
+    layer = ShardedClassifier(8, 4)
+    layer.world_size = 2
+    with pytest.raises(ConfigurationError, match=r"gradient_clip_val=0.5 with classifier=sharded"):
+        layer.on_fit_start(SimpleNamespace(trainer=SimpleNamespace(gradient_clip_val=0.5)))
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true"])
+def test_a_strategy_that_spawns_the_ranks_is_refused_before_training_naming_ddp(strategy):
+    """Issue 28 item 9: under ddp_spawn the run trained, then ended as a usage error (the launching process's
+    trainer counted no step)."""
+    with pytest.raises(UsageError, match=rf"trainer.strategy={strategy}: .*use trainer.strategy=ddp") as info:
+        validate_config(_compose("classifier=sharded", "trainer.accelerator=cpu", "trainer.devices=2",
+                                 f"trainer.strategy={strategy}"))
+    assert info.value.exit_code == 2
+    validate_config(_compose("classifier=sharded", "trainer.accelerator=cpu", "trainer.devices=2",
+                             "trainer.strategy=ddp"))

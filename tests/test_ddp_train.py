@@ -204,7 +204,7 @@ def test_the_ddp_preset_composes_validates_and_is_listed():
     from hydra import compose, initialize_config_module
 
     from fastface_pl.config_check import check_group_choices, validate_config
-    from fastface_pl.faults import UsageError
+    from fastface_pl.errors import UsageError
 
     with initialize_config_module(config_module="fastface_pl.conf", version_base="1.3"):
         cfg = compose("train", overrides=["trainer=ddp", "trainer.accelerator=cpu"])

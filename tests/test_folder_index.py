@@ -14,9 +14,7 @@ import pytest
 
 from fastface_pl.data import CorruptImageError, ImageFolderDataset
 from fastface_pl.data.folder_index import (
-    IMAGE_EXTENSIONS, INDEX_CACHE_NAME, LEGACY_CACHE_NAME, OLD_CACHE_NAME, UNKNOWN_MTIME, FolderIndex, _read_cache,
-    _write_cache, build_index, load_index,
-    scan_image_folder,
+    IMAGE_EXTENSIONS, INDEX_CACHE_NAME, UNKNOWN_MTIME, FolderIndex, _read_cache, load_index, scan_image_folder,
 )
 from conftest import write_image_folder
 
@@ -125,20 +123,17 @@ def test_a_folder_modified_just_before_the_walk_is_listed_again_once(tmp_path, l
     assert identity_folders_listed(listed, folder) == []  # now known
 
 
-@pytest.mark.parametrize("where", [OLD_CACHE_NAME, LEGACY_CACHE_NAME, INDEX_CACHE_NAME])
-def test_a_cache_of_an_earlier_format_is_replaced(tmp_path, caplog, where):
+def test_a_cache_this_version_cannot_read_is_replaced(tmp_path):
     folder = write_image_folder(tmp_path / "faces", {"a": 2}, size=8)
     age(folder)
-    (folder / "a" / "001.jpg").unlink()  # the old cache below still lists it, and cannot tell
-    (folder / where).parent.mkdir(exist_ok=True)
-    (folder / where).write_text(json.dumps({
+    (folder / "a" / "001.jpg").unlink()  # the cache below still lists it, and cannot tell
+    (folder / INDEX_CACHE_NAME).parent.mkdir(exist_ok=True)
+    (folder / INDEX_CACHE_NAME).write_text(json.dumps({
         "format": "fastface_pl.image_folder_index", "version": 2, "root": str(folder.resolve()),
         "extensions": [".jpeg", ".jpg", ".png"], "root_entries": 1, "identities": ["a"], "folder_mtimes": [0],
         "files": [["000.jpg", "001.jpg"]],
     }))
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        dataset = ImageFolderDataset(folder)
-    assert "older format" in caplog.text and len(dataset) == 1
+    assert len(ImageFolderDataset(folder)) == 1
     assert (folder / INDEX_CACHE_NAME).read_bytes().startswith(b"FFINDEX")
 
 
@@ -201,10 +196,10 @@ def test_a_settled_top_level_is_not_listed_again(tmp_path, listed):
 def test_writing_the_cache_in_the_folder_leaves_the_top_levels_time_alone(tmp_path, listed):
     """The cache lives in <root>/.fastface_cache/, made before the walk: rewriting it later does not move the
     top level's time, so the next start trusts that time and does not list the top level (2M entries at
-    WebFace42M). In the top level itself, every write moved that time and every start listed it."""
+    WebFace42M)."""
     folder = write_image_folder(tmp_path / "faces", {"a": 2, "b": 1}, size=8)
     ImageFolderDataset(folder)
-    assert (folder / INDEX_CACHE_NAME).is_file() and not (folder / LEGACY_CACHE_NAME).exists()
+    assert (folder / INDEX_CACHE_NAME).is_file()
     age(folder)  # the first walk took an hour, say; the cache folder was made before it
     (folder / "b" / "000.jpg").unlink()  # a change inside an identity folder: the cache is rewritten
     stat = (folder / "b").stat()
@@ -216,21 +211,6 @@ def test_writing_the_cache_in_the_folder_leaves_the_top_levels_time_alone(tmp_pa
     listed.clear()
     again = ImageFolderDataset(folder)
     assert os.fspath(folder) not in listed and identity_folders_listed(listed, folder) == [] and len(again) == 2
-
-
-def test_a_cache_in_its_earlier_place_is_used_and_copied_to_the_new_one(tmp_path, listed, caplog):
-    folder = write_image_folder(tmp_path / "faces", {"a": 2, "b": 1}, size=8)
-    age(folder)
-    built = build_index(folder, EXTENSIONS)
-    assert _write_cache(built, folder, EXTENSIONS, [folder / LEGACY_CACHE_NAME]) == folder / LEGACY_CACHE_NAME
-    listed.clear()
-    with caplog.at_level(logging.INFO, logger=LOGGER):
-        dataset = ImageFolderDataset(folder)
-    assert identity_folders_listed(listed, folder) == [] and len(dataset) == 3  # no walk: the old cache was fresh
-    assert "copied to" in caplog.text
-    assert (folder / INDEX_CACHE_NAME).read_bytes() == (folder / LEGACY_CACHE_NAME).read_bytes()
-    assert dataset.index_path == folder / INDEX_CACHE_NAME
-    assert ImageFolderDataset(folder).index_path == folder / INDEX_CACHE_NAME
 
 
 def test_a_link_that_cannot_be_followed_is_named_and_left_out(tmp_path, caplog):

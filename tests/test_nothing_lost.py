@@ -409,13 +409,19 @@ def test_a_verification_set_too_small_for_ten_folds_is_named_before_inference(tm
 
 # ---------------------------------------------------------------------------------------------- 12. exit codes
 @pytest.mark.slow
-def test_a_crash_of_train_exits_1_with_its_traceback(tmp_path):
-    script = """
+@pytest.mark.parametrize("bug, said", [
+    ('raise RuntimeError("a bug in build")', "RuntimeError: a bug in build"),
+    # a ValueError whose traceback ends in the package's own code is a bug too, not a usage error
+    ('exec(compile("first, second = (1, 2, 3)", train.__file__, "exec"))',
+     "ValueError: too many values to unpack (expected 2"),
+])
+def test_a_crash_of_train_exits_1_with_its_traceback(tmp_path, bug, said):
+    script = f"""
         import sys
         import fastface_pl.train as train
 
         def build(*args, **kwargs):
-            raise RuntimeError("a bug in build")
+            {bug}
 
         train.build = build
         sys.argv = ["fastface-train", *sys.argv[1:]]
@@ -423,7 +429,7 @@ def test_a_crash_of_train_exits_1_with_its_traceback(tmp_path):
     """
     result = run_python("-c", textwrap.dedent(script), f"hydra.run.dir={tmp_path / 'run'}", *TINY)
     assert result.returncode == 1, explain(result)
-    assert "Traceback" in result.stderr and "RuntimeError: a bug in build" in result.stderr
+    assert "Traceback" in result.stderr and said in result.stderr, explain(result)
     usage = run_train(tmp_path / "run2", "model=nonsense")
     assert usage.returncode == 2, explain(usage)
 

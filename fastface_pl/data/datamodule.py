@@ -41,6 +41,7 @@ from fastface_pl.data.samplers import (
 )
 from fastface_pl.checkpoints import SavedStateError
 from fastface_pl.data.bin_format import find_bin_files, load_bin
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.validation import bound_workers, check_int
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,7 @@ class FaceDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not isinstance(root, (str, os.PathLike)) or not str(root):
-            raise ValueError(f"root must be 'synthetic' or a path, got {root!r}")
+            raise ConfigurationError(f"root must be 'synthetic' or a path, got {root!r}")
         self.root = str(root)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.val_batch_size = check_int("val_batch_size", val_batch_size, 1) if val_batch_size is not None else None
@@ -320,7 +321,7 @@ class FaceDataModule(pl.LightningDataModule):
         if val_sets is None:
             val_sets = ()
         if isinstance(val_sets, str) or not all(isinstance(v, (str, os.PathLike)) for v in val_sets):
-            raise ValueError(f"val_sets must be a list of set names or .bin paths, got {val_sets!r}")
+            raise ConfigurationError(f"val_sets must be a list of set names or .bin paths, got {val_sets!r}")
         self.val_sets = [str(v) for v in val_sets]
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
@@ -332,13 +333,13 @@ class FaceDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.train_transform = train_transform
         if identity_fraction is not None and (isinstance(identity_fraction, bool) or not 0 <= identity_fraction <= 1):
-            raise ValueError(f"identity_fraction must be null or in [0, 1], got {identity_fraction!r}")
+            raise ConfigurationError(f"identity_fraction must be null or in [0, 1], got {identity_fraction!r}")
         self.identity_fraction = identity_fraction
         self.max_image_side = (check_int("max_image_side", max_image_side, 1) if max_image_side is not None
                                else max_image_side_for(image_size))
         unknown = set(synthetic or {}) - set(SYNTHETIC_DEFAULTS)
         if unknown:
-            raise ValueError(f"synthetic has unknown keys {sorted(unknown)}; allowed: {sorted(SYNTHETIC_DEFAULTS)}")
+            raise ConfigurationError(f"synthetic has unknown keys {sorted(unknown)}; allowed: {sorted(SYNTHETIC_DEFAULTS)}")
         self.synthetic = {**SYNTHETIC_DEFAULTS, **(synthetic or {})}
         if image_size is not None and "image_size" not in (synthetic or {}):
             self.synthetic["image_size"] = image_size  # generate synthetic faces at that size directly
@@ -477,7 +478,7 @@ class FaceDataModule(pl.LightningDataModule):
         if self.identity_fraction is None:
             return DEFAULT_IDENTITY_FRACTION if wants_pairs else 0.0
         if wants_pairs and not self.identity_fraction:
-            raise ValueError("the model (classifier=dcp) trains on identity pairs but identity_fraction=0; "
+            raise ConfigurationError("the model (classifier=dcp) trains on identity pairs but identity_fraction=0; "
                              "set data.identity_fraction to a value in (0, 1] or null")
         return float(self.identity_fraction)
 

@@ -44,6 +44,7 @@ from fastface_pl.data.recordio import (
     read_identity_range,
     unpack_header,
 )
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -297,9 +298,9 @@ class FaceTransform:
         image_size: Optional[int] = None,
     ) -> None:
         if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
-            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+            raise ConfigurationError(f"image_size must be a positive int or None, got {image_size!r}")
         if extra is not None and not callable(extra):
-            raise ValueError(f"extra must be callable (e.g. a torchvision transform) or None, got {extra!r}")
+            raise ConfigurationError(f"extra must be callable (e.g. a torchvision transform) or None, got {extra!r}")
         self.flip = bool(flip)
         self.extra = extra
         self.image_size = int(image_size) if image_size is not None else None
@@ -684,7 +685,7 @@ class SyntheticFaceGenerator:
     def __init__(self, image_size: int = 112, seed: int = 0, noise: float = 8.0) -> None:
         check_int("image_size", image_size, 8)
         if not noise >= 0:
-            raise ValueError(f"noise must be >= 0, got {noise!r}")
+            raise ConfigurationError(f"noise must be >= 0, got {noise!r}")
         self.image_size = image_size
         self.seed = int(seed)
         self.noise = float(noise)
@@ -807,7 +808,7 @@ class SyntheticPairs(Dataset):
         self.images_per_identity = check_int("images_per_identity", images_per_identity, 1)
         check_int("unseen_identities", unseen_identities, 0)
         if num_identities + unseen_identities < 2:
-            raise ValueError("impostor pairs need at least 2 identities in num_identities + unseen_identities")
+            raise ConfigurationError("impostor pairs need at least 2 identities in num_identities + unseen_identities")
         self.unseen_identities = unseen_identities
         self.generator = SyntheticFaceGenerator(image_size, seed, noise)
         self.transform = transform if transform is not None else FaceTransform()

@@ -10,8 +10,10 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+from fastface_pl.errors import UsageError
 
-class DatasetError(ValueError):
+
+class DatasetError(UsageError, ValueError):
     """The data at a configured path is missing, unrecognised or inconsistent (a ``ValueError``)."""
 
 

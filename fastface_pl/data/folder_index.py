@@ -50,13 +50,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CACHE_FOLDER_NAME = ".fastface_cache"
 INDEX_CACHE_NAME = f"{CACHE_FOLDER_NAME}/image_index.bin"
 """The cache's path relative to the image folder."""
-LEGACY_CACHE_NAME = ".fastface_index.bin"
-"""The binary cache's earlier place, in the top level itself: still read (and copied to the new place) when fresh."""
-OLD_CACHE_NAME = ".fastface_index.json"
-"""The JSON cache of earlier versions (no longer read: the binary cache replaces it)."""
 _OWN_PREFIX = ".fastface_"  # top-level entries of ours: not identities, not counted
 INDEX_FORMAT = "fastface_pl.image_folder_index"
-INDEX_VERSION = 3  # 2 added the identity folders' modification times; 3 is the binary, memory-mapped file
+INDEX_VERSION = 3  # of the header and array layout below: a cache of another version is rebuilt
 _MAGIC = b"FFINDEX\n"
 _ALIGN = 64
 RECENT_NS = 2_000_000_000
@@ -335,15 +331,15 @@ def _cache_places(root: Path, index_cache: Optional[Path]) -> list[Path]:
     if index_cache is not None:
         return [index_cache]
     digest = hashlib.sha1(str(root.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return [root / INDEX_CACHE_NAME, root / LEGACY_CACHE_NAME, default_cache_dir() / f"index-{digest}.bin"]
+    return [root / INDEX_CACHE_NAME, default_cache_dir() / f"index-{digest}.bin"]
 
 
 _ARRAYS = ("names", "folder_mtimes", "counts", "paths", "labels")
 
 
 def _inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` is one of the folder's own cache places (then the folder may have moved with it)."""
-    return path.resolve() in ((root / INDEX_CACHE_NAME).resolve(), (root / LEGACY_CACHE_NAME).resolve())
+    """Whether ``path`` is the folder's own cache place (then the folder may have moved with it)."""
+    return path.resolve() == (root / INDEX_CACHE_NAME).resolve()
 
 
 def _data_start(header_length: int) -> int:
@@ -362,8 +358,6 @@ def _read_cache(path: Path, root: Path, extensions: Sequence[str]) -> Optional[t
         with open(path, "rb") as handle:
             magic = handle.read(len(_MAGIC))
             if magic != _MAGIC:
-                if magic[:1] == b"{":
-                    log.info("image-folder index %s has an older format: indexing %s again", path, root)
                 return None
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length).decode("utf-8"))
@@ -376,7 +370,7 @@ def _read_cache(path: Path, root: Path, extensions: Sequence[str]) -> Optional[t
     ):
         return None
     if header.get("version") != INDEX_VERSION:
-        log.info("image-folder index %s has an older format: indexing %s again", path, root)
+        log.info("image-folder index %s has another format version: indexing %s again", path, root)
         return None
     arrays = {}
     try:
@@ -440,14 +434,12 @@ def load_index(
         DatasetError: If ``root`` or an identity folder cannot be read.
     """
     places = _cache_places(root, index_cache)
-    legacy = root / LEGACY_CACHE_NAME
-    writable = [place for place in places if place != legacy]
     if index_cache is None:  # before any walk, so that the top level's time moves now and never at a cache write
         try:
             (root / CACHE_FOLDER_NAME).mkdir(exist_ok=True)
         except OSError:
             pass  # a read-only folder: the user cache takes the index
-    for place in writable:  # what a killed start left while writing the cache
+    for place in places:  # what a killed start left while writing the cache
         remove_stale_temporaries(place.parent, unlocked=True, of=(place.name,))
     started = time.perf_counter()
     for path in [] if rebuild else places:
@@ -455,20 +447,13 @@ def load_index(
         if cached is None:
             continue
         index, change = update_index(root, extensions, *cached)
-        if index is cached[0] and path != legacy:
+        if index is cached[0]:
             log.info("image-folder index of %s read from %s", root, path)
             return index, path
         if change is not None:
             log.warning("image-folder index %s was out of date: %s since it was built; listed those folders again",
                         path, change)
-        if path == legacy:
-            log.info("image-folder index %s is in the folder's top level, where it made every start list the top "
-                     "level again: copied to %s; the old file can be deleted", legacy, root / INDEX_CACHE_NAME)
-        targets = writable[writable.index(path):] if path in writable else writable
-        return index, _write_cache(index, root, extensions, targets) or path
-    if index_cache is None and not rebuild and (root / OLD_CACHE_NAME).is_file():
-        log.info("image-folder index %s has an older format (JSON): indexing %s again into %s; the old file can "
-                 "be deleted", root / OLD_CACHE_NAME, root, INDEX_CACHE_NAME)
+        return index, _write_cache(index, root, extensions, places[places.index(path):]) or path
     index = build_index(root, extensions)
     written = _write_cache(index, root, extensions, places)
     log.info(

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from fastface_pl.atomic import atomic_write
 from fastface_pl.data.errors import DatasetError
+from fastface_pl.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -423,9 +424,9 @@ class IdentityPairSampler(PositionedSampler):
     def __init__(self, index: IdentityIndex, batch_size: int, identity_fraction: float = DEFAULT_IDENTITY_FRACTION,
                  seed: int = 0, flip: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
         if batch_size < 2 or batch_size % 2:
-            raise ValueError(f"identity pairs need an even batch_size >= 2, got {batch_size}")
+            raise ConfigurationError(f"identity pairs need an even batch_size >= 2, got {batch_size}")
         if not 0.0 < identity_fraction <= 1.0:
-            raise ValueError(f"identity_fraction must be in (0, 1], got {identity_fraction!r}")
+            raise ConfigurationError(f"identity_fraction must be in (0, 1], got {identity_fraction!r}")
         counts = index.counts
         self.pair_identities = np.flatnonzero(counts >= 2)
         if not len(self.pair_identities):

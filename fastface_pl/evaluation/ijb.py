@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastface_pl.atomic import atomic_write, write_text_atomic
 from fastface_pl.data.datasets import declared_size, pil_to_rgb, read_image_file
 from fastface_pl.data.errors import DatasetError
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.evaluation.alignment import arcface_template, similarity_transform, warp_affine
 
 __all__ = ["IJB_FARS", "IJBMeta", "read_ijb_meta", "IJBImages", "extract_features", "pair_scores",
@@ -263,7 +264,7 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: in
 
     autocast_dtypes = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
     if precision not in autocast_dtypes:
-        raise ValueError(f"precision must be one of {', '.join(autocast_dtypes)}, got {precision!r}")
+        raise ConfigurationError(f"precision must be one of {', '.join(autocast_dtypes)}, got {precision!r}")
     device = torch.device(device) if device is not None else _default_device()
     was_training = backbone.training
     backbone.eval().to(device)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from fastface_pl.errors import ConfigurationError
+
 __all__ = ["VerificationMetric", "evaluate_pairs", "verification_from_scores"]
 
 THRESHOLD_STEP = 0.01
@@ -46,9 +48,9 @@ VAL_THRESHOLD_STEP = 0.001  # calculate_val's finer grid
 
 def _check_args(num_folds: int, far: float) -> None:
     if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 2:
-        raise ValueError(f"num_folds must be an integer >= 2, got {num_folds!r}")
+        raise ConfigurationError(f"num_folds must be an integer >= 2, got {num_folds!r}")
     if isinstance(far, bool) or not isinstance(far, (int, float)) or not 0.0 < far < 1.0:
-        raise ValueError(f"far must be in (0, 1), got {far!r}")
+        raise ConfigurationError(f"far must be in (0, 1), got {far!r}")
 
 
 def _fold_ids(num_pairs: int, num_folds: int, device: torch.device) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.validation import check_int
 
 __all__ = ["IResNet", "MobileFaceNet", "build_backbone", "BACKBONES", "count_parameters"]
@@ -46,7 +47,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def _check_input_size(input_size: int) -> int:
     if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 16 or input_size % 16:
-        raise ValueError(
+        raise ConfigurationError(
             f"input_size must be a positive multiple of 16 (the backbones downsample 16 times), got {input_size!r}; "
             "use 112 for InsightFace crops or 32 for quick CPU demos"
         )
@@ -110,13 +111,13 @@ class IResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(depths) != 4 or any(not isinstance(d, int) or d < 1 for d in depths):
-            raise ValueError(f"depths must be four positive integers (blocks per stage), got {tuple(depths)!r}")
+            raise ConfigurationError(f"depths must be four positive integers (blocks per stage), got {tuple(depths)!r}")
         if len(widths) != 4 or any(not isinstance(w, int) or w < 1 for w in widths):
-            raise ValueError(f"widths must be four positive integers (channels per stage), got {tuple(widths)!r}")
+            raise ConfigurationError(f"widths must be four positive integers (channels per stage), got {tuple(widths)!r}")
         if not width_multiplier > 0:
-            raise ValueError(f"width_multiplier must be > 0, got {width_multiplier!r}")
+            raise ConfigurationError(f"width_multiplier must be > 0, got {width_multiplier!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            raise ConfigurationError(f"dropout must be in [0, 1), got {dropout!r}")
         check_int("embedding_size", embedding_size, 1)
         self.input_size = _check_input_size(input_size)
         self.embedding_size = embedding_size
@@ -159,7 +160,7 @@ class IResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"expected images of shape [B, 3, {self.input_size}, {self.input_size}], got {list(x.shape)}; "
                 f"resize the images or build the backbone with input_size={x.shape[-1] if x.dim() == 4 else '...'}"
             )
@@ -262,7 +263,7 @@ class MobileFaceNet(nn.Module):
         check_int("embedding_size", embedding_size, 1)
         check_int("scale", scale, 1)
         if len(blocks) != 4 or any(not isinstance(b, int) or b < 1 for b in blocks):
-            raise ValueError(f"blocks must be four positive integers, got {tuple(blocks)!r}")
+            raise ConfigurationError(f"blocks must be four positive integers, got {tuple(blocks)!r}")
         self.input_size = _check_input_size(input_size)
         self.embedding_size = embedding_size
         c1, c2 = 64 * scale, 128 * scale
@@ -284,7 +285,7 @@ class MobileFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"expected images of shape [B, 3, {self.input_size}, {self.input_size}], got {list(x.shape)}; "
                 "resize the images or build the backbone with a matching input_size"
             )
@@ -327,8 +328,8 @@ def build_backbone(name: str, embedding_size: int = 512, **kwargs: Any) -> nn.Mo
     :class:`~fastface_pl.models.module.FaceRecognitionModule` instead of a name.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+        raise ConfigurationError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
     try:
         return BACKBONES[name](embedding_size=embedding_size, **kwargs)
     except TypeError as error:  # unexpected keyword: say which backbone accepts what
-        raise ValueError(f"invalid arguments for backbone {name!r}: {error}") from error
+        raise ConfigurationError(f"invalid arguments for backbone {name!r}: {error}") from error

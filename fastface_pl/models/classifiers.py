@@ -23,12 +23,13 @@ is treated as the identity in backward (it only trims rounding errors of a few u
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
 from fastface_pl.models.optim import RowSparseSGD
 from fastface_pl.validation import check_int, check_real
@@ -177,7 +178,7 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
     # One host sync; cheap next to the step and catches the classic "num_classes too small" error early.
     bad = (labels < IGNORE_LABEL) | (labels >= num_classes)
     if bool(bad.any()):
-        raise ValueError(
+        raise ConfigurationError(
             f"labels must be in [0, {num_classes}) (or -1 to ignore), got values "
             f"{labels[bad].unique()[:5].tolist()}; set num_classes to the number of identities in the data"
         )
@@ -199,6 +200,11 @@ class ClassificationLayer(nn.Module):
     @classmethod
     def check_settings(cls, settings: dict[str, Any]) -> None:
         """Raises ValueError for a setting out of range (``settings`` holds exactly the keys of ``SETTINGS``)."""
+
+    @classmethod
+    def check_trainer(cls, gradient_clip_val: Any, world_size: Optional[int]) -> None:
+        """Raises :class:`~fastface_pl.errors.ConfigurationError` for Trainer settings the layer cannot train with,
+        over ``world_size`` ranks (None: not known yet, as when the config is checked before anything is built)."""
 
     @classmethod
     def from_settings(cls, embedding_size: int, num_classes: int, margin: MarginHead, settings: dict[str, Any],

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.models.classifiers import ClassificationLayer
 from fastface_pl.models.margins import MarginHead, build_margin
 from fastface_pl.validation import check_int, check_real
@@ -362,7 +363,7 @@ class DCPClassifier(DynamicClassPool, ClassificationLayer):
         positions), with pool and LRU rolled back afterwards; then B is probe against A's gallery features,
         which stay in the pool. The loss is the mean of the two passes."""
         if images.shape[0] % 2:
-            raise ValueError(f"classifier='dcp' needs an even batch of identity pairs, got {images.shape[0]} images; "
+            raise ConfigurationError(f"classifier='dcp' needs an even batch of identity pairs, got {images.shape[0]} images; "
                              "use an even batch_size with FaceDataModule (it lays out the pairs itself)")
         self._update_gallery(module)
         view_a, view_b = images[0::2], images[1::2]
@@ -427,7 +428,7 @@ class DCPClassifier(DynamicClassPool, ClassificationLayer):
         if needed is None or needed <= self.pool_size:
             return
         if self.requested_pool_size is not None:
-            raise ValueError(
+            raise ConfigurationError(
                 f"classifier_kwargs.pool_size={self.requested_pool_size} is smaller than one step's gallery view "
                 f"({needed} images over all ranks); set pool_size >= {needed} or leave it null"
             )
@@ -441,7 +442,7 @@ class DCPClassifier(DynamicClassPool, ClassificationLayer):
         """Refuses a pool (from a checkpoint) smaller than one step's gallery view."""
         needed = self._gallery_images_per_step(module)
         if needed is not None and needed > self.pool_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"the F2C pool has {self.pool_size} entries (from the checkpoint) but one step writes "
                 f"{needed} gallery images over all ranks; resume with the batch size and devices it was "
                 "trained with, or start a new run"

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.validation import check_real
 
 __all__ = [
@@ -253,8 +254,8 @@ def build_margin(name: str, **kwargs: Any) -> MarginHead:
         ValueError: unknown name (lists the valid ones) or invalid arguments.
     """
     if name not in MARGINS:
-        raise ValueError(f"unknown margin {name!r}; valid names: {', '.join(MARGINS)}")
+        raise ConfigurationError(f"unknown margin {name!r}; valid names: {', '.join(MARGINS)}")
     try:
         return MARGINS[name](**kwargs)
     except TypeError as error:
-        raise ValueError(f"invalid arguments for margin {name!r}: {error}") from error
+        raise ConfigurationError(f"invalid arguments for margin {name!r}: {error}") from error

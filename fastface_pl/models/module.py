@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.evaluation.verification import VerificationMetric
 from fastface_pl.models.backbones import build_backbone
 from fastface_pl.models.classifiers import ClassificationLayer, FullClassifier, SampledClassifier
@@ -71,7 +72,7 @@ def check_lr_schedule(schedule: dict[str, Any] | None) -> dict[str, Any] | None:
     if schedule is None:
         return None
     if not isinstance(schedule, Mapping) or schedule.get("name") not in LR_SCHEDULES:
-        raise ValueError(
+        raise ConfigurationError(
             f"lr_schedule must be None (constant LR, or a FastFaceLRCallback) or a dict with name in "
             f"{', '.join(LR_SCHEDULES)}, got {schedule!r}"
         )
@@ -82,7 +83,7 @@ def check_lr_schedule(schedule: dict[str, Any] | None) -> dict[str, Any] | None:
                                               0.0, 1.0, low_open=False, high_open=True)}
     milestones = schedule.get("milestones")
     if not isinstance(milestones, Sequence) or not milestones:
-        raise ValueError(f"lr_schedule milestones must be a non-empty list of epochs >= 1, got {milestones!r}")
+        raise ConfigurationError(f"lr_schedule milestones must be a non-empty list of epochs >= 1, got {milestones!r}")
     return {"name": "step", "milestones": sorted(check_int("lr_schedule milestone", m, 1) for m in milestones),
             "gamma": check_real("lr_schedule gamma", schedule.get("gamma"), 0.0, 1.0, high_open=True)}
 
@@ -91,11 +92,11 @@ def _check_classifier(classifier: Any, kwargs: Mapping[str, Any] | None) -> dict
     """The classification layer's settings, defaults filled in; ValueError for an unknown name, key or value."""
     check_choice("classifier", classifier, tuple(CLASSIFIERS))
     if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise ValueError(f"classifier_kwargs must be a dict or None, got {kwargs!r}")
+        raise ConfigurationError(f"classifier_kwargs must be a dict or None, got {kwargs!r}")
     layer = CLASSIFIERS[classifier]
     unknown = sorted(set(kwargs or {}) - set(layer.SETTINGS))
     if unknown:
-        raise ValueError(f"classifier_kwargs {unknown} do not apply to classifier={classifier!r}; it takes "
+        raise ConfigurationError(f"classifier_kwargs {unknown} do not apply to classifier={classifier!r}; it takes "
                          f"{', '.join(layer.SETTINGS) or 'none'} (conf/classifier/{classifier}.yaml)")
     settings = {**layer.SETTINGS, **(kwargs or {})}
     layer.check_settings(settings)
@@ -179,7 +180,7 @@ class FaceRecognitionModule(pl.LightningModule):
         elif isinstance(backbone, nn.Module):
             self.backbone = backbone
         else:
-            raise ValueError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+            raise ConfigurationError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         head = build_margin(margin, **(margin_kwargs or {}))
@@ -206,7 +207,7 @@ class FaceRecognitionModule(pl.LightningModule):
         check_real("weight_decay", weight_decay, 0.0, low_open=False)
         check_real("clip_grad_norm", clip_grad_norm, 0.0, allow_none=True)
         if backbone_kwargs is not None and not isinstance(backbone, str):
-            raise ValueError("backbone_kwargs only applies to a backbone given by name; "
+            raise ConfigurationError("backbone_kwargs only applies to a backbone given by name; "
                              "configure the nn.Module before passing it")
         check_lr_schedule(lr_schedule)
         return _check_classifier(classifier, classifier_kwargs)
@@ -248,7 +249,7 @@ class FaceRecognitionModule(pl.LightningModule):
         """The embeddings of training images, ValueError unless they are ``[B, embedding_size]``."""
         embeddings = self(images)
         if embeddings.dim() != 2 or embeddings.shape[1] != self.hparams.embedding_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"the backbone returned shape {list(embeddings.shape)} but embedding_size="
                 f"{self.hparams.embedding_size}; pass the backbone's output size as embedding_size"
             )
@@ -342,7 +343,7 @@ class FaceRecognitionModule(pl.LightningModule):
         if names is None:
             return [f"set{i}" for i in range(count)]
         if len(names) != count:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{count} validation dataloaders but {len(names)} val_set_names {list(names)}; "
                 "give one name per dataloader"
             )

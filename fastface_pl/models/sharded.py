@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.models.classifiers import (ClassificationLayer, _check_labels, _cosines, _input_gradients,
                                             _target_logits)
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
@@ -233,7 +234,7 @@ class ShardedClassifier(ClassificationLayer):
             raise RuntimeError(f"the layer is already sharded over {self.world_size} ranks; build it again to shard "
                                f"it over {world_size}")
         if self.num_classes < world_size:
-            raise ValueError(f"classifier=sharded needs at least one identity per rank: {self.num_classes} "
+            raise ConfigurationError(f"classifier=sharded needs at least one identity per rank: {self.num_classes} "
                              f"identities over {world_size} ranks; use classifier=full")
         start, end = shard_range(self.num_classes, world_size, rank)
         seed = [self.sample_seed]
@@ -313,16 +314,21 @@ class ShardedClassifier(ClassificationLayer):
         if trainer.world_size > 1:
             self.shard(trainer.global_rank, trainer.world_size)
 
-    def on_fit_start(self, module: FaceRecognitionModule) -> None:
-        """Refuses the Trainer's ``gradient_clip_val`` over several ranks (it would clip each rank differently)."""
-        clip = module.trainer.gradient_clip_val
-        if self.world_size > 1 and clip is not None:
-            raise ValueError(
-                f"trainer.gradient_clip_val={clip} clips every parameter together, and with "
-                "classifier=sharded each rank holds other rows of the layer: the ranks would scale their gradients "
-                "differently and their backbones drift apart. Leave it null; model.clip_grad_norm clips the backbone "
-                "(the same on every rank)"
+    @classmethod
+    def check_trainer(cls, gradient_clip_val: Any, world_size: Optional[int]) -> None:
+        """Refuses the Trainer's ``gradient_clip_val`` over several ranks (or a number not known yet): it would clip
+        each rank differently."""
+        if gradient_clip_val is not None and (world_size is None or world_size > 1):
+            raise ConfigurationError(
+                f"trainer.gradient_clip_val={gradient_clip_val} with classifier=sharded: it clips every parameter "
+                "together, and each rank holds other rows of the layer, so the ranks would scale their gradients "
+                "differently and their backbones drift apart. Leave it null; model.clip_grad_norm clips the "
+                "backbone (the same on every rank)"
             )
+
+    def on_fit_start(self, module: FaceRecognitionModule) -> None:
+        """Refuses the Trainer's ``gradient_clip_val`` over several ranks (:meth:`check_trainer`)."""
+        self.check_trainer(module.trainer.gradient_clip_val, self.world_size)
 
     def on_train_end(self, module: FaceRecognitionModule) -> None:
         """Over several ranks: the whole layer and its momentum back on every rank (on the host, before Lightning's

@@ -35,6 +35,7 @@ import math
 import numbers
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+from fastface_pl.errors import DivergenceError
 from fastface_pl.scheduling.saved_state import SchedulerStateError, check_state, loading, required
 from fastface_pl.validation import check_int, check_real
 
@@ -50,7 +51,7 @@ PAPER_THRESHOLD = 5e-5
 PAPER_PATIENCE_FRACTION = 0.05
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DivergenceError, FloatingPointError):
     """A NaN or infinite training loss reached a detector or :class:`FastFaceLR` (set to raise).
 
     The one exception type for this condition at every entry point: the run diverged.

@@ -11,10 +11,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from fastface_pl.errors import UsageError
+
 __all__ = ["SchedulerStateError", "check_state", "loading", "required"]
 
 
-class SchedulerStateError(ValueError):
+class SchedulerStateError(UsageError, ValueError):
     """A saved scheduler state that cannot be loaded: another type or version, a missing key or a bad value."""
 
 
