@@ -219,3 +219,22 @@ def test_fabric_with_two_gloo_ranks_takes_the_same_decisions_on_every_rank(tmp_p
                                                  base_losses(STEPS)).decisions]
     assert ranks[0]["auto"]["decisions"] == mean_decisions  # those of the mean loss across ranks
     assert ranks[0]["off"]["decisions"] != ranks[1]["off"]["decisions"]  # unsynchronised, the ranks drift apart
+
+
+# ---------------------------------------------------------------------------------------------------------- exit codes
+def test_every_refusal_here_is_a_usage_error_by_type(tmp_path):
+    from fastface_pl.faults import classify_fault
+    from fastface_pl.scheduling.callback import TrainerSetupError
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR0)
+    refusals = [TrainerSetupError("another owner of the LR"), LRChangedError("changed")]
+    for make in (lambda: FastFaceLR(optimizer, "fastface", mode="cooldown"),  # a cooldown without a budget
+                 lambda: FastFaceLR(optimizer, "fastface", patience=2).step(None),
+                 lambda: FastFaceLRCallback("fastface", horizon_steps=10)):  # a horizon outside mode="stop"
+        with pytest.raises(Exception) as raised:
+            make()
+        refusals.append(raised.value)
+    for error in refusals:
+        outcome = classify_fault(error, tmp_path)
+        assert outcome is not None and outcome.exit_code == 2, error
+    assert classify_fault(ValueError("too many values to unpack"), tmp_path) is None  # a bug: exit 1

@@ -32,6 +32,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.scheduling.detectors import (
     PAPER_ALPHA,
     PAPER_PATIENCE_FRACTION,
@@ -152,12 +153,12 @@ def fastface_auto_settings(total_steps: int, early_losses: Sequence[float],
     patience_fraction = check_real("patience_fraction", patience_fraction, 0.0, 1.0)
     losses = [float(v) for v in early_losses]
     if len(losses) < 3:
-        raise ValueError(f"early_losses needs at least 3 losses of the first optimizer steps, got {len(losses)}")
+        raise ConfigurationError(f"early_losses needs at least 3 losses of the first optimizer steps, got {len(losses)}")
     if not all(math.isfinite(v) for v in losses):
-        raise ValueError("early_losses holds a NaN or infinite loss; feed only finite losses (skip the others)")
+        raise ConfigurationError("early_losses holds a NaN or infinite loss; feed only finite losses (skip the others)")
     loss_scale = statistics.median(losses)
     if not loss_scale > 0.0:
-        raise ValueError(
+        raise ConfigurationError(
             f"the loss level of the first steps is {loss_scale:g} (median), but the auto rule scales the threshold λ "
             "by a positive loss level; pass alpha, beta and threshold explicitly (detector_kwargs) for this loss"
         )

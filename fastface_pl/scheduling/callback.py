@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import StochasticWeightAveraging, Timer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from fastface_pl.errors import ConfigurationError, ConfigurationTypeError, UsageError
 from fastface_pl.scheduling.auto import AutoFastFaceDetector
 from fastface_pl.scheduling.detectors import Detector, build_detector, detector_class
 from fastface_pl.scheduling.ending import DEFAULT_LATEST_START, DEFAULT_STOP_COOLDOWN_FRACTION, RunEnding
@@ -41,7 +42,7 @@ from fastface_pl.scheduling.lr_scheduler import (
 from fastface_pl.scheduling.saved_state import check_state, loading, required
 from fastface_pl.validation import check_bool, check_int, check_real
 
-__all__ = ["FastFaceLRCallback", "DEFAULT_PATIENCE_FRACTION"]
+__all__ = ["FastFaceLRCallback", "DEFAULT_PATIENCE_FRACTION", "TrainerSetupError"]
 
 _STATE_VERSION = 1
 
@@ -73,6 +74,11 @@ def _composes_as_is(scheduler: Any) -> bool:
     if type(scheduler) is _lr.ChainedScheduler:  # steps each inner one in turn: multiplicative if they all are
         return all(_composes_as_is(inner) for inner in _inner_schedulers(scheduler))
     return False  # SequentialLR resets its inner schedulers at milestones; any other may recompute
+
+
+class TrainerSetupError(UsageError, MisconfigurationException):
+    """The Trainer the callback was put in cannot run it as set up (another owner of the LR, no optimizer, no run
+    length ...); raised at fit start, before any step. A usage error (``fastface_pl.train`` exits 2)."""
 
 
 @dataclass
@@ -138,11 +144,12 @@ class FastFaceLRCallback(StepLossConsumer):
         horizon_steps: The same in optimizer steps (give one of the two).
 
     Raises:
-        TypeError: a detector that is neither a name nor a detector instance, a ``name`` that is not a string.
-        ValueError: a setting out of range, or settings that do not go together (named).
-        MisconfigurationException: at fit start, a Trainer it cannot work in: no optimizer, another
-            FastFaceLRCallback, ``StochasticWeightAveraging``, a scheduler that would undo its decisions, a τ
-            without a run length.
+        ConfigurationTypeError: (a ``TypeError``) a detector that is neither a name nor a detector instance, a
+            ``name`` that is not a string.
+        ConfigurationError: (a ``ValueError``) a setting out of range, or settings that do not go together (named).
+        TrainerSetupError: (a ``MisconfigurationException``) at fit start, a Trainer it cannot work in: no
+            optimizer, another FastFaceLRCallback, ``StochasticWeightAveraging``, a scheduler that would undo its
+            decisions, a τ without a run length.
 
     Example::
 
@@ -192,16 +199,16 @@ class FastFaceLRCallback(StepLossConsumer):
         self.horizon_epochs = check_real("horizon_epochs", horizon_epochs, 0.0, allow_none=True)
         self.horizon_steps = check_int("horizon_steps", horizon_steps, 1, allow_none=True, none_means="none")
         if (horizon_epochs is not None or horizon_steps is not None) and mode != "stop":
-            raise ValueError(f"horizon_epochs and horizon_steps apply to mode='stop' only, got mode={mode!r} "
+            raise ConfigurationError(f"horizon_epochs and horizon_steps apply to mode='stop' only, got mode={mode!r} "
                              "(the other modes resolve the detector's settings for the run length)")
         if horizon_epochs is not None and horizon_steps is not None:
-            raise ValueError(f"give horizon_epochs or horizon_steps, not both; got horizon_epochs={horizon_epochs!r}, "
+            raise ConfigurationError(f"give horizon_epochs or horizon_steps, not both; got horizon_epochs={horizon_epochs!r}, "
                              f"horizon_steps={horizon_steps!r}")
         self._detector_name, self._detector_kwargs, self._patience_fraction = check_detector_arguments(
             detector, detector_kwargs, patience, patience_fraction)
         self._fraction_given = patience_fraction is not None
         if mode == "stop" and self._patience_fraction is not None and horizon_epochs is None and horizon_steps is None:
-            raise ValueError("mode='stop' resolves the detector's settings (patience_fraction, or the auto rule) for a "
+            raise ConfigurationError("mode='stop' resolves the detector's settings (patience_fraction, or the auto rule) for a "
                              "horizon that does not depend on the budget: pass horizon_epochs (for example 5, the "
                              "paper's run length) or horizon_steps, or give the patience in steps (patience=...)")
         self.min_lr = check_real("min_lr", min_lr, 0.0, low_open=False, allow_none=True)
@@ -210,7 +217,7 @@ class FastFaceLRCallback(StepLossConsumer):
         self.compose_with_step_schedulers = check_bool("compose_with_step_schedulers", compose_with_step_schedulers)
         self.verbose = check_bool("verbose", verbose)
         if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a string or None, got {type(name).__name__}")
+            raise ConfigurationTypeError(f"name must be a string or None, got {type(name).__name__}")
         self.name = name
         # The detector as soon as its settings are known (an instance; a named one with P in steps).
         self._detector: Detector | None = detector if self._detector_name is None else None
@@ -315,7 +322,7 @@ class FastFaceLRCallback(StepLossConsumer):
     # ------------------------------------------------------------------ fit start
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.optimizers:
-            raise MisconfigurationException("FastFaceLRCallback needs an optimizer, but configure_optimizers "
+            raise TrainerSetupError("FastFaceLRCallback needs an optimizer, but configure_optimizers "
                                             "returned none")
         self._check_other_callbacks(trainer)
         composed = self._check_schedulers(trainer)
@@ -337,13 +344,13 @@ class FastFaceLRCallback(StepLossConsumer):
         others = [c for c in trainer.callbacks if isinstance(c, FastFaceLRCallback) and c is not self]
         if others:
             names = ", ".join(repr(c.state_key) for c in [self, *others])
-            raise MisconfigurationException(
+            raise TrainerSetupError(
                 f"{len(others) + 1} FastFaceLRCallbacks are attached ({names}): each scales the LR of every parameter "
                 "group of every optimizer, so their decisions would compound (name= only tells their checkpoint "
                 "states and logged keys apart). Keep one FastFaceLRCallback per Trainer.")
         swa = [c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
         if swa:
-            raise MisconfigurationException(
+            raise TrainerSetupError(
                 "FastFaceLRCallback owns the learning rate, but StochasticWeightAveraging sets it too: from its "
                 "swa_epoch_start its SWALR resets the LR to swa_lrs every epoch, undoing the callback's decisions "
                 "while the callback keeps taking them. Use one of the two: for a weight average beside the callback, "
@@ -357,7 +364,7 @@ class FastFaceLRCallback(StepLossConsumer):
             if config.reduce_on_plateau or (config.interval == "epoch" and _composes_as_is(scheduler)):
                 continue
             if not self.compose_with_step_schedulers:
-                raise MisconfigurationException(
+                raise TrainerSetupError(
                     f'FastFaceLRCallback owns the learning rate, but a {_describe(scheduler)} is configured with '
                     f'interval="{config.interval}": it would undo the callback\'s decisions (a step-interval '
                     "scheduler such as a LinearLR or LambdaLR warm-up sets the LR every step; SequentialLR, "
@@ -418,7 +425,7 @@ class FastFaceLRCallback(StepLossConsumer):
             return self.horizon_steps
         batches = trainer.num_training_batches
         if not math.isfinite(batches) or batches < 1:
-            raise MisconfigurationException(
+            raise TrainerSetupError(
                 "FastFaceLRCallback: horizon_epochs needs the number of batches per epoch, but the training data has "
                 "no length (an iterable dataset); give horizon_steps instead")
         per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
@@ -499,7 +506,7 @@ class FastFaceLRCallback(StepLossConsumer):
             by_epochs = trainer.num_training_batches * epochs * per_batch
             total = min(by_steps, by_epochs)
         if not math.isfinite(total) or total < 1:
-            raise MisconfigurationException(self._no_run_length(trainer))
+            raise TrainerSetupError(self._no_run_length(trainer))
         return max(1, round(total))
 
     def _no_run_length(self, trainer: Trainer) -> str:
@@ -695,7 +702,7 @@ class FastFaceLRCallback(StepLossConsumer):
         with loading("FastFaceLRCallback"):
             scheduler_state = state.get("scheduler")
             if scheduler_state is not None and not isinstance(scheduler_state, Mapping):
-                raise ValueError(f"state['scheduler'] must be a dict or None, got {scheduler_state!r}")
+                raise ConfigurationError(f"state['scheduler'] must be a dict or None, got {scheduler_state!r}")
             if scheduler_state is not None:
                 detector = self._detector_for(required(scheduler_state, "detector"))
                 read_state(scheduler_state, detector)  # checks every value; the detector takes its state
@@ -713,7 +720,7 @@ class FastFaceLRCallback(StepLossConsumer):
         expected = AutoFastFaceDetector if auto else detector_class(self._detector_name)
         if not isinstance(detector_state, Mapping) or detector_state.get("type") != expected.__name__:
             found = detector_state.get("type") if isinstance(detector_state, Mapping) else detector_state
-            raise ValueError(f"the checkpoint's FastFaceLRCallback state['scheduler']['detector'] holds a {found!r} "
+            raise ConfigurationError(f"the checkpoint's FastFaceLRCallback state['scheduler']['detector'] holds a {found!r} "
                              f"detector, this callback runs {self._detector_name!r} ({expected.__name__}); resume "
                              "with the same detector or start afresh")
         if auto:

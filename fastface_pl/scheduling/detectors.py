@@ -35,7 +35,7 @@ import math
 import numbers
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-from fastface_pl.errors import DivergenceError
+from fastface_pl.errors import ConfigurationError, ConfigurationTypeError, DivergenceError
 from fastface_pl.scheduling.saved_state import SchedulerStateError, check_state, loading, required
 from fastface_pl.validation import check_int, check_real
 
@@ -103,7 +103,7 @@ def as_finite_loss(loss: Any) -> float:
         try:
             loss = float(loss)
         except (TypeError, ValueError) as error:
-            raise TypeError(
+            raise ConfigurationTypeError(
                 f"loss must be a real number (a Python float, int or 0-d array/tensor), got {loss!r}; "
                 "convert it with float(...) first"
             ) from error
@@ -322,7 +322,7 @@ class FastFaceDetector(_StationarityDetector):
     @staticmethod
     def _checked(alpha, beta, threshold, patience, decay, max_decays, wait_for_descent) -> dict[str, Any]:
         if not isinstance(wait_for_descent, bool):
-            raise TypeError(f"wait_for_descent must be True or False, got {wait_for_descent!r}")
+            raise ConfigurationTypeError(f"wait_for_descent must be True or False, got {wait_for_descent!r}")
         return {"alpha": check_real("alpha", alpha, 0.0, 1.0), "beta": check_real("beta", beta, 0.0, 1.0),
                 "threshold": check_real("threshold", threshold), "patience": check_int("patience", patience, 0),
                 "decay": check_real("decay", decay, 1.0),
@@ -429,7 +429,7 @@ class FastFaceDetector(_StationarityDetector):
             self._signal_prev = _finite_state_value(state, "signal_prev")
         descended = required(state, "descended")
         if not isinstance(descended, bool):
-            raise ValueError(f"state['descended'] must be True or False, got {descended!r}")
+            raise ConfigurationError(f"state['descended'] must be True or False, got {descended!r}")
         self._descended = descended
         peak = _finite_state_value(state, "peak", allow_none=True)
         self._peak = -math.inf if peak is None else peak
@@ -629,10 +629,10 @@ class MovingHaarDetector(_StationarityDetector):
         losses = [float(x) for x in required(state, "losses")]
         averages = [float(x) for x in required(state, "averages")]
         if len(losses) != m or len(averages) != m:
-            raise ValueError(f"state buffers hold {len(losses)} losses and {len(averages)} averages, "
+            raise ConfigurationError(f"state buffers hold {len(losses)} losses and {len(averages)} averages, "
                              f"expected {m} each (window={m}); the state is corrupt")
         if not all(math.isfinite(x) for x in losses + averages):
-            raise ValueError("state buffers contain non-finite values; the state is corrupt")
+            raise ConfigurationError("state buffers contain non-finite values; the state is corrupt")
         self._losses = losses
         self._averages = averages
         self._loss_pos = check_int("state['loss_pos']", required(state, "loss_pos"), 0) % m
@@ -654,7 +654,7 @@ def detector_name(name: str) -> str:
     """The name of :data:`DETECTOR_NAMES` that ``name`` spells (``-`` and case are forgiven); ValueError if none."""
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
     if key not in _DETECTORS:
-        raise ValueError(f"Unknown detector {name!r}. Only {', '.join(repr(n) for n in DETECTOR_NAMES)} "
+        raise ConfigurationError(f"Unknown detector {name!r}. Only {', '.join(repr(n) for n in DETECTOR_NAMES)} "
                          "are supported.")
     return key
 

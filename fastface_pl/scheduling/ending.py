@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.validation import check_choice, check_int, check_real
 
 __all__ = ["RunEnding", "cooldown_factor", "MODES", "COOLDOWN_SHAPES", "DEFAULT_LATEST_START",
@@ -73,7 +74,7 @@ class RunEnding:
         self.latest_start, self.cooldown_fraction = settings["latest_start"], settings["cooldown_fraction"]
         self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True, none_means="unknown")
         if self.mode == "cooldown" and self.total_steps is None:
-            raise ValueError("mode='cooldown' anneals the LR to zero at the end of the budget, which is unknown: pass "
+            raise ConfigurationError("mode='cooldown' anneals the LR to zero at the end of the budget, which is unknown: pass "
                              "total_steps (Lightning: max_epochs or max_steps), or use mode='stop' for a run "
                              "whose length nobody knows")
         self.start: int | None = None
@@ -151,17 +152,17 @@ class RunEnding:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores :meth:`state_dict`; ValueError naming the key for a bad value."""
         if not isinstance(state, Mapping):
-            raise ValueError(f"state['ending'] must be a dict from RunEnding.state_dict(), got {state!r}")
+            raise ConfigurationError(f"state['ending'] must be a dict from RunEnding.state_dict(), got {state!r}")
         loaded = RunEnding(state.get("mode", "halve"), state.get("shape", "1-sqrt"),
                            state.get("latest_start"), state.get("cooldown_fraction", DEFAULT_STOP_COOLDOWN_FRACTION),
                            state.get("total_steps"))
         start = check_int("state['ending']['start']", state.get("start"), 0, allow_none=True, none_means="not started")
         end = check_int("state['ending']['end']", state.get("end"), 0, allow_none=True, none_means="not started")
         if (start is None) != (end is None) or (start is not None and end < start):
-            raise ValueError(f"state['ending'] has start={start!r}, end={end!r}: both None, or end >= start")
+            raise ConfigurationError(f"state['ending'] has start={start!r}, end={end!r}: both None, or end >= start")
         reason = state.get("reason")
         if reason is not None and not isinstance(reason, str):
-            raise ValueError(f"state['ending']['reason'] must be a string or None, got {reason!r}")
+            raise ConfigurationError(f"state['ending']['reason'] must be a string or None, got {reason!r}")
         self.__dict__.update(loaded.__dict__)
         self.start, self.end, self.reason = start, end, reason
 

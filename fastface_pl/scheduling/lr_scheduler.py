@@ -29,6 +29,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from fastface_pl.errors import ConfigurationError, ConfigurationTypeError, UsageError
 from fastface_pl.scheduling.auto import AutoFastFaceDetector, patience_steps
 from fastface_pl.scheduling.detectors import (
     PAPER_PATIENCE_FRACTION,
@@ -74,17 +75,17 @@ def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] |
     instance carries its own settings. Raises TypeError for wrong types, ValueError for bad values.
     """
     if detector_kwargs is not None and not isinstance(detector_kwargs, Mapping):
-        raise TypeError(f"detector_kwargs must be a dict or None, got {type(detector_kwargs).__name__}")
+        raise ConfigurationTypeError(f"detector_kwargs must be a dict or None, got {type(detector_kwargs).__name__}")
     kwargs = dict(detector_kwargs or {})
     if patience is not None and patience_fraction is not None:
-        raise ValueError(f"give either patience (optimizer steps) or patience_fraction (τ), not both; "
+        raise ConfigurationError(f"give either patience (optimizer steps) or patience_fraction (τ), not both; "
                          f"got patience={patience!r}, patience_fraction={patience_fraction!r}")
     check_int("patience", patience, 0, allow_none=True, none_means="see patience_fraction")
     check_real("patience_fraction", patience_fraction, 0.0, 1.0, allow_none=True)
     if isinstance(detector, str):
         name = detector_name(detector)
         if "patience" in kwargs and (patience is not None or patience_fraction is not None):
-            raise ValueError("patience is given twice: in detector_kwargs and as patience/patience_fraction; keep one")
+            raise ConfigurationError("patience is given twice: in detector_kwargs and as patience/patience_fraction; keep one")
         if patience is not None:
             kwargs["patience"] = int(patience)
         if name == "fastface" and "patience" not in kwargs and patience_fraction is None:
@@ -92,13 +93,13 @@ def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] |
         detector_class(name).check_settings(**{"patience": 0, **kwargs})  # bad arguments fail now, not hours later
         return name, kwargs, None if patience_fraction is None else float(patience_fraction)
     if not isinstance(detector, Detector):
-        raise TypeError(f"detector must be 'fastface', 'moving_haar' or a detector instance (update, state_dict, "
+        raise ConfigurationTypeError(f"detector must be 'fastface', 'moving_haar' or a detector instance (update, state_dict, "
                         f"load_state_dict and the signals of fastface_pl.scheduling.detectors.Detector), "
                         f"got {type(detector).__name__}")
     if kwargs:
-        raise ValueError("detector_kwargs only apply to a detector given by name; got a detector instance")
+        raise ConfigurationError("detector_kwargs only apply to a detector given by name; got a detector instance")
     if patience is not None or patience_fraction is not None:
-        raise ValueError("a detector instance carries its own patience; do not pass patience or patience_fraction "
+        raise ConfigurationError("a detector instance carries its own patience; do not pass patience or patience_fraction "
                          f"with it (got patience={patience!r}, patience_fraction={patience_fraction!r})")
     return None, kwargs, None
 
@@ -175,10 +176,10 @@ class FastFaceLR:
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         for item in optimizers:
             if not isinstance(item, torch.optim.Optimizer):
-                raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a list of them), "
+                raise ConfigurationTypeError(f"optimizer must be a torch.optim.Optimizer (or a list of them), "
                                 f"got {type(item).__name__}")
         if not optimizers:
-            raise ValueError("optimizer: got an empty list; pass the optimizer(s) whose LR FastFaceLR owns")
+            raise ConfigurationError("optimizer: got an empty list; pass the optimizer(s) whose LR FastFaceLR owns")
         self.optimizers = optimizers
         name, kwargs, fraction = check_detector_arguments(detector, detector_kwargs, patience, patience_fraction)
         self.patience_fraction = fraction
@@ -186,7 +187,7 @@ class FastFaceLR:
         self.ending = RunEnding(mode, cooldown_shape, latest_cooldown_start, cooldown_fraction, self.total_steps)
         self.horizon_steps = check_int("horizon_steps", horizon_steps, 1, allow_none=True, none_means="none")
         if self.horizon_steps is not None and mode != "stop":
-            raise ValueError(f"horizon_steps applies to mode='stop' only (mode={mode!r} resolves the detector's "
+            raise ConfigurationError(f"horizon_steps applies to mode='stop' only (mode={mode!r} resolves the detector's "
                              "settings for total_steps)")
         self.auto_settings = uses_auto_settings(name, kwargs)
         if name is None:
@@ -207,7 +208,7 @@ class FastFaceLR:
         self.decisions: list[tuple[int, float, float]] = []
         composed = optimizers if compose is True else list(compose or [])
         if any(all(item is not other for other in optimizers) for item in composed):
-            raise ValueError("compose: every optimizer listed must be one of those FastFaceLR owns")
+            raise ConfigurationError("compose: every optimizer listed must be one of those FastFaceLR owns")
         self._own_lrs: dict[int, list[Any]] = {}
         self._hook_depth: dict[int, int] = {}
         self._composed = [(item, self._hook(item)) for item in composed]
@@ -219,7 +220,7 @@ class FastFaceLR:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """Refused: code that reads ``scheduler.optimizer`` steps schedulers for you, without the loss."""
-        raise TypeError(_STEPPED_FOR_YOU)
+        raise ConfigurationTypeError(_STEPPED_FOR_YOU)
 
     # ------------------------------------------------------------------ settings from the run length
     def run_length_settings(self, total_steps: int | None) -> dict[str, Any]:
@@ -234,11 +235,11 @@ class FastFaceLR:
         if self.ending.mode == "stop":
             total_steps = self.horizon_steps
             if total_steps is None:
-                raise ValueError("mode='stop' resolves the detector's settings for a horizon that does not depend on "
+                raise ConfigurationError("mode='stop' resolves the detector's settings for a horizon that does not depend on "
                                  "the budget: pass horizon_steps (for example the optimizer steps of a few epochs) or "
                                  "give the patience in steps and the detector's settings explicitly")
         elif total_steps is None:
-            raise ValueError(f"patience_fraction={self.patience_fraction} needs the run length: pass total_steps "
+            raise ConfigurationError(f"patience_fraction={self.patience_fraction} needs the run length: pass total_steps "
                              "(the optimizer steps of the whole run) or give patience in steps")
         if getattr(self, "auto_settings", False):
             return {"total_steps": int(total_steps)}
@@ -264,7 +265,7 @@ class FastFaceLR:
         current = self.detector.hyperparameters
         unknown = sorted(set(hyperparameters) - set(current))
         if unknown:
-            raise ValueError(f"{type(self.detector).__name__} has no setting {', '.join(unknown)}; "
+            raise ConfigurationError(f"{type(self.detector).__name__} has no setting {', '.join(unknown)}; "
                              f"it has {', '.join(current)}")
         changes = {key: (current[key], value) for key, value in hyperparameters.items() if current[key] != value}
         if changes:
@@ -291,7 +292,7 @@ class FastFaceLR:
             NonFiniteLossError: a NaN/inf loss with ``on_nonfinite="raise"``.
         """
         if loss is None:
-            raise TypeError(_STEPPED_FOR_YOU)
+            raise ConfigurationTypeError(_STEPPED_FOR_YOU)
         if self._across_ranks():
             loss = self._mean_across_ranks(loss)
         elif type(loss) is not float:  # the callback passes floats: it skips these checks
@@ -397,13 +398,13 @@ class FastFaceLR:
     def _as_float(loss: Any) -> float:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
-                raise ValueError(f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
+                raise ConfigurationError(f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
                                  "pass the mean loss of the optimizer step")
             return loss.item()
         try:
             return float(loss)
         except (TypeError, ValueError) as error:
-            raise TypeError(f"loss must be a real number or a one-element tensor, got {loss!r}") from error
+            raise ConfigurationTypeError(f"loss must be a real number or a one-element tensor, got {loss!r}") from error
 
     def _skip_nonfinite(self, loss: float) -> float:
         if self.on_nonfinite == "raise":
@@ -531,7 +532,7 @@ class FastFaceLR:
             return None
         values = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr] * num_groups
         if len(values) != num_groups:
-            raise ValueError(f"min_lr must be one float or {num_groups} (one per parameter group), "
+            raise ConfigurationError(f"min_lr must be one float or {num_groups} (one per parameter group), "
                              f"got {len(values)} values")
         return [check_real("min_lr", value, 0.0, low_open=False) for value in values]
 
@@ -585,12 +586,12 @@ def read_state(state: Mapping[str, Any], detector: Detector) -> dict[str, Any]:
         min_lrs = required(state, "min_lrs")
         if min_lrs is not None:
             if not isinstance(min_lrs, (list, tuple)):
-                raise ValueError(f"state['min_lrs'] must be a list of floats or None, got {min_lrs!r}")
+                raise ConfigurationError(f"state['min_lrs'] must be a list of floats or None, got {min_lrs!r}")
             min_lrs = [check_real("state['min_lrs']", value, 0.0, low_open=False) for value in min_lrs]
         try:
             decisions = [(int(s), float(f), float(lr)) for s, f, lr in required(state, "decisions")]
         except (TypeError, ValueError):
-            raise ValueError("state['decisions'] must be a list of [step, factor, lr] triples, got "
+            raise ConfigurationError("state['decisions'] must be a list of [step, factor, lr] triples, got "
                              f"{state.get('decisions')!r}") from None
         ending = RunEnding()
         ending.load_state_dict(required(state, "ending"))
@@ -616,7 +617,7 @@ def read_state(state: Mapping[str, Any], detector: Detector) -> dict[str, Any]:
     return values
 
 
-class LRChangedError(RuntimeError):
+class LRChangedError(UsageError, RuntimeError):
     """The LR of a group FastFaceLR owns was changed by something else (see ``check_lr_changes``)."""
 
 

@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
+from fastface_pl.errors import ConfigurationError
 from fastface_pl.scheduling.detectors import (
     PAPER_ALPHA,
     PAPER_PATIENCE_FRACTION,
@@ -126,21 +127,21 @@ def load_loss_log(path: str | Path | None = None) -> list[LogRow]:
     reader = csv.DictReader(lines)
     missing = {"step", "loss", "lr", "epoch"} - set(reader.fieldnames or [])
     if missing:
-        raise ValueError(f"{source}: missing column(s) {sorted(missing)}; expected a header 'step,loss,lr,epoch'")
+        raise ConfigurationError(f"{source}: missing column(s) {sorted(missing)}; expected a header 'step,loss,lr,epoch'")
     rows: list[LogRow] = []
     for number, record in enumerate(reader, start=2):
         try:
             row = LogRow(int(record["step"]), float(record["loss"]), float(record["lr"]), int(record["epoch"]))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: data row {number} does not parse ({error}): {record}") from error
+            raise ConfigurationError(f"{source}: data row {number} does not parse ({error}): {record}") from error
         if not math.isfinite(row.loss):
-            raise ValueError(f"{source}: data row {number} (step {row.step}) has a non-finite loss {row.loss}: "
+            raise ConfigurationError(f"{source}: data row {number} (step {row.step}) has a non-finite loss {row.loss}: "
                              "a detector never takes one; remove or repair that row")
         if rows and row.step <= rows[-1].step:
-            raise ValueError(f"{source}: steps must increase, row {number} has step {row.step} after {rows[-1].step}")
+            raise ConfigurationError(f"{source}: steps must increase, row {number} has step {row.step} after {rows[-1].step}")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{source}: no data rows")
+        raise ConfigurationError(f"{source}: no data rows")
     return rows
 
 
@@ -160,7 +161,7 @@ def expand_loss_log(rows: Sequence[LogRow]) -> list[float]:
     previous = 0
     for row in rows:
         if row.step <= previous:
-            raise ValueError(f"row steps must increase and be positive, got {row.step} after {previous}")
+            raise ConfigurationError(f"row steps must increase and be positive, got {row.step} after {previous}")
         stream.extend([row.loss] * (row.step - previous))
         previous = row.step
     return stream
