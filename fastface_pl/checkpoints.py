@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
-from fastface_pl.errors import UsageError
+from fastface_pl.errors import SavedStateError, UsageError
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "SAFE_GLOBALS", "restoring_from", "SavedStateError", "load_checkpoint", "load_lightning_checkpoint",
            "load_backbone_weights", "newest_checkpoint", "checkpoint_candidates",
@@ -43,14 +43,6 @@ _LIGHTNING_KEYS = ("state_dict", "global_step")
 
 class CheckpointError(UsageError, ValueError):
     """A checkpoint or weight file that cannot be used: missing, unreadable, refused, corrupt or of another kind."""
-
-
-class SavedStateError(UsageError, ValueError):
-    """A component's state read from a checkpoint is not what it saves (a value of the wrong type or range).
-
-    Raised by a component's ``load_state_dict`` or when it first uses the state; :func:`restoring_from` turns it
-    into a :class:`CheckpointError` that names the file.
-    """
 
 
 def _describe_refusal(err: pickle.UnpicklingError) -> str:

@@ -23,7 +23,7 @@ import signal
 from typing import ClassVar
 
 __all__ = ["EXIT_CRASH", "EXIT_DIVERGED", "EXIT_USAGE", "ConfigurationError", "ConfigurationTypeError",
-           "DiskFullError", "DivergenceError", "FastFaceError", "InterruptionError", "UsageError"]
+           "DiskFullError", "DivergenceError", "FastFaceError", "InterruptionError", "SavedStateError", "UsageError"]
 
 EXIT_CRASH = 1  # a bug: Python's own exit code for an uncaught exception, with its traceback
 EXIT_USAGE = 2  # what argparse and Hydra exit with for a command line they refuse
@@ -52,6 +52,15 @@ class ConfigurationError(UsageError, ValueError):
 
 class ConfigurationTypeError(UsageError, TypeError):
     """An argument or config value of the wrong type (a ``TypeError``)."""
+
+
+class SavedStateError(UsageError, ValueError):
+    """A component's saved state (a checkpoint's data module, callback or scheduler state, a ``state_dict`` given to
+    ``load_state_dict``) is not what the component saves: a value of the wrong type or range, a missing key.
+
+    Every component of the package raises this type (or a subclass) for it; around ``trainer.fit(ckpt_path=...)``,
+    :func:`fastface_pl.checkpoints.restoring_from` turns it into a ``CheckpointError`` that names the file.
+    """
 
 
 class DiskFullError(FastFaceError, OSError, ValueError):

@@ -27,8 +27,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from fastface_pl.errors import DivergenceError, InterruptionError
+from fastface_pl.errors import DivergenceError, InterruptionError, SavedStateError
 from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
+from fastface_pl.scheduling.saved_state import loading
 from fastface_pl.validation import check_int
 
 log = logging.getLogger(__name__)
@@ -160,15 +161,20 @@ class DivergenceGuard(StepLossConsumer):
         return {"streak": self._streak, "streak_start": self._streak_start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`; ValueError naming the key for a bad value."""
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"DivergenceGuard state must be a dict, got {type(state_dict).__name__}")
-        streak = check_int("DivergenceGuard state['streak']", state_dict.get("streak", 0), 0)
-        start = check_int("DivergenceGuard state['streak_start']", state_dict.get("streak_start"), 0,
-                          allow_none=True, none_means="no streak")
-        if (start is None) != (streak == 0):
-            raise ValueError(f"DivergenceGuard state['streak_start'] is {start!r} with state['streak'] = {streak}: "
-                             "a streak has a start step and no streak has none")
+        """Restores :meth:`state_dict`.
+
+        Raises:
+            SavedStateError: naming the key, for a bad value.
+        """
+        with loading("DivergenceGuard", SavedStateError):
+            if not isinstance(state_dict, Mapping):
+                raise ValueError(f"DivergenceGuard state must be a dict, got {type(state_dict).__name__}")
+            streak = check_int("DivergenceGuard state['streak']", state_dict.get("streak", 0), 0)
+            start = check_int("DivergenceGuard state['streak_start']", state_dict.get("streak_start"), 0,
+                              allow_none=True, none_means="no streak")
+            if (start is None) != (streak == 0):
+                raise ValueError(f"DivergenceGuard state['streak_start'] is {start!r} with state['streak'] = "
+                                 f"{streak}: a streak has a start step and no streak has none")
         self._streak, self._streak_start = streak, start
 
 

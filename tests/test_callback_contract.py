@@ -23,6 +23,7 @@ from test_callback import (
 )
 from torch.utils.data import DataLoader, TensorDataset
 
+from fastface_pl.errors import SavedStateError
 from fastface_pl.safety import DivergenceGuard
 from fastface_pl.scheduling.auto import AutoFastFaceDetector
 from fastface_pl.scheduling.callback import FastFaceLRCallback
@@ -323,7 +324,7 @@ def trained_state() -> dict:
 def test_a_tampered_callback_state_is_refused_naming_the_key(edit, key):
     state = trained_state()
     edit(state)
-    with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(SavedStateError, match=key.replace("[", r"\[").replace("]", r"\]")):
         callback().load_state_dict(state)
 
 
@@ -332,7 +333,7 @@ def test_a_tampered_callback_state_is_refused_naming_the_key(edit, key):
     ({"streak": "2", "streak_start": 3}, "streak"),
 ])
 def test_a_tampered_guard_state_is_refused_naming_the_key(state, key):
-    with pytest.raises(ValueError, match=f"DivergenceGuard state\\['{key}'\\]"):
+    with pytest.raises(SavedStateError, match=f"DivergenceGuard state\\['{key}'\\]"):  # one type for every state
         DivergenceGuard().load_state_dict(state)
 
 

@@ -11,12 +11,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from fastface_pl.errors import UsageError
+from fastface_pl.errors import SavedStateError
 
 __all__ = ["SchedulerStateError", "check_state", "loading", "required"]
 
 
-class SchedulerStateError(UsageError, ValueError):
+class SchedulerStateError(SavedStateError):
     """A saved scheduler state that cannot be loaded: another type or version, a missing key or a bad value."""
 
 
@@ -54,11 +54,11 @@ def required(state: Mapping[str, Any], key: str) -> Any:
 
 
 @contextmanager
-def loading(owner: str) -> Iterator[None]:
-    """Raises what goes wrong while ``owner`` reads a state (a ValueError or TypeError) as a SchedulerStateError."""
+def loading(owner: str, error_type: type[SavedStateError] = SchedulerStateError) -> Iterator[None]:
+    """Raises what goes wrong while ``owner`` reads a state (a ValueError or TypeError) as ``error_type``."""
     try:
         yield
-    except SchedulerStateError:
+    except SavedStateError:
         raise
     except (ValueError, TypeError) as error:
-        raise SchedulerStateError(f"{owner}: {error}") from error
+        raise error_type(f"{owner}: {error}") from error
