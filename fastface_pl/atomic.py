@@ -15,16 +15,19 @@ Example::
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import Mapping
 from typing import IO, Any, Iterator, Union
 
 from fastface_pl.errors import DiskFullError
 
-__all__ = ["DiskFullError", "atomic_write", "disk_full_error", "fsync_folder", "replace_atomic",
-           "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["DiskFullError", "atomic_write", "disk_full_error", "finite_or_none", "fsync_folder", "replace_atomic",
+           "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -138,3 +141,19 @@ def write_text_atomic(path: PathLike, text: str, what: str = "file", encoding: s
     """``Path(path).write_text(text)``, atomically (see :func:`atomic_write`)."""
     with atomic_write(path, "w", what, encoding=encoding) as handle:
         handle.write(text)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``, for strict JSON (``null``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: PathLike, value: Any, what: str = "file") -> None:
+    """``value`` as strict JSON (a non-finite number written as ``null``), indented, atomically."""
+    write_text_atomic(path, json.dumps(finite_or_none(value), indent=2, allow_nan=False), what)

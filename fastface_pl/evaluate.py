@@ -15,7 +15,6 @@ accuracy ± std, VAL@FAR=1e-3 ± std, XNorm.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from fastface_pl.checkpoints import (SAFE_GLOBALS, CheckpointError, describe_load_error, load_backbone_weights,
                                      load_checkpoint)
-from fastface_pl.atomic import write_text_atomic
+from fastface_pl.atomic import write_json_atomic
 from fastface_pl.data.bin_format import check_enough_pairs, find_bin_files, load_bin
 from fastface_pl.data.datamodule import LAYOUT_SYNTHETIC, FaceDataModule
 from fastface_pl.data.datasets import FaceTransform
@@ -37,7 +36,6 @@ from fastface_pl.evaluation.ijb import evaluate_ijb
 from fastface_pl.evaluation.report import format_results
 from fastface_pl.faults import reason_of
 from fastface_pl.models.module import FaceRecognitionModule
-from fastface_pl.safety import finite_or_none
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,7 +185,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         print(f"\n{args.checkpoint}\n{table}")
         results.update(per_set)
     if args.json is not None:
-        write_text_atomic(args.json, json.dumps(finite_or_none(results), indent=2, allow_nan=False), "results file")
+        write_json_atomic(args.json, results, "results file")
     return results
 
 

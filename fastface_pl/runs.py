@@ -7,7 +7,6 @@ Each run writes ``runs/<date>/<time>-<id>/`` (``conf/train.yaml``'s ``hydra.run.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,10 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from fastface_pl.atomic import write_text_atomic
+from fastface_pl.atomic import write_json_atomic
 from fastface_pl.errors import EXIT_DIVERGED, UsageError
 from fastface_pl.faults import fail
 from fastface_pl.locks import FolderInUseError, FolderLock, remove_stale_temporaries
-from fastface_pl.safety import finite_or_none
 
 __all__ = ["RANK_VARIABLES", "RUN_FILES", "RUN_LOCK_NAME", "RunFolderCheck", "check_writable_folder",
            "claim_run_folder", "is_launching_rank", "lock_run_folder", "run_id", "write_results"]
@@ -151,5 +149,4 @@ def _numbered(name: str, n: int) -> str:
 
 def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
     """``results.json``, strict JSON: a non-finite number (a diverged loss, an undefined accuracy) is ``null``."""
-    write_text_atomic(run_dir / "results.json", json.dumps(finite_or_none(summary), indent=2, allow_nan=False),
-                      "results file")
+    write_json_atomic(run_dir / "results.json", summary, "results file")

@@ -34,7 +34,7 @@ from fastface_pl.validation import check_int
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted", "finite_or_none"]
+__all__ = ["DivergenceGuard", "TrainingDiverged", "PreemptionCheckpoint", "TrainingInterrupted"]
 
 
 class TrainingDiverged(DivergenceError, RuntimeError):
@@ -253,17 +253,6 @@ class PreemptionCheckpoint(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore()
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``, for strict JSON (``null``)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
 
 
 class DistributedFaults(Callback):

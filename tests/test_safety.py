@@ -14,9 +14,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from fastface_pl.atomic import finite_or_none
 from fastface_pl.checkpoints import load_lightning_checkpoint
 from fastface_pl.safety import (
-    DivergenceGuard, PreemptionCheckpoint, TrainingDiverged, TrainingInterrupted, finite_or_none,
+    DivergenceGuard, PreemptionCheckpoint, TrainingDiverged, TrainingInterrupted,
 )
 
 
