@@ -8,7 +8,7 @@ for ``Optional[int]``, ``trainer.precision=17`` for the Literal of precisions). 
 (classes, callables, ``Any``) are accepted. Then the ranges: the data module and the scheduler are constructed
 (their constructors only check their arguments: no data is read), the model's arguments go through
 :meth:`FaceRecognitionModule.check_arguments`, and the keys of ``conf/train.yaml`` through
-:mod:`fastface_pl.validation`. No data, model or trainer is built here.
+:mod:`fastface_pl.argument_checks`. No data, model or trainer is built here.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fastface_pl.data.datamodule import ACCEPTED_LAYOUTS
 from fastface_pl.errors import UsageError
 from fastface_pl.models.module import CLASSIFIERS
-from fastface_pl.validation import check_bool, check_int
+from fastface_pl.argument_checks import check_bool, check_int
 
 __all__ = ["check_arguments", "check_group_choices", "describe_type", "require_dataset", "validate_config",
            "value_matches"]

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from fastface_pl.errors import DivergenceError, InterruptionError, SavedStateError
 from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
 from fastface_pl.scheduling.saved_state import loading
-from fastface_pl.validation import check_int
+from fastface_pl.argument_checks import check_int
 
 log = logging.getLogger(__name__)
 

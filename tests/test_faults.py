@@ -18,7 +18,7 @@ from fastface_pl.locks import FolderInUseError
 from fastface_pl.safety import TrainingDiverged, TrainingInterrupted
 from fastface_pl.scheduling.detectors import NonFiniteLossError
 from fastface_pl.scheduling.saved_state import SchedulerStateError
-from fastface_pl.validation import check_real
+from fastface_pl.argument_checks import check_real
 
 
 @pytest.fixture

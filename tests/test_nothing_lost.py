@@ -296,7 +296,7 @@ def test_a_cache_shipped_with_the_data_cannot_point_outside_the_folder(tmp_path)
 # ---------------------------------------------------------------------------------------------- 7. workers
 def test_data_workers_are_bounded_by_the_usable_cpus(caplog):
     cpus = len(os.sched_getaffinity(0))
-    with caplog.at_level(logging.WARNING, logger="fastface_pl.validation"):
+    with caplog.at_level(logging.WARNING, logger="fastface_pl.argument_checks"):
         datamodule = FaceDataModule(root="synthetic", num_workers=1000)
     assert datamodule.num_workers == cpus
     assert f"data.num_workers=1000 but this process may use only {cpus} CPU(s)" in caplog.text

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from fastface_pl.data.datasets import DEFAULT_MAX_IMAGE_SIDE, FaceTransform, decode_image, max_image_side_for
 from fastface_pl.data.errors import DatasetError, reading
-from fastface_pl.validation import check_int
+from fastface_pl.argument_checks import check_int
 
 PathLike = Union[str, "os.PathLike[str]"]
 

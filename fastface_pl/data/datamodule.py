@@ -42,7 +42,7 @@ from fastface_pl.data.samplers import (
 from fastface_pl.checkpoints import SavedStateError
 from fastface_pl.data.bin_format import find_bin_files, load_bin
 from fastface_pl.errors import ConfigurationError
-from fastface_pl.validation import bound_workers, check_int
+from fastface_pl.argument_checks import bound_workers, check_int
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from fastface_pl.data.recordio import (
     unpack_header,
 )
 from fastface_pl.errors import ConfigurationError
-from fastface_pl.validation import check_int
+from fastface_pl.argument_checks import check_int
 
 log = logging.getLogger(__name__)
 

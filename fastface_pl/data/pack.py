@@ -39,7 +39,7 @@ from fastface_pl.data.datasets import (
 from fastface_pl.data.errors import CorruptImageError, DatasetError, reading, unreadable, writing
 from fastface_pl.data.recordio import RecordWriter, pack_header
 from fastface_pl.locks import folder_lock, remove_stale_temporaries
-from fastface_pl.validation import bound_workers, check_int
+from fastface_pl.argument_checks import bound_workers, check_int
 
 log = logging.getLogger(__name__)
 

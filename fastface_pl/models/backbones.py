@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fastface_pl.errors import ConfigurationError
-from fastface_pl.validation import check_int
+from fastface_pl.argument_checks import check_int
 
 __all__ = ["IResNet", "MobileFaceNet", "build_backbone", "BACKBONES", "count_parameters"]
 

@@ -32,7 +32,7 @@ from torch import nn
 from fastface_pl.errors import ConfigurationError
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
 from fastface_pl.models.optim import RowSparseSGD
-from fastface_pl.validation import check_int, check_real
+from fastface_pl.argument_checks import check_int, check_real
 
 if TYPE_CHECKING:
     from fastface_pl.models.module import FaceRecognitionModule

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fastface_pl.errors import ConfigurationError
-from fastface_pl.validation import check_real
+from fastface_pl.argument_checks import check_real
 
 __all__ = [
     "MarginHead",

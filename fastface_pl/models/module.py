@@ -35,7 +35,7 @@ from fastface_pl.models.classifiers import ClassificationLayer, FullClassifier, 
 from fastface_pl.models.dcp import DCPClassifier
 from fastface_pl.models.margins import build_margin
 from fastface_pl.models.sharded import ShardedClassifier
-from fastface_pl.validation import check_choice, check_int, check_real
+from fastface_pl.argument_checks import check_choice, check_int, check_real
 
 __all__ = ["FaceRecognitionModule", "CLASSIFIERS"]
 

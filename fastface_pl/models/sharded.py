@@ -38,7 +38,7 @@ from fastface_pl.models.classifiers import (ClassificationLayer, _check_labels, 
                                             _target_logits)
 from fastface_pl.models.margins import IGNORE_LABEL, MarginHead, build_margin
 from fastface_pl.models.optim import RowSparseSGD
-from fastface_pl.validation import check_int, check_real
+from fastface_pl.argument_checks import check_int, check_real
 
 if TYPE_CHECKING:
     from fastface_pl.models.module import FaceRecognitionModule

@@ -42,7 +42,7 @@ from fastface_pl.scheduling.detectors import (
     as_finite_loss,
 )
 from fastface_pl.scheduling.saved_state import check_state, loading
-from fastface_pl.validation import check_int, check_real
+from fastface_pl.argument_checks import check_int, check_real
 
 __all__ = ["FastFaceSettings", "AutoFastFaceDetector", "fastface_auto_settings", "calibration_steps",
            "PAPER_TOTAL_STEPS", "PAPER_LOSS_SCALE", "patience_steps"]

@@ -40,7 +40,7 @@ from fastface_pl.scheduling.lr_scheduler import (
     uses_auto_settings,
 )
 from fastface_pl.scheduling.saved_state import check_state, loading, required
-from fastface_pl.validation import check_bool, check_int, check_real
+from fastface_pl.argument_checks import check_bool, check_int, check_real
 
 __all__ = ["FastFaceLRCallback", "DEFAULT_PATIENCE_FRACTION", "TrainerSetupError"]
 

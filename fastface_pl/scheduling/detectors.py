@@ -37,7 +37,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 from fastface_pl.errors import ConfigurationError, ConfigurationTypeError, DivergenceError
 from fastface_pl.scheduling.saved_state import SchedulerStateError, check_state, loading, required
-from fastface_pl.validation import check_int, check_real
+from fastface_pl.argument_checks import check_int, check_real
 
 __all__ = ["Detector", "FastFaceDetector", "MovingHaarDetector", "NonFiniteLossError", "build_detector",
            "detector_class", "detector_name", "DETECTOR_NAMES", "PAPER_ALPHA", "PAPER_THRESHOLD",

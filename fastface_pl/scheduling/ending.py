@@ -28,7 +28,7 @@ import math
 from typing import Any, Mapping
 
 from fastface_pl.errors import ConfigurationError
-from fastface_pl.validation import check_choice, check_int, check_real
+from fastface_pl.argument_checks import check_choice, check_int, check_real
 
 __all__ = ["RunEnding", "cooldown_factor", "MODES", "COOLDOWN_SHAPES", "DEFAULT_LATEST_START",
            "DEFAULT_STOP_COOLDOWN_FRACTION"]

@@ -60,7 +60,7 @@ def torch_schedule(
     the module's own rule.
     """
     from fastface_pl.models.module import check_lr_schedule
-    from fastface_pl.validation import check_choice
+    from fastface_pl.argument_checks import check_choice
 
     check_choice("scheduler name", name, TORCH_SCHEDULES)
     if name == "constant":

@@ -45,7 +45,7 @@ from fastface_pl.scheduling.ending import (
     RunEnding,
 )
 from fastface_pl.scheduling.saved_state import check_state, loading, required
-from fastface_pl.validation import check_bool, check_choice, check_int, check_real
+from fastface_pl.argument_checks import check_bool, check_choice, check_int, check_real
 
 __all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "LRChangedError", "NONFINITE_POLICIES"]
 

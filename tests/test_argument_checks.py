@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from fastface_pl import validation
-from fastface_pl.validation import check_bool, check_choice, check_int, check_real
+from fastface_pl import argument_checks
+from fastface_pl.argument_checks import check_bool, check_choice, check_int, check_real
 
 
 def test_ints_are_returned_as_python_ints():
@@ -52,10 +52,10 @@ def test_reals_accept_the_interval_ends_as_told():
 
 
 def test_docstring_examples_run():
-    assert doctest.testmod(validation).failed == 0
+    assert doctest.testmod(argument_checks).failed == 0
 
 
 def test_imports_neither_torch_nor_numpy():
-    code = "import sys, fastface_pl.validation; print('torch' in sys.modules, 'numpy' in sys.modules)"
+    code = "import sys, fastface_pl.argument_checks; print('torch' in sys.modules, 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
