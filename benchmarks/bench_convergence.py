@@ -648,7 +648,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def headline(schedules: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """The issue's goals, measured: cooldown against polynomial, WSD and the halving; stop against its twin."""
+    """The benchmark's goals, measured: cooldown against polynomial, WSD and the halving; stop against its twin."""
     out = []
     for a, b in (("fastface_cooldown", "polynomial"), ("fastface_cooldown", "wsd"),
                  ("fastface_cooldown", "fastface_auto"), ("fastface_stop", "polynomial_at_stop"),

@@ -10,16 +10,16 @@ of commit ``e897f2a`` (``before``, read with ``git show``; skipped without git):
 
 * **Epoch start** of each sampler (the plain shuffle and F2C's identity pairs, batch 128): from the sampler's
   construction to this rank's first batch of indices, and the peak resident memory above the start, per image.
-  The old samplers build the whole epoch as Python tuples: at 42M they need about 6 GB, so they run at
+  The ``before`` samplers build the whole epoch as Python tuples: at 42M they need about 6 GB, so they run at
   ``--before-images`` and are scaled linearly to ``--images`` (both figures are in the JSON).
   ``epoch_order_s`` is the CPU time of computing a whole epoch's order chunk by chunk (spread over the epoch).
 * **Image-folder index from its cache**: a cache of ``--images`` paths (``m.<identity>/<image>.jpg``) over
   ``--identities`` folders is written, then read in a fresh process as ``ImageFolderDataset`` does (map,
   check, labels and paths ready). The freshness check (one ``stat`` per identity folder; the top level is listed
   only when it changed within a clock tick of the cache) needs real folders: it is measured on ``--tree-folders`` empty folders and scaled to
-  ``--identities``. The old JSON cache runs at ``--before-files`` and is scaled linearly.
+  ``--identities``. The ``before`` JSON cache runs at ``--before-files`` and is scaled linearly.
 * **Record-pack identity index**: the build (one identity record per identity) on a real pack of
-  ``--pack-identities`` identities scaled to ``--identities`` (the old code paid it at every start, in every
+  ``--pack-identities`` identities scaled to ``--identities`` (``before`` pays it at every start, in every
   process), and the reload of the cache at the full size.
 * **Class pool at 2M identities** (``--identities``): the tables' bytes, the gallery network's (ResNet100
   copy, fp32), and the CPU time of one F2C step (two writes, one rollback, two losses, backward), D = 512,
@@ -199,7 +199,7 @@ def run_index_read(path: str, images: int) -> dict:
 
 
 def run_index_before(path: str, images: int, identities: int) -> dict:
-    """The old JSON cache: written, then read and turned into the dataset's arrays as the old dataset did."""
+    """The ``before`` JSON cache: written, then read and turned into the dataset's arrays as its dataset does."""
     old = old_modules().folder_index
     arrays = folder_index_arrays(images, identities)
     names = [n.decode() for n in arrays["names"].tolist()]
@@ -241,8 +241,8 @@ def run_freshness(folders: int) -> dict:
         result = {"folders": folders}
         # Settled: the top level last changed well before the cache was written (the cache's own folder is made
         # before the walk, which takes minutes at this size; or the cache is in the user cache), so it is not listed.
-        # top_listed_: the top level changed within a clock tick of the cache (as every in-folder cache write did
-        # before the cache had its own folder), so it is listed once more to count its entries.
+        # top_listed_: the top level changed within a clock tick of the cache (as every cache write into the top
+        # level itself would make it), so it is listed once more to count its entries.
         for place, root_age_ns in (("", 3600 * 10**9), ("top_listed_", 0)):
             root_time = os.stat(tree).st_mtime_ns - root_age_ns
             os.utime(tree, ns=(root_time, root_time))

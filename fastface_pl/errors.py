@@ -66,7 +66,7 @@ class SavedStateError(UsageError, ValueError):
 class DiskFullError(FastFaceError, OSError, ValueError):
     """A file could not be written for lack of space; the message names the path and the space left (exit 2).
 
-    An ``OSError`` whose ``errno`` is the original one (``ENOSPC`` or ``EDQUOT``), and a ``ValueError`` as before.
+    An ``OSError`` whose ``errno`` is the original one (``ENOSPC`` or ``EDQUOT``), and also a ``ValueError``.
     :func:`fastface_pl.atomic.disk_full_error` builds it.
     """
 

@@ -1,4 +1,4 @@
-"""benchmarks/bench_scale.py (issue 17) keeps working at a small scale, and its synthetic metadata is right."""
+"""benchmarks/bench_scale.py keeps working at a small scale, and its synthetic metadata is right."""
 
 from __future__ import annotations
 

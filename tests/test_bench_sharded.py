@@ -1,4 +1,4 @@
-"""benchmarks/bench_sharded.py (issue 18): its formulas by hand, and a --quick run on two gloo CPU ranks."""
+"""benchmarks/bench_sharded.py: its formulas by hand, and a --quick run on two gloo CPU ranks."""
 
 from __future__ import annotations
 

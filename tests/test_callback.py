@@ -572,7 +572,7 @@ def test_infinite_run_length_needs_patience_in_steps():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Issue 11: LR bugs found by using the callback in ordinary Lightning setups (each test fails on the old code).
+# The LR in ordinary Lightning setups: schedulers beside the callback, manual optimization, resumes, logging.
 def sequential_warmup_cosine(optimizer):
     warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=1)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
@@ -604,7 +604,7 @@ def test_chained_multiplicative_schedulers_compose_as_they_are():
 
 
 def test_composed_sequential_lr_keeps_the_decisions_at_its_milestone():
-    # Old code: the epoch-interval SequentialLR was accepted and, at its milestone, reset the LR to its base value.
+    # An epoch-interval SequentialLR resets the LR to its base value at its milestone: composed, the decisions stay.
     losses = staircase_losses(100)
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, compose_with_step_schedulers=True,
                                   verbose=False)
@@ -628,7 +628,7 @@ def test_composed_sequential_lr_keeps_the_decisions_at_its_milestone():
     lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=25, gamma=0.5),
 ])
 def test_compose_with_a_multiplicative_step_scheduler_does_not_compound_the_scale(make):
-    # Old code: the cumulative scale was re-applied every step after the first decision (0.05, 0.025, ... 6e-267).
+    # The cumulative scale is applied once, not again at every step after the first decision (0.05, 0.025, ...).
     losses = staircase_losses(90)
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, sync_every_n_steps=2,
                                   compose_with_step_schedulers=True, verbose=False)
@@ -651,7 +651,7 @@ def test_compose_with_a_multiplicative_step_scheduler_does_not_compound_the_scal
 @pytest.mark.parametrize("limits", [dict(max_epochs=1), dict(max_epochs=5, max_steps=120)])
 def test_patience_fraction_counts_the_steps_the_detector_sees_under_manual_optimization(limits):
     # Two optimizers step per batch: global_step advances by 2, the detector sees one value per batch (60 here).
-    # Old code: P = int(0.1 · estimated_stepping_batches) = 12 with max_steps=120, 6 with max_epochs=1.
+    # P = 0.1 · 60 under both limits, not int(0.1 · estimated_stepping_batches) (12 with max_steps=120).
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE_NO_PATIENCE, patience_fraction=0.1,
                                   verbose=False)
     trainer = make_trainer(callbacks=[callback], **limits)
@@ -661,7 +661,7 @@ def test_patience_fraction_counts_the_steps_the_detector_sees_under_manual_optim
 
 
 def test_state_loaded_into_a_run_that_is_already_done_is_kept(tmp_path):
-    # Old code: fit(ckpt_path=...) at max_steps never reached on_train_start, and state_dict() wrote an empty detector.
+    # fit(ckpt_path=...) at max_steps never reaches on_train_start: state_dict() still writes the loaded detector.
     losses = staircase_losses(40)
     first = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
     trainer = make_trainer(tmp_path, max_steps=40, callbacks=[first], enable_checkpointing=True)
@@ -681,7 +681,7 @@ def test_state_loaded_into_a_run_that_is_already_done_is_kept(tmp_path):
 
 
 def test_resume_with_a_changed_setting_continues_the_detector_under_the_new_value(tmp_path, caplog):
-    # Old code: the key held every setting, so the detector silently restarted from scratch.
+    # The state key holds no setting, so the detector continues instead of silently restarting from scratch.
     losses = staircase_losses(60)
     first = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, verbose=False)
     trainer = make_trainer(tmp_path, max_steps=30, callbacks=[first], enable_checkpointing=True)
@@ -720,7 +720,7 @@ def test_resume_with_a_longer_run_recomputes_the_patience_and_says_so(tmp_path, 
 
 
 def test_logged_lr_is_the_lr_each_step_ran_with(tmp_path):
-    # Old code: with k > 1 a decision's new LR was logged for steps of its block that still ran with the old one.
+    # With k > 1 a decision's new LR is not logged for the steps of its block that still ran with the old one.
     losses = staircase_losses(80)
     callback = FastFaceLRCallback("fastface", detector_kwargs=FASTFACE, sync_every_n_steps=8, verbose=False)
     logger = CSVLogger(tmp_path, name="run", version=0)

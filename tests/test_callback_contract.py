@@ -1,4 +1,4 @@
-"""Issue 15: the callback's contract in everyday Lightning setups (each test failed on the code before it).
+"""The callback's contract in everyday Lightning setups.
 
 Refit, reuse, manual optimization (two optimizers, accumulation), loss shapes, monitors, a composed scheduler
 next to LearningRateMonitor, run limits, P = 0, resumed settings, the guard's saved streak, the one reader of
@@ -48,7 +48,7 @@ def csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------------------------- 1, 2
 def test_1_a_second_fit_on_the_same_trainer_continues_the_lr_and_the_decisions():
-    # Old code: configure_optimizers gave the base LR again, the callback kept lr_scale and never re-applied it.
+    # configure_optimizers gives the base LR again: the callback re-applies its lr_scale, not just keeps it.
     losses = staircase_losses(80)
     whole_cb, whole = callback(sync_every_n_steps=4), ScriptedModule(losses)
     make_trainer(max_epochs=4, callbacks=[whole_cb]).fit(whole)
@@ -66,7 +66,7 @@ def test_1_a_second_fit_on_the_same_trainer_continues_the_lr_and_the_decisions()
 
 
 def test_2_the_same_callback_on_a_new_trainer_starts_a_new_run_and_says_so(caplog):
-    # Old code: the detector state carried over: steps numbered from the old run's end, an early cut.
+    # The detector state does not carry over (steps numbered from the first run's end would cut early).
     first, second = staircase_losses(60, seed=3), staircase_losses(60, seed=4)
     cb = callback()
     make_trainer(max_steps=60, callbacks=[cb]).fit(ScriptedModule(first))
@@ -81,7 +81,7 @@ def test_2_the_same_callback_on_a_new_trainer_starts_a_new_run_and_says_so(caplo
 
 
 def test_2_a_loaded_state_continues_on_new_optimizers_from_its_lr():
-    # Old code: the new optimizers kept their base LR while lr_scale said otherwise.
+    # The new optimizers take the loaded LR, not their base LR (which lr_scale would contradict).
     losses = staircase_losses(50)
     cb = callback()
     make_trainer(max_steps=40, callbacks=[cb]).fit(ScriptedModule(losses))
@@ -148,8 +148,8 @@ def test_3_manual_optimization_run_length_is_the_optimizer_steps_whatever_limits
 
 @pytest.mark.parametrize("limits", [dict(max_epochs=2), dict(max_epochs=-1, max_steps=40)])
 def test_4_manual_accumulation_counts_optimizer_steps_and_logs_on_lightnings_axis(tmp_path, limits):
-    # One optimizer stepping every 2nd batch. Old code: T = 80 (batches) under max_epochs, 40 under max_steps,
-    # and fastface/* logged at steps 0..39 where Lightning's own metrics are at 0..79.
+    # One optimizer stepping every 2nd batch: T = 40 optimizer steps (not 80 batches) under either limit, and
+    # fastface/* logged on Lightning's axis (0..79, where its own metrics are), not at steps 0..39.
     cb = callback(detector_kwargs=FASTFACE_NO_PATIENCE, patience_fraction=0.1, sync_every_n_steps=4)
     logger = CSVLogger(tmp_path, name="run", version=0)
     model = ManualModule(staircase_losses(80), a_every=2)
@@ -174,7 +174,7 @@ class ShapeOneModule(ScriptedModule):
 
 @pytest.mark.parametrize("k, n_accumulate", [(4, 1), (1, 2), (3, 2)])
 def test_5_a_loss_of_shape_one_is_read_like_a_scalar(k, n_accumulate):
-    # Old code: TypeError (can't multiply sequence by non-int) in the block read with k > 1 or accumulation.
+    # A [1] loss in the block read with k > 1 or accumulation, not a TypeError (can't multiply sequence by non-int).
     losses = staircase_losses(120)
     cb = callback(sync_every_n_steps=k)
     make_trainer(max_steps=60, accumulate_grad_batches=n_accumulate, callbacks=[cb]).fit(ShapeOneModule(losses))
@@ -185,7 +185,7 @@ def test_5_a_loss_of_shape_one_is_read_like_a_scalar(k, n_accumulate):
 
 # ---------------------------------------------------------------------------------------------------------- 6
 def test_6_fastface_values_can_be_monitored(tmp_path):
-    # Old code: EarlyStopping(monitor="fastface/lr") crashed; ModelCheckpoint(monitor=...num_decisions) saved nothing.
+    # EarlyStopping(monitor="fastface/lr") works and ModelCheckpoint(monitor=...num_decisions) saves checkpoints.
     losses = staircase_losses(100)
     cb = callback(sync_every_n_steps=8)  # blocks do not end at the epoch ends (20 steps)
     stopper = EarlyStopping(monitor="fastface/lr", mode="max", patience=1, check_on_train_epoch_end=True)
@@ -202,7 +202,7 @@ def test_6_fastface_values_can_be_monitored(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- 7
 def test_7_learning_rate_monitor_logs_the_lr_a_composed_step_used(tmp_path):
-    # Old code: the monitor logged the inner scheduler's LR, which differed from the one applied after a decision.
+    # The monitor logs the LR applied after a decision, not the inner scheduler's own LR (which differs).
     losses = staircase_losses(80)
     scheduler = {"scheduler": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s)),
                  "interval": "step"}
@@ -270,7 +270,7 @@ class NaNSteps(ScriptedModule):
 
 
 def test_11_the_guard_saves_the_streak_of_every_step_before_the_checkpoint(tmp_path):
-    # Old code: Lightning collected the guard's state before its on_save_checkpoint read the pending losses.
+    # Lightning collects the guard's state before its on_save_checkpoint: the pending losses are read by then.
     guard = DivergenceGuard(max_nonfinite_steps=20, check_every_n_steps=8)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=12, save_top_k=-1)
     make_trainer(tmp_path, max_steps=16, callbacks=[guard, saver], enable_checkpointing=True).fit(
@@ -280,7 +280,7 @@ def test_11_the_guard_saves_the_streak_of_every_step_before_the_checkpoint(tmp_p
 
 
 def test_11_the_guard_counts_optimizer_steps_under_accumulation():
-    # Old code: it counted batches: 3 non-finite batches (1.5 optimizer steps) stopped the run.
+    # It counts optimizer steps, not batches (3 non-finite batches, 1.5 optimizer steps, do not stop the run).
     guard = DivergenceGuard(max_nonfinite_steps=3, check_every_n_steps=1)
     trainer = make_trainer(max_steps=20, accumulate_grad_batches=2, callbacks=[guard])
     with pytest.raises(Exception, match="3 consecutive non-finite") as info:
@@ -289,7 +289,7 @@ def test_11_the_guard_counts_optimizer_steps_under_accumulation():
 
 
 def test_one_block_read_per_k_optimizer_steps_for_the_callback_and_the_guard(host_reads):
-    # Old code: each kept, stacked and read the losses itself (the guard per 4 batches): 10 + 20 reads.
+    # One shared block read, not one per reader (each reading itself, the guard per 4 batches: 10 + 20 reads).
     cb = callback(sync_every_n_steps=4)
     guard = DivergenceGuard(check_every_n_steps=4)
     make_trainer(max_steps=40, accumulate_grad_batches=2, callbacks=[cb, guard]).fit(

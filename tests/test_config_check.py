@@ -128,8 +128,8 @@ def test_the_sharded_layer_refuses_the_trainers_clipping_itself_over_several_ran
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true"])
 def test_a_strategy_that_spawns_the_ranks_is_refused_before_training_naming_ddp(strategy):
-    """Issue 28 item 9: under ddp_spawn the run trained, then ended as a usage error (the launching process's
-    trainer counted no step)."""
+    """Under ddp_spawn the run would train, then end as a usage error (the launching process's trainer counts no
+    step): it is refused before training."""
     with pytest.raises(UsageError, match=rf"trainer.strategy={strategy}: .*use trainer.strategy=ddp") as info:
         validate_config(_compose("classifier=sharded", "trainer.accelerator=cpu", "trainer.devices=2",
                                  f"trainer.strategy={strategy}"))

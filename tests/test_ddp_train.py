@@ -230,7 +230,7 @@ def test_a_sweep_under_ddp_keeps_each_job_in_one_folder(tmp_path):
         assert summary["status"] == "completed" and summary["global_step"] == STEPS_PER_EPOCH
 
 
-# ------------------------------------------------------------------ classifier=sharded (issue 18)
+# ------------------------------------------------------------------ classifier=sharded
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("sharded") / "run"

@@ -55,7 +55,7 @@ def test_an_unchanged_folder_is_read_from_the_cache_without_listing(tmp_path, li
 
 @pytest.mark.parametrize("edit", ["remove", "add", "rename"])
 def test_images_changed_in_an_identity_folder_are_found(tmp_path, listed, caplog, edit):
-    """The issue's case: an error names a broken image, the user deletes it, the next start must not fail."""
+    """The common case: an error names a broken image, the user deletes it, the next start must not fail."""
     folder = write_image_folder(tmp_path / "faces", {"a": 2, "b": 3, "c": 2}, size=8)
     age(folder)
     ImageFolderDataset(folder)
@@ -145,7 +145,7 @@ def test_a_file_gone_during_training_names_the_index(tmp_path):
         dataset[1]
 
 
-# ------------------------------------------------------------------ the binary cache (issue 17)
+# ------------------------------------------------------------------ the binary cache
 def test_the_cache_is_memory_mapped_and_round_trips_names_paths_and_labels(tmp_path):
     folder = write_image_folder(tmp_path / "faces", {"b": 2, "é-ü": 1, "a": 3, "empty": 0}, size=8)
     age(folder)
@@ -214,7 +214,7 @@ def test_writing_the_cache_in_the_folder_leaves_the_top_levels_time_alone(tmp_pa
 
 
 def test_a_link_that_cannot_be_followed_is_named_and_left_out(tmp_path, caplog):
-    """Issue 16 item 12: a self-symlink became an empty identity without a word (it now raised ELOOP)."""
+    """A self-symlink (ELOOP) or a dangling link is named in a warning, not taken for an empty identity."""
     folder = write_image_folder(tmp_path / "faces", {"a": 2, "b": 1}, size=8)
     os.symlink("loop", folder / "loop")  # points to itself
     os.symlink(tmp_path / "gone", folder / "dangling")

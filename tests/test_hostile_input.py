@@ -1,4 +1,4 @@
-"""Hostile and broken input (issue 16): decompression bombs, allocation bombs in ``.bin`` files, a full disk while
+"""Hostile and broken input: decompression bombs, allocation bombs in ``.bin`` files, a full disk while
 saving, tampered checkpoint state, IJB meta faults and paths leaving the IJB folder. Each ends in one message
 naming the file, before memory or time is spent, and nothing under a final name is left truncated."""
 

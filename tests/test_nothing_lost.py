@@ -1,4 +1,4 @@
-"""Nothing a user has is lost, and nothing received is trusted (issue 27): packs and run folders under real kills
+"""Nothing a user has is lost, and nothing received is trusted: packs and run folders under real kills
 and a second writer, pack headers, image files and index caches that claim too much, odd pixel formats, and the
 messages and exit codes of the commands. Each test uses small generated files; the kills are real SIGKILLs of real
 processes."""

@@ -153,7 +153,7 @@ def test_datamodule_resume_mid_epoch_with_pairs_and_workers():
     assert [labels.tolist() for _, labels in iterator] == uninterrupted[2:]
 
 
-# ------------------------------------------------------------------ chunked orders (issue 17)
+# ------------------------------------------------------------------ chunked orders
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 16, 17, 1000, 65_537])
 def test_permute_is_a_bijection_for_any_size_and_chunking(size):
     values = np.arange(size)

@@ -1,4 +1,4 @@
-"""classifier="sharded" (issue 18): the layer split across ranks computes what the full layer computes on the
+"""classifier="sharded": the layer split across ranks computes what the full layer computes on the
 global batch. Ranks run on CPU with gloo (tests/sharded_ranks.py)."""
 
 from __future__ import annotations

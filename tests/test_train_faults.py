@@ -279,7 +279,7 @@ def _set_guard_streak(checkpoint):
                                     _set_data_state("epoch", "zero"), _set_guard_streak],
                          ids=["batches_done=-3", "batches_done=1e6", "epoch=zero", "guard_streak=x"])
 def test_a_checkpoint_with_a_tampered_state_is_one_message_naming_it(tmp_path, tiny_run, change):
-    """Issue 16 item 4: a component that rejects its saved state stops the resume with one message naming the
+    """A component that rejects its saved state stops the resume with one message naming the
     file (not a Hydra traceback ending in a bare ValueError), exit 2."""
     path = _tampered(tmp_path, tiny_run / "checkpoints" / "last.ckpt", change)
     result = run_train(tmp_path / "resumed", *TINY, f"ckpt_path={path}", "trainer.max_epochs=2")
@@ -296,7 +296,7 @@ def _nan_in_optimizer_state(checkpoint):
 
 
 def test_nan_in_a_checkpoints_optimizer_state_is_a_damaged_file_not_a_divergence(tmp_path, tiny_run):
-    """Issue 16 item 12: it was reported as a divergence with "try a lower learning rate"."""
+    """A damaged file, not reported as a divergence with "try a lower learning rate": exit 2, naming the state."""
     path = _tampered(tmp_path, tiny_run / "checkpoints" / "last.ckpt", _nan_in_optimizer_state)
     result = run_train(tmp_path / "resumed", *TINY, f"ckpt_path={path}", "trainer.max_epochs=2")
     assert result.returncode == 2, explain(result)
@@ -306,7 +306,7 @@ def test_nan_in_a_checkpoints_optimizer_state_is_a_damaged_file_not_a_divergence
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_exits_2(tmp_path):
-    """Issue 16 item 3, on a real small file system (a tmpfs that fits one checkpoint of the demo, not two):
+    """On a real small file system (a tmpfs that fits one checkpoint of the demo, not two):
     the failed save names the path and the free space, exit 2; every checkpoint left loads; no temporary file
     is left; results.json says disk_full."""
     import shutil as _shutil
@@ -334,7 +334,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_exits_2(tmp_
 
 
 def test_a_112_pixel_pack_with_the_32_pixel_demo_model_is_one_message(tmp_path):
-    """Issue 16 item 6: a real 112-pixel record pack and the demo model (input 32): the message alone, exit 2."""
+    """A real 112-pixel record pack and the demo model (input 32): the message alone, exit 2."""
     faces = write_image_folder(tmp_path / "faces", [3] * 6, size=112, smooth=True)
     pack_folder(faces, tmp_path / "pack", progress=False)
     result = run_train(tmp_path / "run", "data=insightface", f"data.root={tmp_path / 'pack'}", "data.val_sets=[]",

@@ -22,9 +22,9 @@ stretch of both streams its batches cover. So every image and identity is visite
 take interleaved batches, and a resumed run skips exactly what it had trained on.
 
 .. note::
-   These orders replaced (in issue 17) the ones drawn with ``torch.randperm`` per epoch: the same seed gives a
-   different, equally uniform order than before, so a run resumed across that change does not repeat its
-   epoch's order exactly (a run resumed with the same version does).
+   Unlike orders drawn with ``torch.randperm`` per epoch, these are computed per position in chunks: a run
+   resumed with the same version repeats its epoch's order exactly, one resumed from a checkpoint of a version
+   that drew its orders otherwise does not (the order is as uniform, but different).
 """
 
 from __future__ import annotations
