@@ -200,17 +200,17 @@ class FastFaceLRCallback(StepLossConsumer):
         self.horizon_steps = check_int("horizon_steps", horizon_steps, 1, allow_none=True, none_means="none")
         if (horizon_epochs is not None or horizon_steps is not None) and mode != "stop":
             raise ConfigurationError(f"horizon_epochs and horizon_steps apply to mode='stop' only, got mode={mode!r} "
-                             "(the other modes resolve the detector's settings for the run length)")
+                                     "(the other modes resolve the detector's settings for the run length)")
         if horizon_epochs is not None and horizon_steps is not None:
             raise ConfigurationError(f"give horizon_epochs or horizon_steps, not both; got horizon_epochs={horizon_epochs!r}, "
-                             f"horizon_steps={horizon_steps!r}")
+                                     f"horizon_steps={horizon_steps!r}")
         self._detector_name, self._detector_kwargs, self._patience_fraction = check_detector_arguments(
             detector, detector_kwargs, patience, patience_fraction)
         self._fraction_given = patience_fraction is not None
         if mode == "stop" and self._patience_fraction is not None and horizon_epochs is None and horizon_steps is None:
             raise ConfigurationError("mode='stop' resolves the detector's settings (patience_fraction, or the auto rule) for a "
-                             "horizon that does not depend on the budget: pass horizon_epochs (for example 5, the "
-                             "paper's run length) or horizon_steps, or give the patience in steps (patience=...)")
+                                     "horizon that does not depend on the budget: pass horizon_epochs (for example 5, the "
+                                     "paper's run length) or horizon_steps, or give the patience in steps (patience=...)")
         self.min_lr = check_real("min_lr", min_lr, 0.0, low_open=False, allow_none=True)
         self.sync_every_n_steps = check_int("sync_every_n_steps", sync_every_n_steps, 1)
         self.log_signals = check_bool("log_signals", log_signals)
@@ -721,8 +721,8 @@ class FastFaceLRCallback(StepLossConsumer):
         if not isinstance(detector_state, Mapping) or detector_state.get("type") != expected.__name__:
             found = detector_state.get("type") if isinstance(detector_state, Mapping) else detector_state
             raise ConfigurationError(f"the checkpoint's FastFaceLRCallback state['scheduler']['detector'] holds a {found!r} "
-                             f"detector, this callback runs {self._detector_name!r} ({expected.__name__}); resume "
-                             "with the same detector or start afresh")
+                                     f"detector, this callback runs {self._detector_name!r} ({expected.__name__}); resume "
+                                     "with the same detector or start afresh")
         if auto:
             return AutoFastFaceDetector(1, self._patience_fraction, **self._detector_kwargs)
         return build_detector(self._detector_name, **{"patience": 0, **self._detector_kwargs})

@@ -630,7 +630,7 @@ class MovingHaarDetector(_StationarityDetector):
         averages = [float(x) for x in required(state, "averages")]
         if len(losses) != m or len(averages) != m:
             raise ConfigurationError(f"state buffers hold {len(losses)} losses and {len(averages)} averages, "
-                             f"expected {m} each (window={m}); the state is corrupt")
+                                     f"expected {m} each (window={m}); the state is corrupt")
         if not all(math.isfinite(x) for x in losses + averages):
             raise ConfigurationError("state buffers contain non-finite values; the state is corrupt")
         self._losses = losses
@@ -655,7 +655,7 @@ def detector_name(name: str) -> str:
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
     if key not in _DETECTORS:
         raise ConfigurationError(f"Unknown detector {name!r}. Only {', '.join(repr(n) for n in DETECTOR_NAMES)} "
-                         "are supported.")
+                                 "are supported.")
     return key
 
 

@@ -75,8 +75,8 @@ class RunEnding:
         self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True, none_means="unknown")
         if self.mode == "cooldown" and self.total_steps is None:
             raise ConfigurationError("mode='cooldown' anneals the LR to zero at the end of the budget, which is unknown: pass "
-                             "total_steps (Lightning: max_epochs or max_steps), or use mode='stop' for a run "
-                             "whose length nobody knows")
+                                     "total_steps (Lightning: max_epochs or max_steps), or use mode='stop' for a run "
+                                     "whose length nobody knows")
         self.start: int | None = None
         self.end: int | None = None
         self.reason: str | None = None

@@ -79,7 +79,7 @@ def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] |
     kwargs = dict(detector_kwargs or {})
     if patience is not None and patience_fraction is not None:
         raise ConfigurationError(f"give either patience (optimizer steps) or patience_fraction (τ), not both; "
-                         f"got patience={patience!r}, patience_fraction={patience_fraction!r}")
+                                 f"got patience={patience!r}, patience_fraction={patience_fraction!r}")
     check_int("patience", patience, 0, allow_none=True, none_means="see patience_fraction")
     check_real("patience_fraction", patience_fraction, 0.0, 1.0, allow_none=True)
     if isinstance(detector, str):
@@ -94,13 +94,13 @@ def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] |
         return name, kwargs, None if patience_fraction is None else float(patience_fraction)
     if not isinstance(detector, Detector):
         raise ConfigurationTypeError(f"detector must be 'fastface', 'moving_haar' or a detector instance (update, state_dict, "
-                        f"load_state_dict and the signals of fastface_pl.scheduling.detectors.Detector), "
-                        f"got {type(detector).__name__}")
+                                     f"load_state_dict and the signals of fastface_pl.scheduling.detectors.Detector), "
+                                     f"got {type(detector).__name__}")
     if kwargs:
         raise ConfigurationError("detector_kwargs only apply to a detector given by name; got a detector instance")
     if patience is not None or patience_fraction is not None:
         raise ConfigurationError("a detector instance carries its own patience; do not pass patience or patience_fraction "
-                         f"with it (got patience={patience!r}, patience_fraction={patience_fraction!r})")
+                                 f"with it (got patience={patience!r}, patience_fraction={patience_fraction!r})")
     return None, kwargs, None
 
 
@@ -177,7 +177,7 @@ class FastFaceLR:
         for item in optimizers:
             if not isinstance(item, torch.optim.Optimizer):
                 raise ConfigurationTypeError(f"optimizer must be a torch.optim.Optimizer (or a list of them), "
-                                f"got {type(item).__name__}")
+                                             f"got {type(item).__name__}")
         if not optimizers:
             raise ConfigurationError("optimizer: got an empty list; pass the optimizer(s) whose LR FastFaceLR owns")
         self.optimizers = optimizers
@@ -188,7 +188,7 @@ class FastFaceLR:
         self.horizon_steps = check_int("horizon_steps", horizon_steps, 1, allow_none=True, none_means="none")
         if self.horizon_steps is not None and mode != "stop":
             raise ConfigurationError(f"horizon_steps applies to mode='stop' only (mode={mode!r} resolves the detector's "
-                             "settings for total_steps)")
+                                     "settings for total_steps)")
         self.auto_settings = uses_auto_settings(name, kwargs)
         if name is None:
             self.detector: Detector = detector
@@ -236,11 +236,11 @@ class FastFaceLR:
             total_steps = self.horizon_steps
             if total_steps is None:
                 raise ConfigurationError("mode='stop' resolves the detector's settings for a horizon that does not depend on "
-                                 "the budget: pass horizon_steps (for example the optimizer steps of a few epochs) or "
-                                 "give the patience in steps and the detector's settings explicitly")
+                                         "the budget: pass horizon_steps (for example the optimizer steps of a few epochs) or "
+                                         "give the patience in steps and the detector's settings explicitly")
         elif total_steps is None:
             raise ConfigurationError(f"patience_fraction={self.patience_fraction} needs the run length: pass total_steps "
-                             "(the optimizer steps of the whole run) or give patience in steps")
+                                     "(the optimizer steps of the whole run) or give patience in steps")
         if getattr(self, "auto_settings", False):
             return {"total_steps": int(total_steps)}
         if self.patience_fraction * total_steps < 1:
@@ -266,7 +266,7 @@ class FastFaceLR:
         unknown = sorted(set(hyperparameters) - set(current))
         if unknown:
             raise ConfigurationError(f"{type(self.detector).__name__} has no setting {', '.join(unknown)}; "
-                             f"it has {', '.join(current)}")
+                                     f"it has {', '.join(current)}")
         changes = {key: (current[key], value) for key, value in hyperparameters.items() if current[key] != value}
         if changes:
             state = self.detector.state_dict()
@@ -399,7 +399,7 @@ class FastFaceLR:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ConfigurationError(f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
-                                 "pass the mean loss of the optimizer step")
+                                         "pass the mean loss of the optimizer step")
             return loss.item()
         try:
             return float(loss)
@@ -533,7 +533,7 @@ class FastFaceLR:
         values = list(min_lr) if isinstance(min_lr, (list, tuple)) else [min_lr] * num_groups
         if len(values) != num_groups:
             raise ConfigurationError(f"min_lr must be one float or {num_groups} (one per parameter group), "
-                             f"got {len(values)} values")
+                                     f"got {len(values)} values")
         return [check_real("min_lr", value, 0.0, low_open=False) for value in values]
 
     # ------------------------------------------------------------------ state
@@ -592,7 +592,7 @@ def read_state(state: Mapping[str, Any], detector: Detector) -> dict[str, Any]:
             decisions = [(int(s), float(f), float(lr)) for s, f, lr in required(state, "decisions")]
         except (TypeError, ValueError):
             raise ConfigurationError("state['decisions'] must be a list of [step, factor, lr] triples, got "
-                             f"{state.get('decisions')!r}") from None
+                                     f"{state.get('decisions')!r}") from None
         ending = RunEnding()
         ending.load_state_dict(required(state, "ending"))
         values = {

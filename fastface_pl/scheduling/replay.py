@@ -136,7 +136,7 @@ def load_loss_log(path: str | Path | None = None) -> list[LogRow]:
             raise ConfigurationError(f"{source}: data row {number} does not parse ({error}): {record}") from error
         if not math.isfinite(row.loss):
             raise ConfigurationError(f"{source}: data row {number} (step {row.step}) has a non-finite loss {row.loss}: "
-                             "a detector never takes one; remove or repair that row")
+                                     "a detector never takes one; remove or repair that row")
         if rows and row.step <= rows[-1].step:
             raise ConfigurationError(f"{source}: steps must increase, row {number} has step {row.step} after {rows[-1].step}")
         rows.append(row)
