@@ -44,3 +44,14 @@ def test_every_doc_a_docstring_names_exists():
         named |= set(re.findall(r"docs/([a-z_]+\.md)", path.read_text()))
     missing = sorted(name for name in named if not (ROOT / "docs" / name).is_file())
     assert named and not missing, f"docstrings name docs that do not exist: {missing}"
+
+
+def test_every_result_file_readme_and_docs_quote_is_stored():
+    import re
+
+    quoted = set()
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        quoted |= set(re.findall(r"benchmarks/results/[\w.-]+\.(?:json|png|csv)", path.read_text()))
+    waiting = {"benchmarks/results/gpu_check.json"}  # written by benchmarks/gpu_check.py on a GPU machine
+    missing = sorted(name for name in quoted - waiting if not (ROOT / name).is_file())
+    assert quoted and not missing, f"figures quoted without their stored file: {missing}"
