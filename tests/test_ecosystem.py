@@ -13,7 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
-from test_callback import FASTFACE, LR0, ScriptedModule, make_trainer, staircase_losses
+from test_callback import FASTFACE, LR0, RecordingSGD, ScriptedModule, make_trainer, staircase_losses
 from test_callback_ddp import base_losses, rank_offsets
 
 from fastface_pl import FastFaceLR
@@ -94,16 +94,16 @@ def test_configure_optimizers_returning_fastface_lr_is_refused_naming_the_callba
 
 # ---------------------------------------------------------------------------------------------------------- 5 plain
 def plain_loop(compose: bool, steps: int = 12) -> tuple[list[float], FastFaceLR]:
-    """A LambdaLR warm-up stepped beside FastFaceLR; returns the LR each step used."""
+    """A LambdaLR warm-up stepped beside FastFaceLR; returns the LR each optimizer step used (read inside it)."""
     weight = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([weight], lr=LR0)
+    used: list[float] = []
+    optimizer = RecordingSGD([weight], lr=LR0, record=used.append)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4))
     scheduler = FastFaceLR(optimizer, FastFaceDetector(alpha=0.5, beta=0.5, threshold=1e-3, patience=1),
                            compose=compose)
-    used = []
     for _ in range(steps):
+        weight.grad = torch.ones(1)
         optimizer.step()
-        used.append(optimizer.param_groups[0]["lr"] if not compose else scheduler.lr_in_effect())
         warmup.step()
         scheduler.step(3.0)
     return used, scheduler
@@ -142,6 +142,31 @@ def test_a_step_without_the_loss_is_refused_with_the_same_guidance():
     scheduler = FastFaceLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR0), "fastface", patience=2)
     with pytest.raises(TypeError, match="FastFaceLRCallback"):
         scheduler.step(None)
+    with pytest.raises(TypeError, match="FastFaceLRCallback"):  # not an AttributeError: torch's hasattr checks
+        hasattr(scheduler, "optimizer")                          # would show their own message instead
+    assert len(scheduler.optimizers) == 1
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_multiplicative_scheduler_beside_is_caught_unless_the_change_is_wanted(check):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR0)
+    epochs = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    scheduler = FastFaceLR(optimizer, FastFaceDetector(alpha=0.5, beta=0.5, threshold=1e-3, patience=1),
+                           check_lr_changes=check)
+
+    def run() -> None:
+        for _ in range(6):
+            optimizer.step()
+            epochs.step()
+            scheduler.step(3.0)
+
+    if check:
+        with pytest.raises(LRChangedError, match="multiplicative one .*compounds.*check_lr_changes=False"):
+            run()
+    else:
+        run()  # the user's choice: both multiply the LR
+        factors = math.prod(factor for _, factor, _ in scheduler.decisions)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(LR0 * 0.5**3 * factors)
 
 
 # ---------------------------------------------------------------------------------------------------------- 6 fp16
@@ -176,7 +201,7 @@ def test_a_resume_from_a_checkpoint_without_the_callback_is_numbered_from_the_gl
     with caplog.at_level("INFO"):
         make_trainer(tmp_path, max_steps=80, callbacks=[lr_callback]).fit(ScriptedModule(losses),
                                                                           ckpt_path=tmp_path / "plain.ckpt")
-    assert "holds no state of this callback" in caplog.text and "from 31" in caplog.text
+    assert "holds no trained state of this callback" in caplog.text and "from 31" in caplog.text
     assert lr_callback.steps_observed == 80 and lr_callback.detector.steps_seen == 50
     assert lr_callback.decisions and min(step for step, _, _ in lr_callback.decisions) > 30
     # the decisions are those of the detector on steps 31..80, numbered by the run's optimizer steps
@@ -184,27 +209,58 @@ def test_a_resume_from_a_checkpoint_without_the_callback_is_numbered_from_the_gl
     assert [step for step, _, _ in lr_callback.decisions] == [30 + step for step, _ in replayed.decisions]
 
 
+class FailsOnce(ScriptedModule):
+    """Raises at one global step, once."""
+
+    def __init__(self, losses, fail_at: int):
+        super().__init__(losses)
+        self.fail_at = fail_at
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == self.fail_at:
+            self.fail_at = -1
+            raise RuntimeError("a fault in the middle of a block")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_refit_after_an_exception_mid_block_numbers_on_from_the_steps_trained():
+    losses = staircase_losses(60)
+    lr_callback = callback(sync_every_n_steps=8)
+    module = FailsOnce(losses, fail_at=13)
+    trainer = make_trainer(max_steps=40, callbacks=[lr_callback])
+    with pytest.raises(RuntimeError, match="a fault"):
+        trainer.fit(module)
+    assert trainer.global_step == 13 and lr_callback.steps_observed == 13  # 5 steps trained but never read
+    trainer.fit(module)  # the same Trainer again: the run continues
+    assert trainer.global_step == 40 and lr_callback.steps_observed == 40
+
+
 # ---------------------------------------------------------------------------------------------------------- 2 ranks
 STEPS = 60
 
 
 def _fabric_loop(fabric, out_dir: str) -> None:
-    """Each rank feeds its own loss (rank 0: +offset, rank 1: -offset); sync_ranks is left to its default."""
+    """Each rank trains a small model set up by Fabric and feeds its own loss to FastFaceLR (rank 0: +offset,
+    rank 1: -offset), as a float, as a tensor, and with the averaging turned off."""
     base, offsets = base_losses(STEPS), rank_offsets(STEPS)
-    weight = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([weight], lr=LR0)
+    sign = 1.0 if fabric.global_rank == 0 else -1.0
     results = {}
-    for name, sync in (("auto", None), ("off", False)):
-        for group in optimizer.param_groups:
-            group["lr"] = LR0
+    for name, sync, as_tensor in (("float", None, False), ("tensor", None, True), ("off", False, False)):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(2, 1)
+        model, optimizer = fabric.setup(module, torch.optim.SGD(module.parameters(), lr=LR0))
         scheduler = FastFaceLR(optimizer, FastFaceDetector(alpha=0.5, beta=0.5, threshold=1e-3, patience=4),
                                sync_ranks=sync)
         lrs = []
         for step in range(STEPS):
-            sign = 1.0 if fabric.global_rank == 0 else -1.0
+            fabric.backward(model(torch.ones(4, 2)).mean())  # a constant gradient: the weights follow the LRs
             lrs.append(optimizer.param_groups[0]["lr"])
-            scheduler.step(torch.tensor(base[step] + sign * offsets[step]))
-        results[name] = {"decisions": [[s, f] for s, f, _ in scheduler.decisions], "lrs": lrs}
+            optimizer.step()
+            optimizer.zero_grad()
+            value = base[step] + sign * offsets[step]
+            scheduler.step(torch.tensor(value, dtype=torch.float64) if as_tensor else value)
+        results[name] = {"decisions": [[s, f] for s, f, _ in scheduler.decisions], "lrs": lrs,
+                         "weights": [p.detach().flatten().tolist() for p in model.parameters()]}
     Path(out_dir, f"rank{fabric.global_rank}.json").write_text(json.dumps(results))
 
 
@@ -214,11 +270,16 @@ def test_fabric_with_two_gloo_ranks_takes_the_same_decisions_on_every_rank(tmp_p
     fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")  # 2 processes, gloo
     fabric.launch(_fabric_loop, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["auto"] == ranks[1]["auto"]  # the same decisions and LRs on both ranks
-    mean_decisions = [[s, f] for s, f in replay(FastFaceDetector(alpha=0.5, beta=0.5, threshold=1e-3, patience=4),
-                                                 base_losses(STEPS)).decisions]
-    assert ranks[0]["auto"]["decisions"] == mean_decisions  # those of the mean loss across ranks
+    base, offsets = base_losses(STEPS), rank_offsets(STEPS)
+    mean = [((b + o) + (b - o)) / 2 for b, o in zip(base, offsets)]  # what the all-reduce gives
+    expected = [[s, f] for s, f in replay(FastFaceDetector(alpha=0.5, beta=0.5, threshold=1e-3, patience=4),
+                                          mean).decisions]
+    assert expected
+    for name in ("float", "tensor"):
+        assert ranks[0][name] == ranks[1][name]  # the same decisions, LRs and weights on both ranks
+        assert ranks[0][name]["decisions"] == expected  # those of the mean loss across ranks
     assert ranks[0]["off"]["decisions"] != ranks[1]["off"]["decisions"]  # unsynchronised, the ranks drift apart
+    assert ranks[0]["off"]["weights"] != ranks[1]["off"]["weights"]  # and so do their weights
 
 
 # ---------------------------------------------------------------------------------------------------------- exit codes

@@ -128,7 +128,8 @@ class FastFaceLRCallback(StepLossConsumer):
             and the callback's decisions are applied as a scale on top of it during each training batch
             (so a ``LearningRateMonitor`` placed after this callback logs the LR the step used).
         verbose: Report each decision (rank zero): the step, the reason and the new LR.
-        name: Tells two callbacks of the same detector type apart in checkpoints (``state_key``).
+        name: Added to the checkpoint key (``state_key``), for instance to keep apart the states of two runs that
+            share a checkpoint folder. One FastFaceLRCallback per Trainer: a second is refused at fit start.
         mode: What a decision does (docs/cooldown.md): ``"halve"`` (the paper: the LR is divided by δ),
             ``"cooldown"`` (the first decision, at step t_d, starts an anneal of the LR to zero over the rest of
             the run; with no decision by ``latest_cooldown_start``·T the anneal starts there, which is WSD) or
@@ -346,8 +347,8 @@ class FastFaceLRCallback(StepLossConsumer):
             names = ", ".join(repr(c.state_key) for c in [self, *others])
             raise TrainerSetupError(
                 f"{len(others) + 1} FastFaceLRCallbacks are attached ({names}): each scales the LR of every parameter "
-                "group of every optimizer, so their decisions would compound (name= only tells their checkpoint "
-                "states and logged keys apart). Keep one FastFaceLRCallback per Trainer.")
+                "group of every optimizer, so their decisions would compound (name= only changes the checkpoint "
+                "key). Keep one FastFaceLRCallback per Trainer.")
         swa = [c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
         if swa:
             raise TrainerSetupError(
@@ -467,14 +468,14 @@ class FastFaceLRCallback(StepLossConsumer):
         state of an earlier fit on this Trainer (a second ``fit``: Lightning built the optimizers again). A fit
         that starts at global step 0 without a loaded state is a new run: an earlier fit's state is dropped.
         """
-        if self._loaded is not None:
-            state = self._loaded.get("scheduler")
-            return state, None if state is None else int(state["last_step"]), not self._restored
+        if self._loaded is not None and self._loaded.get("scheduler") is not None:
+            state = self._loaded["scheduler"]
+            return state, int(state["last_step"]), not self._restored
         if self._scheduler is None:
-            if trainer.global_step > 0:  # a checkpoint without this callback's state: fresh, numbered on
+            if trainer.global_step > 0:  # no trained state of this callback: fresh, numbered on from the run
                 rank_zero_info(
-                    f"FastFaceLRCallback: the run resumes at global step {trainer.global_step} but holds no state of "
-                    f"this callback ({self.state_key!r}): it starts fresh (no decisions, LR scale 1 over the LR the "
+                    f"FastFaceLRCallback: the run is at global step {trainer.global_step} but holds no trained state "
+                    f"of this callback ({self.state_key!r}): it starts fresh (no decisions, LR scale 1 over the LR the "
                     f"optimizers hold) and numbers its optimizer steps from {trainer.global_step + 1}.")
             return None, None, False
         if trainer.global_step > 0:
@@ -561,6 +562,8 @@ class FastFaceLRCallback(StepLossConsumer):
 
     def _end_fit(self, trainer: Trainer) -> None:
         self._close_scheduler()  # the optimizer step hooks of compose_with_step_schedulers
+        if self._reader is not None and self._reader.started and self._scheduler is not None:
+            self._scheduler.last_step = self._reader.steps  # the count goes to its keeper (after an exception too)
         super()._end_fit(trainer)
 
     # ------------------------------------------------------------------ per batch

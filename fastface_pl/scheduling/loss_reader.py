@@ -67,6 +67,11 @@ class StepLossReader:
         # Counts of this fit, for a run length in optimizer steps under manual optimization.
         self.start_counts = (0, 0, 0)  # (batch index, global step, steps) when training started
 
+    @property
+    def started(self) -> bool:
+        """Whether training started in this fit (the count is live from then on)."""
+        return self._started
+
     # ------------------------------------------------------------------ one reader per fit
     @staticmethod
     def attach(trainer: Trainer, consumer: Any, every_n_steps: int) -> StepLossReader:

@@ -47,7 +47,7 @@ from fastface_pl.scheduling.ending import (
 from fastface_pl.scheduling.saved_state import check_state, loading, required
 from fastface_pl.argument_checks import check_bool, check_choice, check_int, check_real
 
-__all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "LRChangedError", "NONFINITE_POLICIES"]
+__all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "LRChangedError", "NONFINITE_POLICIES", "SteppedWithoutLossError"]
 
 DEFAULT_PATIENCE_FRACTION = PAPER_PATIENCE_FRACTION  # τ when a "fastface" detector is given no patience
 _STATE_VERSION = 1
@@ -214,13 +214,17 @@ class FastFaceLR:
         self._composed = [(item, self._hook(item)) for item in composed]
         self._first_composed = any(item is optimizers[0] for item in composed)
         self.sync_ranks = None if sync_ranks is None else check_bool("sync_ranks", sync_ranks)
+        self._sync: bool | None = self.sync_ranks  # resolved at the first step when None
         self.check_lr_changes = check_bool("check_lr_changes", check_lr_changes)
         self._lrs_left: list[float] | None = None  # the LRs of the owned groups after the last step (None: unseen)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """Refused: code that reads ``scheduler.optimizer`` steps schedulers for you, without the loss."""
-        raise ConfigurationTypeError(_STEPPED_FOR_YOU)
+        """Refused with a ``TypeError`` that says what to use: code that reads ``scheduler.optimizer`` (Lightning's
+        ``configure_optimizers``, ``ChainedScheduler``, ``SequentialLR``) steps schedulers for you, without the loss.
+        Not an ``AttributeError``: those check it with ``hasattr``, which would hide the message behind their own.
+        The optimizers are :attr:`optimizers`."""
+        raise SteppedWithoutLossError(_STEPPED_FOR_YOU)
 
     # ------------------------------------------------------------------ settings from the run length
     def run_length_settings(self, total_steps: int | None) -> dict[str, Any]:
@@ -292,7 +296,7 @@ class FastFaceLR:
             NonFiniteLossError: a NaN/inf loss with ``on_nonfinite="raise"``.
         """
         if loss is None:
-            raise ConfigurationTypeError(_STEPPED_FOR_YOU)
+            raise SteppedWithoutLossError(_STEPPED_FOR_YOU)
         if self._across_ranks():
             loss = self._mean_across_ranks(loss)
         elif type(loss) is not float:  # the callback passes floats: it skips these checks
@@ -360,19 +364,20 @@ class FastFaceLR:
 
     # ------------------------------------------------------------------ several ranks, other LR writers
     def _across_ranks(self) -> bool:
-        if self.sync_ranks is None:
-            self.sync_ranks = (torch.distributed.is_available() and torch.distributed.is_initialized()
-                               and torch.distributed.get_world_size() > 1)
-        return self.sync_ranks
+        if self._sync is None:
+            self._sync = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                          and torch.distributed.get_world_size() > 1)
+        return self._sync
 
     def _mean_across_ranks(self, loss: Any) -> float:
-        """The loss averaged over the ranks (a NaN on one rank reaches all): one all-reduce and one host read."""
+        """The loss averaged over the ranks (a NaN on one rank reaches all): one all-reduce and one host read, on
+        the device of the first parameter (where the process group's backend works). Every rank must call it."""
+        device = next((p.device for g in self.optimizers[0].param_groups for p in g["params"]), torch.device("cpu"))
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 self._as_float(loss)  # the error for a tensor of several elements
-            value = loss.detach().reshape(1).to(torch.float64, copy=True)
+            value = loss.detach().reshape(1).to(device=device, dtype=torch.float64, copy=True)
         else:
-            device = next((p.device for g in self.optimizers[0].param_groups for p in g["params"]), "cpu")
             value = torch.tensor([self._as_float(loss)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(value)
         return value.item() / torch.distributed.get_world_size()
@@ -389,10 +394,12 @@ class FastFaceLR:
                 raise LRChangedError(
                     f"FastFaceLR: the LR of parameter group {index} is {now:g}, but after optimizer step "
                     f"{self.last_step} FastFaceLR left it at {left:g}: something else set it (another LR scheduler "
-                    "stepped beside this one, such as a LambdaLR or LinearLR warm-up, or your code), and each "
-                    "decision would be undone. Pass FastFaceLR(..., compose=True) to let the other scheduler set "
-                    "the LR and FastFaceLR scale it by its decisions; stop stepping the other one; or, if you set "
-                    "the LR on purpose, pass check_lr_changes=False.")
+                    "stepped beside this one, or your code). A scheduler that sets the LR from its own base values "
+                    "(a LambdaLR or LinearLR warm-up, OneCycleLR, cosine) undoes each decision; a multiplicative one "
+                    "(StepLR, ExponentialLR, ReduceLROnPlateau) compounds with them, and the LR no longer follows "
+                    "the decisions alone. Pass FastFaceLR(..., compose=True) to let the other scheduler set the LR and "
+                    "FastFaceLR scale it by its decisions, exactly; stop stepping the other one; or, when the change "
+                    "is wanted, pass check_lr_changes=False.")
 
     @staticmethod
     def _as_float(loss: Any) -> float:
@@ -621,12 +628,18 @@ class LRChangedError(UsageError, RuntimeError):
     """The LR of a group FastFaceLR owns was changed by something else (see ``check_lr_changes``)."""
 
 
+class SteppedWithoutLossError(ConfigurationTypeError):
+    """FastFaceLR handed to code that steps schedulers without the loss (a ``TypeError``)."""
+
+
 _STEPPED_FOR_YOU = (
     "FastFaceLR is stepped with the loss of each optimizer step (scheduler.step(loss)), so it cannot be handed to "
-    "code that steps schedulers for you without the loss. In Lightning, do not return it from configure_optimizers: "
-    "add fastface_pl.FastFaceLRCallback to the Trainer's callbacks (it reads the loss in blocks, with no host sync "
-    "per step, and composes with a warm-up scheduler). In a plain loop, do not wrap it in ChainedScheduler or "
-    "SequentialLR: step the other scheduler yourself and build FastFaceLR(..., compose=True).")
+    "code that steps schedulers for you without the loss. In Lightning, do not return it from configure_optimizers "
+    "(automatic optimization steps it without the loss; under manual optimization too, Lightning refuses a scheduler "
+    "that has no optimizer attribute): add fastface_pl.FastFaceLRCallback to the Trainer's callbacks (it reads the "
+    "loss in blocks, with no host sync per step, and composes with a warm-up scheduler). In a plain loop, do not "
+    "wrap it in ChainedScheduler or SequentialLR: step the other scheduler yourself and build "
+    "FastFaceLR(..., compose=True).")
 
 
 def _set_lr(group: dict[str, Any], value: float) -> None:
