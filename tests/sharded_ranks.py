@@ -45,6 +45,7 @@ def gloo_rank(rank: int, world: int, init_file: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         yield
+        dist.barrier()  # no rank tears its connections down while another still talks to it
     finally:
         dist.destroy_process_group()
 
