@@ -153,7 +153,8 @@ def fastface_auto_settings(total_steps: int, early_losses: Sequence[float],
     patience_fraction = check_real("patience_fraction", patience_fraction, 0.0, 1.0)
     losses = [float(v) for v in early_losses]
     if len(losses) < 3:
-        raise ConfigurationError(f"early_losses needs at least 3 losses of the first optimizer steps, got {len(losses)}")
+        raise ConfigurationError(
+            f"early_losses needs at least 3 losses of the first optimizer steps, got {len(losses)}")
     if not all(math.isfinite(v) for v in losses):
         raise ConfigurationError("early_losses holds a NaN or infinite loss; feed only finite losses (skip the others)")
     loss_scale = statistics.median(losses)

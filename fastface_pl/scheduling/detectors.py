@@ -33,7 +33,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Literal, Mapping, Protocol, get_args, runtime_checkable
 
 from fastface_pl.errors import ConfigurationError, ConfigurationTypeError, DivergenceError
 from fastface_pl.scheduling.saved_state import SchedulerStateError, check_state, loading, required
@@ -646,8 +646,9 @@ class MovingHaarDetector(_StationarityDetector):
         self._run = check_int("state['run_decays']", required(state, "run_decays"), 0)
 
 
-_DETECTORS = {"fastface": FastFaceDetector, "moving_haar": MovingHaarDetector}
-DETECTOR_NAMES = tuple(_DETECTORS)
+DetectorName = Literal["fastface", "moving_haar"]
+DETECTOR_NAMES = get_args(DetectorName)
+_DETECTORS = dict(zip(DETECTOR_NAMES, (FastFaceDetector, MovingHaarDetector)))
 
 
 def detector_name(name: str) -> str:

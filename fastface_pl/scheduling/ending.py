@@ -25,16 +25,18 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 from fastface_pl.errors import ConfigurationError
 from fastface_pl.argument_checks import check_choice, check_int, check_real
 
-__all__ = ["RunEnding", "cooldown_factor", "MODES", "COOLDOWN_SHAPES", "DEFAULT_LATEST_START",
-           "DEFAULT_STOP_COOLDOWN_FRACTION"]
+__all__ = ["RunEnding", "cooldown_factor", "Mode", "CooldownShape", "MODES", "COOLDOWN_SHAPES",
+           "DEFAULT_LATEST_START", "DEFAULT_STOP_COOLDOWN_FRACTION"]
 
-MODES = ("halve", "cooldown", "stop")
-COOLDOWN_SHAPES = ("1-sqrt", "linear")
+Mode = Literal["halve", "cooldown", "stop"]
+CooldownShape = Literal["1-sqrt", "linear"]
+MODES = get_args(Mode)
+COOLDOWN_SHAPES = get_args(CooldownShape)
 #: The latest cooldown start, as a fraction of the budget: WSD's usual 20 % cooldown.
 DEFAULT_LATEST_START = 0.8
 #: c of the stop mode: the cooldown lasts c·t_d steps (chosen on the benchmark's selection seed, docs/cooldown.md).
@@ -74,9 +76,10 @@ class RunEnding:
         self.latest_start, self.cooldown_fraction = settings["latest_start"], settings["cooldown_fraction"]
         self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True, none_means="unknown")
         if self.mode == "cooldown" and self.total_steps is None:
-            raise ConfigurationError("mode='cooldown' anneals the LR to zero at the end of the budget, which is unknown: pass "
-                                     "total_steps (Lightning: max_epochs or max_steps), or use mode='stop' for a run "
-                                     "whose length nobody knows")
+            raise ConfigurationError(
+                "mode='cooldown' anneals the LR to zero at the end of the budget, which is unknown: pass "
+                "total_steps (Lightning: max_epochs or max_steps), or use mode='stop' for a run "
+                "whose length nobody knows")
         self.start: int | None = None
         self.end: int | None = None
         self.reason: str | None = None

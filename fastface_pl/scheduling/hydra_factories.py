@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence, get_args
 
-from fastface_pl.scheduling.ending import DEFAULT_LATEST_START, DEFAULT_STOP_COOLDOWN_FRACTION
-from fastface_pl.scheduling.lr_scheduler import CooldownShape, DetectorName, Mode
+from fastface_pl.scheduling.detectors import DetectorName
+from fastface_pl.scheduling.ending import DEFAULT_LATEST_START, DEFAULT_STOP_COOLDOWN_FRACTION, CooldownShape, Mode
 
 TorchScheduleName = Literal["polynomial", "step", "constant"]
 TORCH_SCHEDULES = get_args(TorchScheduleName)
 
 
-def lr_callback(detector: DetectorName = "fastface", *, patience: int | None = None, patience_fraction: float | None = None,
-                min_lr: float | None = None, sync_every_n_steps: int = 16,
+def lr_callback(detector: DetectorName = "fastface", *, patience: int | None = None,
+                patience_fraction: float | None = None, min_lr: float | None = None, sync_every_n_steps: int = 16,
                 mode: Mode = "halve", cooldown_shape: CooldownShape = "1-sqrt",
                 latest_cooldown_start: float | None = DEFAULT_LATEST_START,
                 cooldown_fraction: float = DEFAULT_STOP_COOLDOWN_FRACTION, horizon_epochs: float | None = None,

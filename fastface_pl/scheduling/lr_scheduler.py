@@ -34,6 +34,7 @@ from fastface_pl.scheduling.auto import AutoFastFaceDetector, patience_steps
 from fastface_pl.scheduling.detectors import (
     PAPER_PATIENCE_FRACTION,
     Detector,
+    DetectorName,
     NonFiniteLossError,
     build_detector,
     detector_class,
@@ -42,6 +43,8 @@ from fastface_pl.scheduling.detectors import (
 from fastface_pl.scheduling.ending import (
     DEFAULT_LATEST_START,
     DEFAULT_STOP_COOLDOWN_FRACTION,
+    CooldownShape,
+    Mode,
     RunEnding,
 )
 from fastface_pl.scheduling.saved_state import check_state, loading, required
@@ -51,11 +54,8 @@ __all__ = ["FastFaceLR", "DEFAULT_PATIENCE_FRACTION", "LRChangedError", "NONFINI
 
 DEFAULT_PATIENCE_FRACTION = PAPER_PATIENCE_FRACTION  # τ when a "fastface" detector is given no patience
 _STATE_VERSION = 1
-Mode = Literal["halve", "cooldown", "stop"]
-DetectorName = Literal["fastface", "moving_haar"]
 NonFinitePolicy = Literal["skip", "raise"]
 NONFINITE_POLICIES = get_args(NonFinitePolicy)
-CooldownShape = Literal["1-sqrt", "linear"]
 #: Giving any of these to "fastface" selects explicit settings; without them the auto rule resolves them.
 EXPLICIT_FASTFACE_SETTINGS = ("alpha", "beta", "threshold", "patience")
 
@@ -85,7 +85,8 @@ def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] |
     if isinstance(detector, str):
         name = detector_name(detector)
         if "patience" in kwargs and (patience is not None or patience_fraction is not None):
-            raise ConfigurationError("patience is given twice: in detector_kwargs and as patience/patience_fraction; keep one")
+            raise ConfigurationError(
+                "patience is given twice: in detector_kwargs and as patience/patience_fraction; keep one")
         if patience is not None:
             kwargs["patience"] = int(patience)
         if name == "fastface" and "patience" not in kwargs and patience_fraction is None:
@@ -93,14 +94,16 @@ def check_detector_arguments(detector: Any, detector_kwargs: Mapping[str, Any] |
         detector_class(name).check_settings(**{"patience": 0, **kwargs})  # bad arguments fail now, not hours later
         return name, kwargs, None if patience_fraction is None else float(patience_fraction)
     if not isinstance(detector, Detector):
-        raise ConfigurationTypeError(f"detector must be 'fastface', 'moving_haar' or a detector instance (update, state_dict, "
-                                     f"load_state_dict and the signals of fastface_pl.scheduling.detectors.Detector), "
-                                     f"got {type(detector).__name__}")
+        raise ConfigurationTypeError(
+            f"detector must be 'fastface', 'moving_haar' or a detector instance (update, state_dict, "
+            f"load_state_dict and the signals of fastface_pl.scheduling.detectors.Detector), "
+            f"got {type(detector).__name__}")
     if kwargs:
         raise ConfigurationError("detector_kwargs only apply to a detector given by name; got a detector instance")
     if patience is not None or patience_fraction is not None:
-        raise ConfigurationError("a detector instance carries its own patience; do not pass patience or patience_fraction "
-                                 f"with it (got patience={patience!r}, patience_fraction={patience_fraction!r})")
+        raise ConfigurationError(
+            "a detector instance carries its own patience; do not pass patience or patience_fraction "
+            f"with it (got patience={patience!r}, patience_fraction={patience_fraction!r})")
     return None, kwargs, None
 
 
@@ -187,8 +190,9 @@ class FastFaceLR:
         self.ending = RunEnding(mode, cooldown_shape, latest_cooldown_start, cooldown_fraction, self.total_steps)
         self.horizon_steps = check_int("horizon_steps", horizon_steps, 1, allow_none=True, none_means="none")
         if self.horizon_steps is not None and mode != "stop":
-            raise ConfigurationError(f"horizon_steps applies to mode='stop' only (mode={mode!r} resolves the detector's "
-                                     "settings for total_steps)")
+            raise ConfigurationError(
+                f"horizon_steps applies to mode='stop' only (mode={mode!r} resolves the detector's "
+                "settings for total_steps)")
         self.auto_settings = uses_auto_settings(name, kwargs)
         if name is None:
             self.detector: Detector = detector
@@ -239,12 +243,14 @@ class FastFaceLR:
         if self.ending.mode == "stop":
             total_steps = self.horizon_steps
             if total_steps is None:
-                raise ConfigurationError("mode='stop' resolves the detector's settings for a horizon that does not depend on "
-                                         "the budget: pass horizon_steps (for example the optimizer steps of a few epochs) or "
-                                         "give the patience in steps and the detector's settings explicitly")
+                raise ConfigurationError(
+                    "mode='stop' resolves the detector's settings for a horizon that does not depend on "
+                    "the budget: pass horizon_steps (for example the optimizer steps of a few epochs) or "
+                    "give the patience in steps and the detector's settings explicitly")
         elif total_steps is None:
-            raise ConfigurationError(f"patience_fraction={self.patience_fraction} needs the run length: pass total_steps "
-                                     "(the optimizer steps of the whole run) or give patience in steps")
+            raise ConfigurationError(
+                f"patience_fraction={self.patience_fraction} needs the run length: pass total_steps "
+                "(the optimizer steps of the whole run) or give patience in steps")
         if getattr(self, "auto_settings", False):
             return {"total_steps": int(total_steps)}
         if self.patience_fraction * total_steps < 1:
@@ -405,8 +411,9 @@ class FastFaceLR:
     def _as_float(loss: Any) -> float:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
-                raise ConfigurationError(f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
-                                         "pass the mean loss of the optimizer step")
+                raise ConfigurationError(
+                    f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
+                    "pass the mean loss of the optimizer step")
             return loss.item()
         try:
             return float(loss)

@@ -127,7 +127,8 @@ def load_loss_log(path: str | Path | None = None) -> list[LogRow]:
     reader = csv.DictReader(lines)
     missing = {"step", "loss", "lr", "epoch"} - set(reader.fieldnames or [])
     if missing:
-        raise ConfigurationError(f"{source}: missing column(s) {sorted(missing)}; expected a header 'step,loss,lr,epoch'")
+        raise ConfigurationError(
+            f"{source}: missing column(s) {sorted(missing)}; expected a header 'step,loss,lr,epoch'")
     rows: list[LogRow] = []
     for number, record in enumerate(reader, start=2):
         try:
@@ -138,7 +139,8 @@ def load_loss_log(path: str | Path | None = None) -> list[LogRow]:
             raise ConfigurationError(f"{source}: data row {number} (step {row.step}) has a non-finite loss {row.loss}: "
                                      "a detector never takes one; remove or repair that row")
         if rows and row.step <= rows[-1].step:
-            raise ConfigurationError(f"{source}: steps must increase, row {number} has step {row.step} after {rows[-1].step}")
+            raise ConfigurationError(
+                f"{source}: steps must increase, row {number} has step {row.step} after {rows[-1].step}")
         rows.append(row)
     if not rows:
         raise ConfigurationError(f"{source}: no data rows")
