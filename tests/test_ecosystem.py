@@ -13,6 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
+import test_callback
 from test_callback import FASTFACE, LR0, RecordingSGD, ScriptedModule, make_trainer, staircase_losses
 from test_callback_ddp import base_losses, rank_offsets
 
@@ -22,13 +23,7 @@ from fastface_pl.scheduling.detectors import FastFaceDetector
 from fastface_pl.scheduling.lr_scheduler import LRChangedError
 from fastface_pl.scheduling.replay import replay
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
-    pytest.mark.filterwarnings("ignore:.*GPU available but not used.*"),
-    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
-    pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*"),
-]
+pytestmark = test_callback.pytestmark  # Lightning's chatter about tiny loaders, resumes and logging intervals
 
 
 def callback(**kwargs) -> FastFaceLRCallback:

@@ -26,15 +26,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from fastface_pl.errors import ConfigurationError, ConfigurationTypeError, UsageError
 from fastface_pl.scheduling.auto import AutoFastFaceDetector
-from fastface_pl.scheduling.detectors import Detector, build_detector, detector_class
-from fastface_pl.scheduling.ending import DEFAULT_LATEST_START, DEFAULT_STOP_COOLDOWN_FRACTION, RunEnding
+from fastface_pl.scheduling.detectors import Detector, DetectorName, build_detector, detector_class
+from fastface_pl.scheduling.ending import (
+    DEFAULT_LATEST_START,
+    DEFAULT_STOP_COOLDOWN_FRACTION,
+    CooldownShape,
+    Mode,
+    RunEnding,
+)
 from fastface_pl.scheduling.loss_reader import StepLoss, StepLossConsumer, StepLossReader
 from fastface_pl.scheduling.lr_scheduler import (
     DEFAULT_PATIENCE_FRACTION,
-    CooldownShape,
-    DetectorName,
     FastFaceLR,
-    Mode,
     check_detector_arguments,
     read_state,
     uses_auto_settings,
@@ -203,15 +206,17 @@ class FastFaceLRCallback(StepLossConsumer):
             raise ConfigurationError(f"horizon_epochs and horizon_steps apply to mode='stop' only, got mode={mode!r} "
                                      "(the other modes resolve the detector's settings for the run length)")
         if horizon_epochs is not None and horizon_steps is not None:
-            raise ConfigurationError(f"give horizon_epochs or horizon_steps, not both; got horizon_epochs={horizon_epochs!r}, "
-                                     f"horizon_steps={horizon_steps!r}")
+            raise ConfigurationError(
+                f"give horizon_epochs or horizon_steps, not both; got horizon_epochs={horizon_epochs!r}, "
+                f"horizon_steps={horizon_steps!r}")
         self._detector_name, self._detector_kwargs, self._patience_fraction = check_detector_arguments(
             detector, detector_kwargs, patience, patience_fraction)
         self._fraction_given = patience_fraction is not None
         if mode == "stop" and self._patience_fraction is not None and horizon_epochs is None and horizon_steps is None:
-            raise ConfigurationError("mode='stop' resolves the detector's settings (patience_fraction, or the auto rule) for a "
-                                     "horizon that does not depend on the budget: pass horizon_epochs (for example 5, the "
-                                     "paper's run length) or horizon_steps, or give the patience in steps (patience=...)")
+            raise ConfigurationError(
+                "mode='stop' resolves the detector's settings (patience_fraction, or the auto rule) for a "
+                "horizon that does not depend on the budget: pass horizon_epochs (for example 5, the "
+                "paper's run length) or horizon_steps, or give the patience in steps (patience=...)")
         self.min_lr = check_real("min_lr", min_lr, 0.0, low_open=False, allow_none=True)
         self.sync_every_n_steps = check_int("sync_every_n_steps", sync_every_n_steps, 1)
         self.log_signals = check_bool("log_signals", log_signals)
@@ -323,8 +328,7 @@ class FastFaceLRCallback(StepLossConsumer):
     # ------------------------------------------------------------------ fit start
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.optimizers:
-            raise TrainerSetupError("FastFaceLRCallback needs an optimizer, but configure_optimizers "
-                                            "returned none")
+            raise TrainerSetupError("FastFaceLRCallback needs an optimizer, but configure_optimizers returned none")
         self._check_other_callbacks(trainer)
         composed = self._check_schedulers(trainer)
         self._reader = StepLossReader.attach(trainer, self, self.sync_every_n_steps)
@@ -394,8 +398,9 @@ class FastFaceLRCallback(StepLossConsumer):
             total_steps=total, min_lr=self.min_lr, on_nonfinite="skip", compose=self._fit.composed,
             warn_nonfinite=False, mode=mode, cooldown_shape=self._ending["shape"],
             latest_cooldown_start=self._ending["latest_start"], cooldown_fraction=self._ending["cooldown_fraction"],
-            horizon_steps=horizon, sync_ranks=False, check_lr_changes=False,  # the reader reduced the losses; the
-        )                                                                    # configured schedulers were checked
+            # the reader reduced the losses across ranks; _check_schedulers decided what may set the LR beside it
+            horizon_steps=horizon, sync_ranks=False, check_lr_changes=False,
+        )
         min_lrs = self._scheduler.min_lrs
         if state:
             self._scheduler.load_state_dict(state)
@@ -562,8 +567,7 @@ class FastFaceLRCallback(StepLossConsumer):
 
     def _end_fit(self, trainer: Trainer) -> None:
         self._close_scheduler()  # the optimizer step hooks of compose_with_step_schedulers
-        if self._reader is not None and self._reader.started and self._scheduler is not None:
-            self._scheduler.last_step = self._reader.steps  # the count goes to its keeper (after an exception too)
+        self._hand_over_count()  # after an exception too
         super()._end_fit(trainer)
 
     # ------------------------------------------------------------------ per batch
@@ -616,8 +620,13 @@ class FastFaceLRCallback(StepLossConsumer):
         self._reader.flush(for_checkpoint=for_checkpoint)
         if final and self._fit.held:
             self.receive_losses(self._reader._trainer(), [], final=True)
-        if final and self._scheduler is not None:  # every step is fed: the count goes to its keeper
-            self._scheduler.last_step = self._reader.steps  # (steps without a loss included)
+        if final:  # every step is fed
+            self._hand_over_count()
+
+    def _hand_over_count(self) -> None:
+        """The reader's count of this fit goes to its keeper, the scheduler (steps without a loss included)."""
+        if self._reader is not None and self._reader.started and self._scheduler is not None:
+            self._scheduler.last_step = self._reader.steps
 
     # ------------------------------------------------------------------ the steps read
     def receive_losses(self, trainer: Trainer, steps: list[StepLoss], final: bool = False) -> None:
@@ -723,9 +732,10 @@ class FastFaceLRCallback(StepLossConsumer):
         expected = AutoFastFaceDetector if auto else detector_class(self._detector_name)
         if not isinstance(detector_state, Mapping) or detector_state.get("type") != expected.__name__:
             found = detector_state.get("type") if isinstance(detector_state, Mapping) else detector_state
-            raise ConfigurationError(f"the checkpoint's FastFaceLRCallback state['scheduler']['detector'] holds a {found!r} "
-                                     f"detector, this callback runs {self._detector_name!r} ({expected.__name__}); resume "
-                                     "with the same detector or start afresh")
+            raise ConfigurationError(
+                f"the checkpoint's FastFaceLRCallback state['scheduler']['detector'] holds a {found!r} "
+                f"detector, this callback runs {self._detector_name!r} ({expected.__name__}); resume "
+                "with the same detector or start afresh")
         if auto:
             return AutoFastFaceDetector(1, self._patience_fraction, **self._detector_kwargs)
         return build_detector(self._detector_name, **{"patience": 0, **self._detector_kwargs})
